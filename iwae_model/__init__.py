@@ -1,0 +1,14 @@
+"""Importance Weighted Autoencoders in pure PyTorch: Burda et al. (2016)'s models, data protocol
+and k=5000 evaluation, and Rainforth et al. (2018)'s MIWAE / CIWAE / PIWAE objectives."""
+
+from .config import TrainConfig
+from .data import MNIST, load_mnist
+from .likelihood import active_units, bound, log_likelihood
+from .models import IWAEModel, build_model
+from .objectives import build_estimator, build_objective
+
+__version__ = "0.1.0"
+__all__ = [
+    "IWAEModel", "MNIST", "TrainConfig", "active_units", "bound", "build_estimator", "build_model",
+    "build_objective", "load_mnist", "log_likelihood",
+]

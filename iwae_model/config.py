@@ -1,0 +1,100 @@
+"""One training run's configuration: what is trained, on what data, with which schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .models import IWAEModel, build_model
+from .objectives import GradientEstimator, Objective, build_estimator, build_objective
+
+FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
+SCHEDULES = ("compressed", "truncated")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults are Burda et al.'s protocol (IWAE, k=5, 1 layer, full schedule).
+
+    adam_beta1: the paper's textbook 0.9 by default; the authors' code used 0.99 (and an Adam
+    whose second moment starts at 1 instead of 0, which torch's Adam does not reproduce).
+    Losses are summed, not averaged, over the batch, as in the authors' code: with eps=1e-4
+    added to sqrt(v), the gradient's scale matters."""
+
+    layers: int = 1
+    objective: str = "iwae"
+    k: int = 5
+    m: int = 1
+    beta: float = 0.5
+    estimator: str = "reparam"
+    passes: int = FULL_SCHEDULE_PASSES
+    schedule: str = "compressed"  # how passes < 3280 map onto Burda's 8 stages; see train.stage_boundaries
+    batch_size: int = 20
+    lr: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-4
+    seed: int = 0
+    binarization: str = "dynamic"
+    train_images: int | None = None  # first N training images only (quick runs, tests)
+    test_images: int | None = None  # per-epoch test bound on the first N test images
+    eval_every: int = 1  # epochs between test-bound evaluations (the last epoch always has one)
+    nll_every: int = 0  # epochs between k-sample NLL estimates on `nll_images` test images; 0 = never
+    nll_k: int = 5000
+    nll_images: int = 500
+    latent_dims: tuple[int, ...] | None = None
+    hidden_dims: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("layers", "k", "m", "passes", "batch_size", "eval_every", "nll_k", "nll_images")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        for name in ("lr", "adam_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must lie in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.train_images is not None and self.train_images < self.batch_size:
+            raise ValueError(f"train_images={self.train_images}: need at least one batch of {self.batch_size}")
+        self.build_objective()
+        self.build_estimator()
+
+    @property
+    def comparable_to_papers(self) -> bool:
+        return self.binarization == "dynamic" and self.train_images is None
+
+    def build_objective(self) -> Objective:
+        return build_objective(self.objective, self.k, self.m, self.beta)
+
+    def build_estimator(self) -> GradientEstimator:
+        return build_estimator(self.estimator, self.layers)
+
+    def build_model(self, train_mean=None) -> IWAEModel:
+        return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        for name in ("latent_dims", "hidden_dims"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def label(self) -> str:
+        """A short name that says the configuration, e.g. iwae_L2_M1_K50_s0."""
+        extra = f"_b{self.beta:g}" if self.objective == "ciwae" else ""
+        extra += f"_{self.estimator}" if self.estimator != "reparam" else ""
+        return f"{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}"
+

@@ -1,0 +1,106 @@
+"""A trained run's test-set figures: k=5000 NLL with its standard error, the training
+objective's test bound (e.g. IWAE_{M,K}) and active units.
+
+    python -m iwae_model.evaluate RUN_DIR --k 5000 [--json]
+
+The estimators themselves live in `likelihood.py`; memory use is documented there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from .checkpoint import load_model
+from .data import MNIST, load_mnist
+from .device import resolve_device
+from .likelihood import (
+    ACTIVE_UNIT_IMAGES,
+    active_units,
+    bound,
+    eval_generator,
+    log_likelihood,
+)
+from .models import IWAEModel
+from .objectives import Objective
+
+
+def burda_active_units(model: IWAEModel, data: MNIST) -> list[int]:
+    """Active units as Burda measured them: on the first 500 training images, binarized once."""
+    images = data.training_batch(data.train[:ACTIVE_UNIT_IMAGES], eval_generator(data.train.device))
+    return active_units(model, images)
+
+
+@dataclass
+class Evaluation:
+    nll: float  # nats, -mean log p(x) over the images
+    nll_se: float  # standard error of that mean over images
+    k: int
+    images: int
+    test_bound: float  # mean training-objective bound (e.g. IWAE_{M,K}) on the same images
+    test_bound_name: str
+    active_units: list[int]
+    seconds: float
+    device: str
+    comparable_to_papers: bool
+
+
+def evaluate_model(
+    model: IWAEModel,
+    data: MNIST,
+    objective: Objective,
+    k: int = 5000,
+    images: int | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """The run's test-set figures, with Burda's fixed test binarization (seed 123)."""
+    start = time.perf_counter()
+    x = data.fixed("test")[:images]
+    device = x.device
+    ll = log_likelihood(model, x, k, progress=progress)
+    test_bound = bound(model, x, objective)
+    units = burda_active_units(model, data)
+    se = float(ll.std() / math.sqrt(len(ll))) if len(ll) > 1 else float("nan")
+    return Evaluation(
+        nll=float(-ll.mean()), nll_se=se, k=k, images=len(x),
+        test_bound=float(test_bound.mean()), test_bound_name=repr(objective),
+        active_units=units, seconds=time.perf_counter() - start, device=str(device),
+        comparable_to_papers=data.binarization == "dynamic" and len(x) == len(data.test) and k >= 5000,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m iwae_model.evaluate",
+        description="Estimate test log-likelihood (NLL in nats, Burda et al.'s k=5000 protocol), the "
+                    "test bound of the training objective, and active units of a trained run.")
+    parser.add_argument("run_dir", help="a run directory written by python -m iwae_model.train (or its checkpoint.pt)")
+    parser.add_argument("--k", type=int, default=5000, help="importance samples per image (default 5000, as the papers)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="evaluate the first N test images only (default: all 10,000; a subset is not comparable to the papers)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"--k {args.k}: must be at least 1")
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.run_dir, device)
+    data = load_mnist(args.data_dir, device, config.binarization)
+    result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=not args.json)
+    if args.json:
+        print(json.dumps({"run_dir": str(args.run_dir), "config": config.to_dict(), **asdict(result)}))
+        return
+    note = "" if result.comparable_to_papers else "  (not comparable to the papers: subset, k < 5000 or non-dynamic binarization)"
+    print(f"{config.label()}: test NLL {result.nll:.3f} ± {result.nll_se:.3f} nats (k={result.k}, "
+          f"{result.images} images){note}")
+    print(f"test {result.test_bound_name} bound: {result.test_bound:.3f} nats")
+    print(f"active units per layer: {'+'.join(map(str, result.active_units))}")
+    print(f"{result.seconds:.1f} s on {result.device}")
+
+
+if __name__ == "__main__":
+    main()

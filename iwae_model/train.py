@@ -1,0 +1,266 @@
+"""Train one VAE / IWAE / MIWAE / CIWAE / PIWAE on MNIST with Burda et al.'s schedule.
+
+    python -m iwae_model.train --layers 1 --objective iwae --k 5 --passes 3 --out RUN_DIR
+
+Schedule: stage i = 0..7 runs 3^i passes at lr 0.001 * 10^(-i/7) (3,280 passes in all),
+batch 20, Adam eps 1e-4 with its state kept across stages. `--passes N` compresses the
+schedule proportionally: every stage keeps its share of the N passes' optimizer steps.
+Training images are visited in their file order every pass, as in the authors' code.
+
+RUN_DIR gets `checkpoint.pt` (written atomically after every pass) and `metrics.jsonl`, one
+JSON object per pass with these fields:
+  epoch          passes completed
+  step           optimizer steps completed
+  stage          schedule stage (0..7) at the end of the pass
+  lr             learning rate at the end of the pass
+  train_bound    mean training objective over the pass's batches (nats, higher is better)
+  valid_bound    the objective's bound on the 400 validation images (fixed binarization)
+  test_bound     the objective's bound on the test images (every --eval-every passes, else null)
+  test_nll       k-sample NLL estimate on --nll-images test images (every --nll-every, else null)
+  active_units   active units per stochastic layer (Burda's definition)
+  train_seconds  cumulative seconds spent training (evaluation excluded)
+  images_per_s   training images per second during the pass
+Running the same command again resumes from the checkpoint and ends bit-identical to a run
+that never stopped (same seed, same device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import likelihood
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .config import FULL_SCHEDULE_PASSES, SCHEDULES, TrainConfig
+from .data import MNIST, load_mnist
+from .device import resolve_device
+from .evaluate import burda_active_units
+from .objectives import ESTIMATORS, OBJECTIVES
+
+STAGES = 8
+NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite objective; the last good checkpoint is untouched."""
+
+
+def stage_boundaries(steps_per_epoch: int, passes: int, schedule: str) -> list[int]:
+    """First optimizer step of each stage 1..7. Stage i ends after (3^{i+1} - 1) / 2 of the
+    3,280 passes. `compressed` scales that to `passes` (every stage keeps its share of the
+    run); `truncated` keeps the full schedule's boundaries and stops after `passes`, so a short
+    run is exactly the start of a full one (most of it at the first learning rates)."""
+    ends = [(3 ** (i + 1) - 1) // 2 for i in range(STAGES - 1)]
+    if schedule == "truncated":
+        return [end * steps_per_epoch for end in ends]
+    return [round(steps_per_epoch * passes * end / FULL_SCHEDULE_PASSES) for end in ends]
+
+
+def stage_at(step: int, boundaries: list[int]) -> int:
+    return sum(step >= b for b in boundaries)
+
+
+def stage_lr(base_lr: float, stage: int) -> float:
+    return base_lr * 10 ** (-stage / 7)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite metrics.jsonl from the checkpoint's history (atomically), so a resumed run never
+    shows rows of a pass that was lost in a crash."""
+    tmp = run_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | os.PathLike,
+    data: MNIST | None = None,
+    data_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    on_epoch_end: Callable[[dict, Path], None] | None = None,
+) -> list[dict]:
+    """Train (or resume) the run in `run_dir`; return its per-pass metrics.
+
+    `on_epoch_end(metrics_row, checkpoint_path)` is called after each pass's checkpoint is on
+    disk (the Ray trainable reports from there)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    data = data or load_mnist(data_dir, device, config.binarization)
+    train_x = data.train[:config.train_images]
+    steps_per_epoch = len(train_x) // config.batch_size
+    total_steps = steps_per_epoch * config.passes
+    boundaries = stage_boundaries(steps_per_epoch, config.passes, config.schedule)
+    objective, estimator = config.build_objective(), config.build_estimator()
+
+    torch.manual_seed(config.seed)
+    model = config.build_model(train_mean=train_x.mean(0).cpu()).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    history: list[dict] = []
+    epoch = step = 0
+    train_seconds = 0.0
+
+    if checkpoint_path(run_dir).exists():
+        state = load_checkpoint(run_dir, map_location=device)
+        if state["config"] != config.to_dict():
+            differing = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+            raise ValueError(
+                f"{run_dir} holds a run with a different configuration (differs in {differing}); "
+                f"use another --out, or delete {checkpoint_path(run_dir)} to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(generator, state["rng"])
+        epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
+        write_metrics(run_dir, history)
+
+    encoder_params, decoder_params = model.encoder_parameters(), model.decoder_parameters()
+    valid_x = data.fixed("valid")
+    test_x = data.fixed("test")[:config.test_images]
+    bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    while epoch < config.passes:
+        model.train()
+        bound_sum = torch.zeros((), device=device)
+        epoch_start = time.perf_counter()
+        for b in range(steps_per_epoch):
+            stage = stage_at(step, boundaries)
+            lr = stage_lr(config.lr, stage)
+            if optimizer.param_groups[0]["lr"] != lr:
+                optimizer.param_groups[0]["lr"] = lr
+            x = data.training_batch(train_x[b * config.batch_size:(b + 1) * config.batch_size], generator)
+            log_w = model.log_weights(x, objective.num_samples, generator, stop_q_params=estimator.stop_q_params)
+            surrogate = estimator.surrogate(objective, log_w)
+            optimizer.zero_grad(set_to_none=True)
+            surrogate.backward(encoder_params, decoder_params)
+            optimizer.step()
+            bound_sum -= surrogate.decoder_loss.detach()
+            step += 1
+            if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == steps_per_epoch:
+                if not torch.isfinite(bound_sum):
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"{config.label()}: the training objective became {bound_sum.item()} in pass {epoch + 1} "
+                        f"(step {step}, lr {lr:.3g}). The last good checkpoint (after pass {epoch}) is kept in "
+                        f"{run_dir}; lower --lr or check the data before resuming.")
+                bar.update((b + 1) % NONFINITE_CHECK_EVERY or NONFINITE_CHECK_EVERY)
+                bar.set_postfix(bound=f"{bound_sum.item() / ((b + 1) * config.batch_size):.2f}", lr=f"{lr:.2g}")
+        epoch_seconds = time.perf_counter() - epoch_start
+        train_seconds += epoch_seconds
+        epoch += 1
+
+        model.eval()
+        test_due = epoch % config.eval_every == 0 or epoch == config.passes
+        nll_due = config.nll_every and (epoch % config.nll_every == 0 or epoch == config.passes)
+        # Each estimate draws from a fresh evaluation generator: the same noise every pass,
+        # and the same figures as python -m iwae_model.evaluate on the same images.
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "stage": stage_at(step - 1, boundaries),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_bound": bound_sum.item() / (steps_per_epoch * config.batch_size),
+            "valid_bound": likelihood.bound(model, valid_x, objective).mean().item(),
+            "test_bound": likelihood.bound(model, test_x, objective).mean().item() if test_due else None,
+            "test_nll": -likelihood.log_likelihood(
+                model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,
+            "active_units": burda_active_units(model, data),
+            "train_seconds": train_seconds,
+            "images_per_s": steps_per_epoch * config.batch_size / epoch_seconds,
+        }
+        history.append(row)
+        save_checkpoint(checkpoint_path(run_dir), {
+            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "step": step, "rng": rng_state(generator), "history": history,
+            "train_seconds": train_seconds,
+        })
+        write_metrics(run_dir, history)
+        if on_epoch_end is not None:
+            on_epoch_end(row, checkpoint_path(run_dir))
+    bar.close()
+    return history
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m iwae_model.train",
+        description="Train one model with Burda et al.'s protocol; resumable (run the same command again).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl)")
+    p.add_argument("--layers", type=int, default=d.layers, choices=[1, 2], help="stochastic layers")
+    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
+                   help="vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) objectives")
+    p.add_argument("--k", type=int, default=d.k, help="importance samples K (per group for miwae/piwae)")
+    p.add_argument("--m", type=int, default=d.m, help="groups M for miwae/piwae (vae uses M*K samples)")
+    p.add_argument("--beta", type=float, default=d.beta, help="CIWAE mixing weight of the ELBO")
+    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS,
+                   help="encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; 1 layer only)")
+    p.add_argument("--passes", type=int, default=d.passes,
+                   help=f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} compresses the schedule proportionally")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help="for --passes below 3280: compressed keeps every stage's share; truncated runs the first N passes of the full schedule")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of stage 0")
+    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="0.9 as in the paper; the authors' code used 0.99")
+    p.add_argument("--adam-eps", type=float, default=d.adam_eps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--binarization", default=d.binarization, choices=["dynamic", "static", "threshold"],
+                   help="dynamic is the papers' protocol; static/threshold are NOT comparable to the papers")
+    p.add_argument("--train-images", type=int, default=None, help="train on the first N images only (not comparable)")
+    p.add_argument("--test-images", type=int, default=None, help="per-pass test bound on the first N test images only")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="passes between test-bound evaluations")
+    p.add_argument("--nll-every", type=int, default=d.nll_every, help="passes between k-sample NLL estimates (0: never)")
+    p.add_argument("--nll-k", type=int, default=d.nll_k)
+    p.add_argument("--nll-images", type=int, default=d.nll_images)
+    p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        config = TrainConfig(
+            layers=args.layers, objective=args.objective, k=args.k, m=args.m, beta=args.beta,
+            estimator=args.estimator, passes=args.passes, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
+            adam_beta1=args.adam_beta1, adam_eps=args.adam_eps, seed=args.seed, binarization=args.binarization,
+            train_images=args.train_images, test_images=args.test_images, eval_every=args.eval_every,
+            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images)
+    except ValueError as exc:
+        p.error(str(exc))
+    return config, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
+    device = resolve_device(args.device)
+    history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
+    last = history[-1]
+    print(json.dumps({"run_dir": str(Path(args.out).resolve()), "label": config.label(), **last}))
+
+
+if __name__ == "__main__":
+    main()
