@@ -80,9 +80,8 @@ class BernoulliDecoder(nn.Module):
         x . l is formed as a . (x W) + x . b from the last hidden layer a: that replaces a
         `[k, B, 784]` product and reduction with a `[k, B, 200]` one. The softplus over the
         logits is the only full-width elementwise pass left."""
-        a = self.trunk(h)
-        x_dot_logits = (a * (x @ self.out.weight)).sum(-1) + x @ self.out.bias
-        return x_dot_logits - F.softplus(F.linear(a, self.out.weight, self.out.bias)).sum(-1)
+        logits = self.logits(h)
+        return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
 
 class IWAEModel(nn.Module):
@@ -108,12 +107,13 @@ class IWAEModel(nn.Module):
         self.depth = depth
         self.x_dim = x_dim
         inputs = [x_dim, *latent_dims[:-1]]
-        # encoders[l]: q(h_{l+1} | h_l) with h_0 = x; priors[l]: p(h_{l+1} | h_{l+2}) for l < L-1.
+        # encoders[l]: q(h_{l+1} | h_l) with h_0 = x; priors[l]: p(h_{l+1} | h_{l+2}) for l < L-1,
+        # the mirror image of encoders[l+1] (Burda: q h1-100-100-h2, p h2-100-100-h1).
         self.encoders = nn.ModuleList(
             GaussianLayer(n_in, [width] * depth, d) for n_in, width, d in zip(inputs, hidden_dims, latent_dims)
         )
         self.priors = nn.ModuleList(
-            GaussianLayer(latent_dims[l + 1], [hidden_dims[l]] * depth, latent_dims[l])
+            GaussianLayer(latent_dims[l + 1], [hidden_dims[l + 1]] * depth, latent_dims[l])
             for l in range(len(latent_dims) - 1)
         )
         self.decoder = BernoulliDecoder(latent_dims[0], [hidden_dims[0]] * depth, x_dim, train_mean)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from . import likelihood
@@ -43,7 +44,8 @@ from .config import FULL_SCHEDULE_PASSES, SCHEDULES, TrainConfig
 from .data import MNIST, load_mnist
 from .device import resolve_device
 from .evaluate import burda_active_units
-from .objectives import ESTIMATORS, OBJECTIVES
+from .models import IWAEModel
+from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective
 
 STAGES = 8
 NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
@@ -70,6 +72,33 @@ def stage_at(step: int, boundaries: list[int]) -> int:
 
 def stage_lr(base_lr: float, stage: int) -> float:
     return base_lr * 10 ** (-stage / 7)
+
+
+def build_optimizer(model: IWAEModel, config: TrainConfig) -> torch.optim.Optimizer:
+    # fused: one kernel for all parameters instead of ~10 per tensor; at batch 20 the per-op
+    # overhead of textbook Adam is a third of a VAE step on CPU.
+    return torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        fused=True)
+
+
+def train_step(
+    model: IWAEModel,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    estimator: GradientEstimator,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    params: tuple[list[nn.Parameter], list[nn.Parameter]],
+) -> torch.Tensor:
+    """One optimizer step on binary images x; returns the batch's summed bound (detached, not
+    synchronised, so a GPU is never waited on here)."""
+    log_w = model.log_weights(x, objective.num_samples, generator, stop_q_params=estimator.stop_q_params)
+    surrogate = estimator.surrogate(objective, log_w)
+    optimizer.zero_grad(set_to_none=True)
+    surrogate.backward(*params)
+    optimizer.step()
+    return -surrogate.decoder_loss.detach()
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -119,8 +148,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model = config.build_model(train_mean=train_x.mean(0).cpu()).to(device)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+    optimizer = build_optimizer(model, config)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     history: list[dict] = []
     epoch = step = 0
@@ -139,7 +167,7 @@ def train(
         epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
         write_metrics(run_dir, history)
 
-    encoder_params, decoder_params = model.encoder_parameters(), model.decoder_parameters()
+    params = model.encoder_parameters(), model.decoder_parameters()
     valid_x = data.fixed("valid")
     test_x = data.fixed("test")[:config.test_images]
     bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
@@ -154,12 +182,7 @@ def train(
             if optimizer.param_groups[0]["lr"] != lr:
                 optimizer.param_groups[0]["lr"] = lr
             x = data.training_batch(train_x[b * config.batch_size:(b + 1) * config.batch_size], generator)
-            log_w = model.log_weights(x, objective.num_samples, generator, stop_q_params=estimator.stop_q_params)
-            surrogate = estimator.surrogate(objective, log_w)
-            optimizer.zero_grad(set_to_none=True)
-            surrogate.backward(encoder_params, decoder_params)
-            optimizer.step()
-            bound_sum -= surrogate.decoder_loss.detach()
+            bound_sum += train_step(model, optimizer, objective, estimator, x, generator, params)
             step += 1
             if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == steps_per_epoch:
                 if not torch.isfinite(bound_sum):

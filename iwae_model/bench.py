@@ -1,0 +1,119 @@
+"""Throughput of training and k=5000 evaluation, against this machine's matmul peak.
+
+    python -m iwae_model.bench [--quick] [--device auto|cpu|cuda]
+
+Prints one JSON line per figure. `fraction_of_peak` divides the model's arithmetic rate by
+the measured float32 matmul rate: multiply-adds of the Linear layers (first encoder once per
+image, everything else once per sample), x2 for FLOPs, x3 for a training step (forward +
+backward). Elementwise work (tanh, softplus, sampling, Adam) is not counted, so it shows up
+as the gap to 1. Images are random grey levels binarized on the fly: throughput does not
+depend on pixel values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from .config import TrainConfig
+from .device import resolve_device
+from .likelihood import log_likelihood
+from .train import build_optimizer, train_step
+
+TRAINING_CASES = [
+    # (name, config overrides)
+    ("vae_k1_L1", dict(layers=1, objective="vae", k=1)),
+    ("iwae_k5_L1", dict(layers=1, objective="iwae", k=5)),
+    ("iwae_k5_L2", dict(layers=2, objective="iwae", k=5)),
+    ("iwae_k50_L1", dict(layers=1, objective="iwae", k=50)),
+    ("iwae_k50_L2", dict(layers=2, objective="iwae", k=50)),
+    ("miwae_m4_k16_L1", dict(layers=1, objective="miwae", m=4, k=16)),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, seconds: float) -> float:
+    """Best float32 GFLOP/s of a 2048^3 matmul over about `seconds`."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    for _ in range(3):
+        a @ b
+    while time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bench_training(name: str, overrides: dict, device: torch.device, steps: int, peak: float) -> dict:
+    config = TrainConfig(**overrides)
+    torch.manual_seed(0)
+    images = torch.rand(config.batch_size * 50, 784, device=device)
+    model = config.build_model(train_mean=images.mean(0).cpu()).to(device)
+    optimizer = build_optimizer(model, config)
+    objective, estimator = config.build_objective(), config.build_estimator()
+    generator = torch.Generator(device=device).manual_seed(0)
+    params = model.encoder_parameters(), model.decoder_parameters()
+
+    def run(n: int) -> None:
+        for step in range(n):
+            batch = images[(step % 50) * config.batch_size:(step % 50 + 1) * config.batch_size]
+            train_step(model, optimizer, objective, estimator, torch.bernoulli(batch, generator=generator),
+                       generator, params)
+        sync(device)
+
+    run(max(10, steps // 10))
+    start = time.perf_counter()
+    run(steps)
+    seconds = time.perf_counter() - start
+    flops = 3 * 2 * model.multiply_adds(objective.num_samples) * config.batch_size * steps
+    return {"figure": "train", "name": name, "batch": config.batch_size, "samples": objective.num_samples,
+            "steps_per_s": round(steps / seconds, 1), "images_per_s": round(steps * config.batch_size / seconds, 1),
+            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": round(flops / seconds / 1e9 / peak, 3)}
+
+
+def bench_evaluation(layers: int, device: torch.device, images: int, peak: float, k: int = 5000) -> dict:
+    torch.manual_seed(0)
+    model = TrainConfig(layers=layers).build_model().to(device).eval()
+    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    log_likelihood(model, x[:2], k)
+    sync(device)
+    start = time.perf_counter()
+    log_likelihood(model, x, k)
+    sync(device)
+    seconds = time.perf_counter() - start
+    flops = 2 * model.multiply_adds(k) * images
+    return {"figure": "evaluate", "name": f"nll_k{k}_L{layers}", "images": images,
+            "images_per_s": round(images / seconds, 2), "test_set_minutes": round(10000 / (images / seconds) / 60, 2),
+            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": round(flops / seconds / 1e9 / peak, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m iwae_model.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and images (under 3 minutes on 2 CPU cores)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    steps = 200 if args.quick else 1000
+    eval_images = 32 if args.quick else 200
+    peak = matmul_peak(device, 2.0 if args.quick else 5.0)
+    print(json.dumps({"figure": "matmul_peak", "device": str(device), "threads": torch.get_num_threads(),
+                      "gflops": round(peak, 1)}), flush=True)
+    for name, overrides in TRAINING_CASES:
+        print(json.dumps(bench_training(name, overrides, device, steps, peak)), flush=True)
+    for layers in (1, 2):
+        print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
