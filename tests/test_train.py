@@ -1,0 +1,166 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_mnist
+from iwae_model import TrainConfig
+from iwae_model.checkpoint import load_checkpoint
+from iwae_model.train import NonFiniteLoss, stage_boundaries, stage_lr, train
+
+TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
+METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "test_bound", "test_nll",
+                 "active_units", "train_seconds", "images_per_s"}
+TIMING_FIELDS = {"train_seconds", "images_per_s"}
+
+
+def test_full_schedule_is_burdas():
+    cumulative_passes = [1, 4, 13, 40, 121, 364, 1093]
+    for schedule in ("compressed", "truncated"):
+        assert stage_boundaries(2980, 3280, schedule) == [p * 2980 for p in cumulative_passes]
+    code_lrs = [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4]  # the authors' rounded values
+    assert [stage_lr(1e-3, i) for i in range(8)] == pytest.approx(code_lrs, rel=0.02)
+    assert stage_lr(1e-3, 7) == pytest.approx(1e-4)
+
+
+def test_compressed_schedule_keeps_each_stages_share():
+    boundaries = stage_boundaries(1000, 3, "compressed")  # 3,000 steps
+    assert boundaries == [round(3000 * p / 3280) for p in [1, 4, 13, 40, 121, 364, 1093]]
+    assert stage_boundaries(1000, 3, "truncated")[:2] == [1000, 4000]
+
+
+def strip_timing(history):
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in history]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(mnist):
+    return small_mnist(mnist)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    history = train(TrainConfig(**TINY), run_dir, tiny_data, progress=False)
+    return run_dir, history
+
+
+def assert_same_run(run_a: Path, run_b: Path):
+    a, b = load_checkpoint(run_a), load_checkpoint(run_b)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][index]["exp_avg_sq"])
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    assert strip_timing(a["history"]) == strip_timing(b["history"])
+
+
+def test_metrics_jsonl_has_the_documented_fields(uninterrupted):
+    run_dir, history = uninterrupted
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and strip_timing(rows) == strip_timing(history)
+    assert all(set(row) == METRIC_FIELDS for row in rows)
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[-1]["step"] == 30
+    assert all(row["test_bound"] < 0 and row["valid_bound"] < 0 for row in rows)
+    assert rows[-1]["stage"] == 7 and rows[-1]["lr"] == pytest.approx(1e-4)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_run_stopped_and_resumed_ends_bit_identical(tiny_data, uninterrupted, tmp_path):
+    def crash_after_first_pass(row, checkpoint):
+        if row["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(TrainConfig(**TINY), tmp_path, tiny_data, progress=False, on_epoch_end=crash_after_first_pass)
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    train(TrainConfig(**TINY), tmp_path, tiny_data, progress=False)
+    assert_same_run(uninterrupted[0], tmp_path)
+
+
+def test_a_process_killed_with_sigkill_resumes_bit_identical(mnist_dir, tiny_data, uninterrupted, tmp_path):
+    # A real hard kill: the training process SIGKILLs itself right after its first checkpoint,
+    # with no chance to clean up; then the run resumes here.
+    script = f"""
+import os, signal
+from iwae_model import TrainConfig, load_mnist
+from iwae_model.train import train
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import small_mnist
+data = small_mnist(load_mnist({str(mnist_dir)!r}, download=False))
+train(TrainConfig(**{TINY!r}), {str(tmp_path)!r}, data, progress=False,
+      on_epoch_end=lambda row, path: os.kill(os.getpid(), signal.SIGKILL))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    train(TrainConfig(**TINY), tmp_path, tiny_data, progress=False)
+    assert_same_run(uninterrupted[0], tmp_path)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(tiny_data, uninterrupted, tmp_path):
+    again = train(TrainConfig(**TINY), tmp_path / "again", tiny_data, progress=False)
+    assert strip_timing(again) == strip_timing(uninterrupted[1])
+    other = train(TrainConfig(**{**TINY, "seed": 4}), tmp_path / "other", tiny_data, progress=False)
+    assert other[-1]["train_bound"] != uninterrupted[1][-1]["train_bound"]
+
+
+def test_a_different_configuration_in_the_same_run_dir_is_refused(tiny_data, uninterrupted):
+    with pytest.raises(ValueError, match=r"differs in \['k'\]"):
+        train(TrainConfig(**{**TINY, "k": 7}), uninterrupted[0], tiny_data, progress=False)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    # A learning rate of 1e4 sends log sigma to overflow within a pass.
+    config = TrainConfig(**{**TINY, "lr": 1e4})
+    with pytest.raises(NonFiniteLoss, match=r"became (nan|inf|-inf) in pass 1 .*lower --lr"):
+        train(config, tmp_path, tiny_data, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("objective, extra", [
+    ("vae", {}), ("miwae", {"m": 2}), ("ciwae", {"beta": 0.3}), ("piwae", {"m": 2}),
+])
+def test_every_objective_trains_and_improves(tiny_data, tmp_path, objective, extra):
+    config = TrainConfig(**{**TINY, "objective": objective, "k": 3, "passes": 4, "schedule": "truncated", **extra})
+    history = train(config, tmp_path, tiny_data, progress=False)
+    assert history[-1]["train_bound"] > history[0]["train_bound"] + 5
+
+
+@pytest.mark.parametrize("layers, estimator", [(1, "dreg"), (2, "stl"), (2, "reparam")])
+def test_estimators_and_two_layers_train(tiny_data, tmp_path, layers, estimator):
+    config = TrainConfig(**{**TINY, "layers": layers, "estimator": estimator, "passes": 4, "schedule": "truncated"})
+    history = train(config, tmp_path, tiny_data, progress=False)
+    assert history[-1]["train_bound"] > history[0]["train_bound"] + 5
+    assert len(history[-1]["active_units"]) == layers
+
+
+def run_cli(*args, env_data=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--k", "0"], "k=0: must be a positive integer"),
+    (["--layers", "2", "--estimator", "dreg"], "estimator='dreg' with layers=2"),
+    (["--objective", "ciwae", "--beta", "2"], "beta=2.0"),
+])
+def test_train_cli_rejects_bad_settings_by_name(tmp_path, args, message):
+    result = run_cli("iwae_model.train", "--out", str(tmp_path), *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_train_cli_runs_on_real_mnist_and_prints_the_last_row(mnist_dir, tmp_path):
+    result = run_cli("iwae_model.train", "--out", str(tmp_path / "run"), "--data-dir", str(mnist_dir),
+                     "--train-images", "400", "--test-images", "20", "--passes", "2", "--no-progress",
+                     "--nll-every", "2", "--nll-k", "100", "--nll-images", "20")
+    assert result.returncode == 0, result.stderr
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["epoch"] == 2 and last["label"] == "iwae_L1_M1_K5_s0"
+    assert 0 < last["test_nll"] < -last["test_bound"] + 1  # the NLL estimate beats the bound's value
