@@ -16,8 +16,9 @@ SCHEDULES = ("compressed", "truncated")
 class TrainConfig:
     """Defaults are Burda et al.'s protocol (IWAE, k=5, 1 layer, full schedule).
 
-    adam_beta1: the paper's textbook 0.9 by default; the authors' code used 0.99 (and an Adam
-    whose second moment starts at 1 instead of 0, which torch's Adam does not reproduce).
+    adam_beta1: textbook 0.9 by default (the Cambridge replication's reading of the paper); the
+    authors' code used 0.99 (and an Adam whose second moment starts at 1 instead of 0, which
+    torch's Adam does not reproduce).
     Losses are summed, not averaged, over the batch, as in the authors' code: with eps=1e-4
     added to sqrt(v), the gradient's scale matters."""
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .checkpoint import load_model
-from .data import MNIST, load_mnist
+from .data import MNIST, MNISTError, load_mnist
 from .device import resolve_device
 from .likelihood import (
     ACTIVE_UNIT_IMAGES,
@@ -83,14 +83,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="evaluate the first N test images only (default: all 10,000; a subset is not comparable to the papers)")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text (progress still goes to stderr)")
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k {args.k}: must be at least 1")
-    device = resolve_device(args.device)
-    model, config, _ = load_model(args.run_dir, device)
-    data = load_mnist(args.data_dir, device, config.binarization)
-    result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=not args.json)
+    try:
+        device = resolve_device(args.device)
+        model, config, _ = load_model(args.run_dir, device)
+        data = load_mnist(args.data_dir, device, config.binarization)
+    except (FileNotFoundError, ValueError, MNISTError) as error:
+        parser.exit(1, f"error: {error}\n")
+    result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=True)
     if args.json:
         print(json.dumps({"run_dir": str(args.run_dir), "config": config.to_dict(), **asdict(result)}))
         return

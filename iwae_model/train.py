@@ -250,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                    help="for --passes below 3280: compressed keeps every stage's share; truncated runs the first N passes of the full schedule")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate of stage 0")
-    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="0.9 as in the paper; the authors' code used 0.99")
+    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of the paper); the authors' code used 0.99")
     p.add_argument("--adam-eps", type=float, default=d.adam_eps)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--binarization", default=d.binarization, choices=["dynamic", "static", "threshold"],
