@@ -9,6 +9,14 @@ from .objectives import build_estimator, build_objective
 
 __version__ = "0.1.0"
 __all__ = [
-    "IWAEModel", "MNIST", "TrainConfig", "active_units", "bound", "build_estimator", "build_model",
-    "build_objective", "load_mnist", "log_likelihood",
+    "MNIST",
+    "IWAEModel",
+    "TrainConfig",
+    "active_units",
+    "bound",
+    "build_estimator",
+    "build_model",
+    "build_objective",
+    "load_mnist",
+    "log_likelihood",
 ]

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from iwae_model.data import (
-    MNIST_SHA256, MNISTError, binarize, default_data_dir, load_mnist, read_mnist_file,
+    MNIST_SHA256,
+    MNISTError,
+    binarize,
+    default_data_dir,
+    load_mnist,
+    read_mnist_file,
 )
 
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import random_binary, small_mnist
+
 from iwae_model import TrainConfig, build_model
 from iwae_model.evaluate import evaluate_model
 from iwae_model.likelihood import active_units, bound, eval_generator, log_likelihood

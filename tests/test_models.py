@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import random_binary
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import random_binary
 from iwae_model import build_model
 from iwae_model.models import log_normal
 

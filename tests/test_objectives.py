@@ -3,15 +3,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import random_binary
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import random_binary
 from iwae_model.likelihood import log_likelihood
 from iwae_model.models import build_model
 from iwae_model.objectives import (
-    CIWAE, ELBO, IWAE, MIWAE, PIWAE, build_estimator, build_objective,
+    CIWAE,
+    ELBO,
+    IWAE,
+    MIWAE,
+    PIWAE,
+    build_estimator,
+    build_objective,
 )
 
 # ---- definitions, exactly ------------------------------------------------------------------

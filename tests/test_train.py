@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import small_mnist
+
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
 from iwae_model.train import NonFiniteLoss, stage_boundaries, stage_lr, train

@@ -1,0 +1,187 @@
+"""The sweep's final stage: Ray actors run the k=5000 evaluation on the best checkpoints and
+the driver writes the Parquet results.
+
+    python -m sweep.evaluate SWEEP_DIR [--k 5000] [--images N] [--eval-gpus G] [--eval-actors A]
+
+re-runs this stage alone on a finished sweep (e.g. with another k); the new Parquet replaces
+the old one atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from pyarrow import fs as pafs
+from ray import tune
+from tqdm import tqdm
+
+import iwae_model
+from iwae_model import MNIST, load_mnist
+from iwae_model.checkpoint import CHECKPOINT_NAME, load_model
+from iwae_model.evaluate import evaluate_model
+
+from .cluster import check_gpus, init_ray
+from .query import print_results
+from .results import RESULTS_FILE, filesystem_and_path, write_results
+from .space import Evaluation, SweepSpace
+from .trainable import train_trial
+
+SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
+METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bound, never by test figures
+
+
+def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
+    scheme = checkpoint.filesystem.type_name
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+@ray.remote
+class Evaluator:
+    """Loads checkpoints and runs iwae_model's evaluation on the device Ray gave it."""
+
+    def __init__(self, data_dir: str, threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.data_dir = data_dir
+        self.data: dict[str, MNIST] = {}
+
+    def evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
+        with job["checkpoint"].as_directory() as folder:  # on object storage: downloaded to /tmp
+            model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
+        if config.binarization not in self.data:
+            self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
+        data = self.data[config.binarization]
+        result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
+        last = state["history"][-1]
+        return {
+            "sweep": job["sweep"], "trial_id": job["trial_id"], "trial_name": config.label(),
+            "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
+            "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
+            "schedule": config.schedule, "binarization": config.binarization, "train_images": config.train_images,
+            "eval_k": result.k, "eval_images": result.images,
+            "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
+            "test_nll": result.nll, "test_nll_se": result.nll_se,
+            "test_bound": result.test_bound, "test_bound_name": result.test_bound_name,
+            "train_bound": last["train_bound"], "valid_bound": last["valid_bound"],
+            "active_units": result.active_units, "epochs": state["epoch"], "train_seconds": state["train_seconds"],
+            "eval_seconds": result.seconds, "device": result.device, "checkpoint_uri": job["uri"],
+            "project_version": iwae_model.__version__,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+        }
+
+
+def select_checkpoints(grid: tune.ResultGrid, evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
+    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by validation
+    bound (`best: each`), or of the `top` trials with the best validation bound (`best: top`)."""
+    chosen = []
+    for result in grid:
+        if result.error is not None or result.checkpoint is None:
+            continue
+        best = result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+        score = max((m[METRIC] for _, m in result.best_checkpoints), default=result.metrics.get(METRIC))
+        chosen.append((score, result.metrics["trial_id"], best))
+    chosen.sort(key=lambda item: item[0], reverse=True)
+    if evaluation.best == "top":
+        chosen = chosen[:evaluation.top]
+    return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
+
+
+def run_evaluation(
+    grid: tune.ResultGrid,
+    space: SweepSpace,
+    data_dir: str,
+    eval_gpus: float | None = None,
+    eval_actors: int | None = None,
+) -> tuple[str, list[dict]]:
+    """Evaluate the selected checkpoints on `eval_actors` actors; write and return the Parquet
+    path (on `grid.filesystem`) and its rows."""
+    gpus = space.resources.eval_gpus if eval_gpus is None else eval_gpus
+    actors = space.resources.eval_actors if eval_actors is None else eval_actors
+    selected = select_checkpoints(grid, space.evaluation)
+    if not selected:
+        raise RuntimeError(f"{grid.experiment_path}: no finished trial with a checkpoint to evaluate")
+    actors = min(actors, len(selected))
+    # On CPU the actors share the cluster's cores (no more than one node has); on GPU one core
+    # each feeds its GPU.
+    node_cpus = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    cpus = 1 if gpus else int(max(1, min(node_cpus, ray.cluster_resources().get("CPU", 1) // actors)))
+    pool = ray.util.ActorPool([Evaluator.options(num_cpus=cpus, num_gpus=gpus).remote(data_dir, cpus)
+                               for _ in range(actors)])
+    jobs = [{"sweep": space.name, "trial_id": trial_id, "checkpoint": checkpoint, "uri": checkpoint_uri(checkpoint),
+             "k": space.evaluation.k, "images": space.evaluation.images} for trial_id, checkpoint in selected]
+    images = space.evaluation.images or "all 10,000"
+    print(f"Evaluating {len(jobs)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
+          f"({actors} actor(s), {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
+    rows = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
+                     total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
+    rows.sort(key=lambda row: row["trial_name"])
+    path = f"{grid.experiment_path}/{RESULTS_FILE}"
+    write_results(rows, path, grid.filesystem)
+    return path, rows
+
+
+def write_spec(experiment_path: str, filesystem: pafs.FileSystem, space: SweepSpace, data_dir: str) -> None:
+    filesystem.create_dir(experiment_path, recursive=True)
+    with filesystem.open_output_stream(f"{experiment_path}/{SPEC_FILE}") as out:
+        out.write(json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode())
+
+
+def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepSpace, str]:
+    try:
+        with filesystem.open_input_stream(f"{experiment_path}/{SPEC_FILE}") as stream:
+            spec = json.loads(stream.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{experiment_path}: no {SPEC_FILE}; is this a sweep folder made by python -m sweep.run?") from None
+    return SweepSpace.from_dict(spec["space"]), spec["data_dir"]
+
+
+def load_grid(location: str) -> tune.ResultGrid:
+    """A sweep's results without re-running anything (Tuner.restore does not start trials)."""
+    filesystem, path = filesystem_and_path(location)
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        raise FileNotFoundError(f"{location}: not a Ray Tune sweep folder (no experiment state there)")
+    return tune.Tuner.restore(path, trainable=train_trial, storage_filesystem=filesystem).get_results()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.evaluate",
+        description="Re-run a finished sweep's evaluation stage: the k-sample test log-likelihood of its best "
+                    "checkpoints, written to SWEEP_DIR/" + RESULTS_FILE + " (replacing the old file).")
+    parser.add_argument("sweep_dir", help="the sweep folder (<storage>/<name>), a local path or s3://... URI")
+    parser.add_argument("--k", type=int, default=None, help="importance samples (default: the space file's, 5000)")
+    parser.add_argument("--images", type=int, default=None, help="first N test images (default: the space file's)")
+    parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation actor (default: the space file's)")
+    parser.add_argument("--eval-actors", type=int, default=None, help="actors sharing the work (default: the space file's)")
+    parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
+    args = parser.parse_args(argv)
+    for name in ("k", "images", "eval_actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    try:
+        grid = load_grid(args.sweep_dir)
+        space, data_dir = read_spec(grid.experiment_path, grid.filesystem)
+    except FileNotFoundError as error:
+        parser.exit(1, f"error: {error}\n")
+    evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
+                         images=args.images if args.images is not None else space.evaluation.images)
+    space = replace(space, evaluation=evaluation)
+    init_ray(args.address)
+    check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus, wait_s=0)
+    start = time.perf_counter()
+    path, rows = run_evaluation(grid, space, data_dir, args.eval_gpus, args.eval_actors)
+    print_results(rows, path)
+    print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A sweep's Parquet results as the papers' tables, with the published values beside them.
+
+    python -m sweep.query SWEEP_DIR_OR_PARQUET [--where objective=iwae] [--format markdown|csv|json]
+                          [--plot nll_vs_k.png]
+
+Rows: stochastic layers x (M, K); columns: objective (with beta / estimator when not the
+default); cells: test NLL in nats (mean over seeds), active units, and the published value
+with our difference. `*` marks cells not comparable to the papers (short schedule, subset of
+the training or test set, k < 5000, or non-dynamic binarization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+import pandas as pd
+import yaml
+
+from .results import read_results
+
+KEY = ["layers", "m", "k"]
+COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
+
+
+def variant(row: pd.Series) -> str:
+    """The column a result belongs to: the objective, plus beta or estimator when they matter."""
+    name = row["objective"].upper()
+    if row["objective"] == "ciwae":
+        name += f"(β={row['beta']:g})"
+    if row["estimator"] != "reparam":
+        name += f"+{row['estimator'].upper()}"
+    return name
+
+
+def reference_values() -> pd.DataFrame:
+    """The papers' numbers shipped with the package (sweep/reference_values.yaml)."""
+    raw = yaml.safe_load(resources.files("sweep").joinpath("reference_values.yaml").read_text())
+    rows = [{"paper": paper, "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
+            for paper, entries in raw.items() for entry in entries]
+    frame = pd.DataFrame(rows)
+    frame["variant"] = frame.apply(variant, axis=1)
+    return frame
+
+
+def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
+    for condition in where:
+        column, sep, value = condition.partition("=")
+        if not sep or column not in frame.columns:
+            raise ValueError(f"--where {condition}: expected COLUMN=VALUE with COLUMN one of {', '.join(frame.columns)}")
+        frame = frame[frame[column].astype(str) == value]
+    return frame
+
+
+def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
+    the published value."""
+    frame = frame.assign(variant=frame.apply(variant, axis=1))
+    groups = []
+    for (layers, m, k, name), cell in frame.groupby([*KEY, "variant"], sort=False):
+        units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]
+        seeds = len(cell)
+        groups.append({
+            "layers": layers, "m": m, "k": k, "variant": name, "seeds": seeds,
+            "test_nll": cell["test_nll"].mean(),
+            # one seed: the Monte-Carlo/image standard error; several: the spread across seeds
+            "test_nll_se": cell["test_nll_se"].iloc[0] if seeds == 1 else cell["test_nll"].std() / seeds ** 0.5,
+            "active_units": "+".join(f"{u:.0f}" if seeds == 1 else f"{u:.1f}" for u in units),
+            "test_bound": cell["test_bound"].mean(),
+            "comparable_to_papers": bool(cell["comparable_to_papers"].all()),
+            "eval_k": int(cell["eval_k"].min()), "eval_images": int(cell["eval_images"].min()),
+            "passes": int(cell["passes"].min()),
+        })
+    summary = pd.DataFrame(groups)
+    reference = reference_values()[[*KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
+    summary = summary.merge(reference, on=[*KEY, "variant"], how="left")
+    summary["difference"] = summary["test_nll"] - summary["paper_nll"]
+    order = {name.upper(): i for i, name in enumerate(COLUMN_ORDER)}
+    summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
+    return summary.sort_values([*KEY, "_order", "variant"]).drop(columns="_order").reset_index(drop=True)
+
+
+def cell_text(row: pd.Series) -> str:
+    text = f"{row['test_nll']:.2f} ({row['active_units']})"
+    if not row["comparable_to_papers"]:
+        text += "*"
+    if pd.notna(row["paper_nll"]):
+        text += f" [paper {row['paper_nll']:.2f}, {row['difference']:+.2f}]"
+    return text
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    variants = list(dict.fromkeys(summary["variant"]))
+    lines = ["| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for (layers, m, k), row_cells in summary.groupby(KEY, sort=True):
+        cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
+        lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
+    notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
+    if not summary["comparable_to_papers"].all():
+        short = summary[~summary["comparable_to_papers"]].iloc[0]
+        notes.append(f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
+                     f"{short['eval_images']} test images (the papers: full schedule, k=5000, 10,000 images).")
+    return "\n".join(lines + notes)
+
+
+def plot(summary: pd.DataFrame, path: str) -> None:
+    """Test NLL against the number of samples M*K, one line per objective and layer count,
+    the published values as hollow markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    reference = reference_values()
+    for (name, layers), group in summary.groupby(["variant", "layers"]):
+        group = group.assign(samples=group["m"] * group["k"]).sort_values("samples")
+        line, = axis.plot(group["samples"], group["test_nll"], "o-", label=f"{name}, {layers} layer(s)")
+        paper = reference[(reference["variant"] == name) & (reference["layers"] == layers)]
+        if len(paper):
+            paper = paper.assign(samples=paper["m"] * paper["k"]).sort_values("samples")
+            axis.plot(paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(),
+                      label=f"{name}, {layers} layer(s), paper")
+    axis.set_xscale("log")
+    axis.set_xlabel("samples per image (M·K)")
+    axis.set_ylabel("test NLL (nats, lower is better)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_results(rows: list[dict], path: str) -> None:
+    frame = pd.DataFrame(rows)
+    print()
+    print(markdown_table(summarise(frame)))
+    print()
+    best = frame.sort_values("test_nll").head(5)
+    print("Best configurations (test NLL, nats):")
+    for _, row in best.iterrows():
+        print(f"  {row['trial_name']:<28} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
+              f"active units {'+'.join(map(str, row['active_units']))}")
+    print(f"\nResults: {path} ({len(rows)} rows)")
+
+
+def render(summary: pd.DataFrame, fmt: str) -> str:
+    if fmt == "markdown":
+        return markdown_table(summary)
+    if fmt == "csv":
+        return summary.to_csv(index=False)
+    return summary.to_json(orient="records", indent=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.query",
+        description="Print a sweep's results (its Parquet file) in the papers' layout, with the published values.",
+        epilog="The same file in Python: pyarrow.parquet.read_table('SWEEP_DIR/results/results.parquet').to_pandas()")
+    parser.add_argument("location", help="a sweep folder, a Parquet file, or an s3://... URI of either")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="keep rows whose COLUMN equals VALUE (repeatable; e.g. objective=iwae, layers=2)")
+    parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    parser.add_argument("--plot", metavar="PNG", help="also save test NLL against M*K, ours beside the papers'")
+    args = parser.parse_args(argv)
+    try:
+        frame = apply_filters(read_results(args.location).to_pandas(), args.where)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(1, f"error: {error}\n")
+    if frame.empty:
+        parser.exit(1, "error: no rows match\n")
+    summary = summarise(frame)
+    sys.stdout.write(render(summary, args.format).rstrip("\n") + "\n")
+    if args.plot:
+        plot(summary, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

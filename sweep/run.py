@@ -1,0 +1,169 @@
+"""Run a sweep: Ray Tune trains one model per configuration and seed, then Ray actors run the
+k=5000 evaluation on the best checkpoints and the results are written as Parquet.
+
+    python -m sweep.run [--space quick] [--storage ./sweeps] [--name NAME] [--resume] ...
+
+The sweep folder `<storage>/<name>` holds one folder per trial (checkpoints, Ray's
+TensorBoard scalars, `tb/` with sample and reconstruction images), `iwae_sweep.json` and
+`results/results.parquet`. Look at it with `tensorboard --logdir <storage>/<name>` and
+`python -m sweep.query <storage>/<name>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from iwae_model import TrainConfig
+from iwae_model.data import MNISTError, default_data_dir, load_mnist
+
+from .cluster import ClusterError, check_gpus, init_ray
+from .evaluate import METRIC, run_evaluation, write_spec
+from .query import print_results
+from .results import filesystem_and_path
+from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
+from .trainable import train_trial
+
+IMAGES_EVERY = 5  # passes between TensorBoard image grids (and the last pass)
+
+
+class SweepInterrupted(RuntimeError):
+    pass
+
+
+def trial_label(trial) -> str:
+    return TrainConfig.from_dict(trial.config["train"]).label()
+
+
+def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: int, asha: bool,
+                max_failures: int, callbacks: list[tune.Callback] | None = None) -> tune.Tuner:
+    resources = {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial}
+    passes = max(t.passes for t in space.trials)
+    filesystem, storage_path = filesystem_and_path(storage)
+    return tune.Tuner(
+        tune.with_resources(train_trial, resources),
+        param_space={
+            "train": tune.grid_search([t.to_dict() for t in space.trials]),
+            "data_dir": data_dir,
+            "checkpoint_every": space.checkpoints.every,
+            "images_every": IMAGES_EVERY,
+        },
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", max_concurrent_trials=max_concurrent or None,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes,
+                                    grace_period=max(1, passes // 8), reduction_factor=3) if asha else None,
+            trial_name_creator=trial_label,
+            trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+            # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
+            sync_config=tune.SyncConfig(sync_artifacts=True)),
+    )
+
+
+def run_sweep(
+    space: SweepSpace,
+    storage: str,
+    data_dir: str,
+    resume: bool = False,
+    max_concurrent: int = 0,
+    asha: bool = False,
+    max_failures: int = 2,
+    wait_for_gpus: float = 0,
+    callbacks: list[tune.Callback] | None = None,
+) -> tuple[str, list[dict]]:
+    """Train (or resume) every trial, then evaluate; returns the Parquet path and its rows.
+    Ray must be initialised (see `cluster.init_ray`). `callbacks`: extra Ray Tune callbacks
+    (used when the sweep starts, not on --resume)."""
+    check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
+    filesystem, storage_path = filesystem_and_path(storage)
+    experiment = f"{storage_path.rstrip('/')}/{space.name}"
+    exists = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    if exists and not resume:
+        raise SpaceError(f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
+                         f"or --name to start another")
+    if resume and not exists:
+        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
+    if resume:
+        tuner = tune.Tuner.restore(experiment, trainable=tune.with_resources(
+            train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial}),
+            resume_errored=True, storage_filesystem=filesystem)
+    else:
+        write_spec(experiment, filesystem, space, data_dir)
+        tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
+    grid = tuner.fit()
+    pending = len(grid) - grid.num_terminated - grid.num_errors
+    if pending:  # Ctrl+C: fit() returns normally with unfinished trials
+        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish; nothing is lost: continue with "
+                               f"the same command plus --resume")
+    for result in grid.errors:
+        print(f"trial failed after {max_failures} retries: {result}", file=sys.stderr)
+    return run_evaluation(grid, space, data_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sweep.run",
+        description="Train a VAE / IWAE / MIWAE / CIWAE / PIWAE sweep with Ray Tune, evaluate the best checkpoints "
+                    "with k=5000 importance samples and write Parquet results. With no arguments: the quick sweep "
+                    "(about 10 minutes on a 2-core laptop) on a local Ray.",
+        epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.")
+    parser.add_argument("--space", default=DEFAULT_SPACE,
+                        help="a search-space YAML file, or the name of one in search_spaces/ (quick, burda2016, rainforth2018)")
+    parser.add_argument("--name", help="the sweep's folder name under --storage (default: the space file's name)")
+    parser.add_argument("--storage", default="sweeps",
+                        help="where sweeps live: a local folder (default ./sweeps) or a URI such as s3://bucket/path")
+    parser.add_argument("--address", help="Ray cluster to join ('auto': the one `ray up` made); default: a local Ray")
+    parser.add_argument("--data-dir", help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist); "
+                                           "every node must have it at this path, or have internet to download it")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted sweep: finished trials are kept, running ones continue from "
+                             "their last checkpoint, failed ones are retried")
+    parser.add_argument("--max-concurrent", type=int, default=0, help="at most N trials at once (default: as resources allow)")
+    parser.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the validation bound)")
+    parser.add_argument("--cpus-per-trial", type=float, help="override the space file's resources.cpus_per_trial")
+    parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
+    parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation actor)")
+    parser.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint")
+    parser.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
+                        help="on an autoscaling cluster, ask for the GPUs and wait this long for them (default: fail at once)")
+    args = parser.parse_args(argv)
+    if args.max_concurrent < 0 or args.max_failures < 0:
+        parser.error("--max-concurrent and --max-failures must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        space = load_space(args.space)
+        overrides = {key: getattr(args, key) for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
+                     if getattr(args, key) is not None}
+        space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
+        load_mnist(data_dir, download=True)  # checksums (or the download) before any trial starts
+        storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
+        init_ray(args.address)
+        start = time.perf_counter()
+        path, rows = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
+                               args.max_failures, args.wait_for_gpus)
+    except (SpaceError, MNISTError, ClusterError, SweepInterrupted) as error:
+        sys.exit(f"error: {error}")
+    print_results(rows, path)
+    print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")
+    print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
+    print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
+
+
+if __name__ == "__main__":
+    main()

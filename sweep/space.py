@@ -1,0 +1,241 @@
+"""Search-space files (`search_spaces/*.yaml`): what a sweep trains and how it is evaluated.
+
+Format (every section but `experiments` is optional; defaults below):
+
+    name: quick                   # the sweep's folder name under --storage
+    description: free text
+    experiments:                  # a list of grids; the sweep is the union of their products
+      - objective: [vae, iwae]    # a list is a grid axis, a scalar a constant
+        k: [1, 5]
+        layers: 1
+      - objective: miwae
+        mk: [[4, 16], [8, 8]]     # (M, K) pairs; with `mk_product`, each must multiply to it
+    mk_product: 64                # optional: the declared M*K of every `mk` pair in the file
+    seeds: [0]                    # every configuration is trained once per seed
+    training:                     # iwae_model.TrainConfig fields shared by all trials
+      passes: 3280                # the full Burda schedule; fewer compresses or truncates it
+      schedule: compressed
+    evaluation:
+      k: 5000
+      images: null                # null: the full 10,000-image test set (comparable to the papers)
+      best: each                  # each: the best checkpoint of every trial; top: the `top` best trials
+      top: 5
+    resources:
+      cpus_per_trial: 1
+      gpus_per_trial: 0           # fractions allowed: 0.25 runs four trials per GPU
+      eval_gpus: 0                # GPUs for each evaluation actor (0: CPU)
+      eval_actors: 1
+    checkpoints:
+      keep: 2                     # Ray keeps the best `keep` by validation bound, plus the latest
+      every: 1                    # passes between checkpoints (the last pass always has one)
+
+Experiment keys: objective, k, m, mk, beta, layers, estimator, plus any `training` key.
+Errors name the file, the key, the value and what is allowed, before any trial starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iwae_model import TrainConfig
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DEFAULT_SPACE = "quick"
+
+TRIAL_KEYS = ("objective", "k", "m", "beta", "layers", "estimator")
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in (*TRIAL_KEYS, "seed"))
+SECTIONS = {
+    "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int},
+    "resources": {"cpus_per_trial": (int, float), "gpus_per_trial": (int, float), "eval_gpus": (int, float),
+                  "eval_actors": int},
+    "checkpoints": {"keep": int, "every": int},
+}
+TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", *SECTIONS}
+BEST_MODES = ("each", "top")
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be run; the message names the file, key and fix."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    k: int = 5000
+    images: int | None = None
+    best: str = "each"
+    top: int = 5
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float = 1
+    gpus_per_trial: float = 0
+    eval_gpus: float = 0
+    eval_actors: int = 1
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    keep: int = 2
+    every: int = 1
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    name: str
+    source: str
+    trials: list[TrainConfig]
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    resources: Resources = field(default_factory=Resources)
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "source": self.source, "description": self.description,
+            "trials": [t.to_dict() for t in self.trials],
+            "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
+            "checkpoints": dataclasses.asdict(self.checkpoints),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpace:
+        return cls(name=d["name"], source=d["source"], description=d["description"],
+                   trials=[TrainConfig.from_dict(t) for t in d["trials"]],
+                   evaluation=Evaluation(**d["evaluation"]), resources=Resources(**d["resources"]),
+                   checkpoints=Checkpoints(**d["checkpoints"]))
+
+
+def resolve_space_path(space: str) -> Path:
+    """A path to a YAML file, or the name of one shipped in search_spaces/ (e.g. `quick`)."""
+    path = Path(space)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SpaceError(f"--space {space}: no such file")
+        return path
+    shipped = SPACES_DIR / f"{space}.yaml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        raise SpaceError(f"--space {space}: not a file and not a shipped space (shipped: {names})")
+    return shipped
+
+
+def load_space(space: str | Path = DEFAULT_SPACE) -> SweepSpace:
+    path = resolve_space_path(str(space))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpaceError(f"{path}: not valid YAML: {error}") from None
+    return parse_space(raw, str(path))
+
+
+def parse_space(raw: Any, source: str) -> SweepSpace:
+    def fail(key: str, message: str) -> SpaceError:
+        return SpaceError(f"{source}: {key}: {message}")
+
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{source}: expected a mapping of sections ({', '.join(sorted(TOP_LEVEL))})")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise fail(key, f"unknown key; allowed top-level keys: {', '.join(sorted(TOP_LEVEL))}")
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise fail("name", f"{name!r}: must be a non-empty string without '/'")
+
+    sections = {}
+    for section, schema in SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise fail(section, f"expected a mapping with keys {', '.join(schema)}")
+        for key, value in values.items():
+            if key not in schema:
+                raise fail(f"{section}.{key}", f"unknown key; allowed: {', '.join(schema)}")
+            if not isinstance(value, schema[key]) or isinstance(value, bool):
+                raise fail(f"{section}.{key}", f"{value!r} has the wrong type; expected {_type_names(schema[key])}")
+        sections[section] = values
+    evaluation = Evaluation(**sections["evaluation"])
+    if evaluation.best not in BEST_MODES:
+        raise fail("evaluation.best", f"{evaluation.best!r}: choose one of {', '.join(BEST_MODES)}")
+    if evaluation.k < 1 or evaluation.top < 1 or (evaluation.images is not None and evaluation.images < 1):
+        raise fail("evaluation", "k, top and images must be positive")
+    resources = Resources(**sections["resources"])
+    if resources.cpus_per_trial <= 0:
+        raise fail("resources.cpus_per_trial", f"{resources.cpus_per_trial}: must be > 0 (Ray refuses an empty bundle)")
+    if resources.gpus_per_trial < 0 or resources.eval_gpus < 0 or resources.eval_actors < 1:
+        raise fail("resources", "GPU counts must be >= 0 and eval_actors >= 1")
+    if resources.gpus_per_trial > 1 and resources.gpus_per_trial != int(resources.gpus_per_trial):
+        raise fail("resources.gpus_per_trial", f"{resources.gpus_per_trial}: above 1, ask for whole GPUs")
+    checkpoints = Checkpoints(**sections["checkpoints"])
+    if checkpoints.keep < 1 or checkpoints.every < 1:
+        raise fail("checkpoints", "keep and every must be positive")
+
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise fail("training", f"expected a mapping of TrainConfig fields ({', '.join(TRAINING_KEYS)})")
+    for key in training:
+        if key not in TRAINING_KEYS:
+            raise fail(f"training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise fail("seeds", f"{seeds!r}: expected a non-empty list of integers")
+    mk_product = raw.get("mk_product")
+    if mk_product is not None and (not isinstance(mk_product, int) or mk_product < 1):
+        raise fail("mk_product", f"{mk_product!r}: expected a positive integer")
+
+    experiments = raw.get("experiments")
+    if not isinstance(experiments, list) or not experiments:
+        raise fail("experiments", "expected a non-empty list of grids, e.g. [{objective: [vae, iwae], k: [1, 5]}]")
+    trials: list[TrainConfig] = []
+    for index, grid in enumerate(experiments):
+        where = f"experiments[{index}]"
+        if not isinstance(grid, dict):
+            raise fail(where, "expected a mapping such as {objective: iwae, k: [5, 50]}")
+        for point in _expand(grid, where, mk_product, fail):
+            for seed in seeds:
+                values = {**training, **point, "seed": seed}
+                try:
+                    config = TrainConfig(**values)
+                except (ValueError, TypeError) as error:
+                    raise fail(where, f"{point}: {error}") from None
+                if config not in trials:
+                    trials.append(config)
+    return SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
+                      checkpoints=checkpoints, description=str(raw.get("description", "")).strip())
+
+
+def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:
+    allowed = (*TRIAL_KEYS, "mk", *TRAINING_KEYS)
+    axes = {}
+    for key, value in grid.items():
+        if key not in allowed:
+            raise fail(f"{where}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
+        axes[key] = value if isinstance(value, list) and key != "mk" else [value]
+    if "mk" in axes:
+        if "m" in axes or "k" in axes:
+            raise fail(f"{where}.mk", "give either mk pairs or m and k, not both")
+        pairs = axes.pop("mk")[0]
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pairs):
+            raise fail(f"{where}.mk", f"{pairs!r}: expected a list of [M, K] pairs of positive integers")
+        for m, k in pairs:
+            if mk_product is not None and m * k != mk_product:
+                raise fail(f"{where}.mk", f"[{m}, {k}]: M*K = {m * k}, but mk_product declares {mk_product}")
+        axes["mk"] = pairs
+    points = []
+    for combo in itertools.product(*axes.values()):
+        point = dict(zip(axes, combo, strict=True))
+        if "mk" in point:
+            point["m"], point["k"] = point.pop("mk")
+        points.append(point)
+    return points
+
+
+def _type_names(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)

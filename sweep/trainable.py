@@ -1,0 +1,86 @@
+"""The Ray Tune function trainable: one trial trains one iwae_model configuration and seed.
+
+Each pass it reports the run's metrics row and, every `checkpoint_every` passes (and at the
+last), a Ray checkpoint holding `checkpoint.pt` (model, optimizer, schedule position, RNG
+states and the whole per-pass history) and `metrics.jsonl`. That checkpoint, not Ray's
+result.json, is the scientific record: the Parquet results are built from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+from torch.utils.tensorboard import SummaryWriter
+
+from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
+from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
+from iwae_model.train import train
+
+IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
+TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
+
+
+def trial_metrics(row: dict) -> dict[str, float | int]:
+    """A metrics row as Ray scalars: Nones dropped, active units one scalar per layer."""
+    metrics = {key: value for key, value in row.items() if value is not None and key != "active_units"}
+    for layer, units in enumerate(row["active_units"], start=1):
+        metrics[f"active_units_L{layer}"] = units
+    metrics["active_units"] = sum(row["active_units"])
+    return metrics
+
+
+def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """`[N, 784]` images in [0, 1] as one `[1, H, W]` grid, `columns` across."""
+    rows = images.shape[0] // columns
+    grid = images[:rows * columns].reshape(rows, columns, 28, 28).permute(0, 2, 1, 3)
+    return grid.reshape(1, rows * 28, columns * 28)
+
+
+def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: int) -> None:
+    generator = torch.Generator(device=data.test.device).manual_seed(0)
+    samples = model.sample(IMAGE_GRID * IMAGE_GRID, generator)
+    x = data.fixed("test")[:IMAGE_GRID * IMAGE_GRID // 2]
+    pairs = torch.stack([x, model.reconstruct(x)], dim=1).reshape(-1, x.shape[1])
+    writer.add_image("samples", image_grid(samples.cpu(), IMAGE_GRID), epoch)
+    writer.add_image("reconstructions", image_grid(pairs.cpu(), IMAGE_GRID), epoch)
+    writer.flush()
+
+
+def train_trial(config: dict[str, Any]) -> None:
+    """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
+    "checkpoint_every": passes, "images_every": passes}."""
+    train_config = TrainConfig.from_dict(config["train"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+    # A node without the files downloads them (checksums verified), so workers need no shared disk.
+    data = load_mnist(config["data_dir"], device, train_config.binarization, download=True)
+    # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
+    run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
+    if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
+        with checkpoint.as_directory() as folder:
+            shutil.copy(Path(folder) / CHECKPOINT_NAME, checkpoint_path(run_dir))
+    writer = SummaryWriter(TENSORBOARD_DIR)
+
+    def report(row: dict, checkpoint_file: Path) -> None:
+        epoch = row["epoch"]
+        last = epoch == train_config.passes
+        if epoch % config["images_every"] == 0 or last:
+            model, _, _ = load_model(checkpoint_file, device)
+            write_images(writer, model, data, epoch)
+        if epoch % config["checkpoint_every"] and not last:
+            tune.report(trial_metrics(row))
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy(checkpoint_file, Path(folder) / CHECKPOINT_NAME)
+            shutil.copy(run_dir / "metrics.jsonl", Path(folder) / "metrics.jsonl")
+            tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        train(train_config, run_dir, data, device=device, progress=False, on_epoch_end=report)
+    finally:
+        writer.close()
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""End-to-end sweeps on a real local Ray cluster, with real MNIST, Parquet and TensorBoard files."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+import yaml
+from ray import tune
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from iwae_model.checkpoint import load_checkpoint
+from sweep.cluster import ClusterError, check_gpus
+from sweep.results import SCHEMA, read_results
+from sweep.run import run_sweep
+from sweep.space import SpaceError, parse_space
+
+PASSES = 3
+TINY = {
+    "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": 3}],
+    "training": {"passes": PASSES, "train_images": 400, "test_images": 100},
+    "evaluation": {"k": 50, "images": 40},
+    "checkpoints": {"keep": 1, "every": 1},
+}
+
+
+def tiny_space(name: str, **changes):
+    return parse_space({**TINY, "name": name, **changes}, f"<{name}>")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(local_ray, mnist_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("storage")
+    path, rows = run_sweep(tiny_space("tiny"), str(storage), str(mnist_dir))
+    return storage / "tiny", Path(path), rows
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.startswith(("vae_", "iwae_")))
+
+
+def assert_complete_history(checkpoint_dir: Path, passes: int = PASSES):
+    """The scientific record in a trial's last checkpoint: every pass exactly once."""
+    state = load_checkpoint(checkpoint_dir)
+    assert [row["epoch"] for row in state["history"]] == list(range(1, passes + 1))
+    lines = (checkpoint_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, passes + 1))
+
+
+def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
+    sweep_dir, path, rows = finished_sweep
+    assert path == sweep_dir / "results" / "results.parquet"
+    table = read_results(str(sweep_dir))
+    assert table.schema.equals(SCHEMA, check_metadata=True)
+    assert table.num_rows == 2 == len(rows)
+    records = table.to_pylist()
+    assert sorted(r["trial_name"] for r in records) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
+    for record in records:
+        for column in ("test_nll", "test_nll_se", "test_bound", "train_bound", "valid_bound", "train_seconds",
+                       "eval_seconds"):
+            assert math.isfinite(record[column]), column
+        assert 90 < record["test_nll"] < 400 and record["test_bound"] < -record["test_nll"]
+        assert record["eval_k"] == 50 and record["eval_images"] == 40 and record["epochs"] == PASSES
+        assert record["comparable_to_papers"] is False and record["sweep"] == "tiny"
+        assert len(record["active_units"]) == 1 and Path(record["checkpoint_uri"]).is_dir()
+    assert table.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
+    assert not list(path.parent.glob(".tmp-*"))  # the atomic write left nothing behind
+
+
+def test_checkpoints_hold_the_scientific_record(finished_sweep):
+    sweep_dir, _, _ = finished_sweep
+    for trial in trial_dirs(sweep_dir):
+        checkpoints = sorted(trial.glob("checkpoint_*"))
+        assert 1 <= len(checkpoints) <= 2  # keep=1: the best by validation bound, plus the latest
+        assert_complete_history(checkpoints[-1])
+
+
+def test_tensorboard_curves_and_images_read_back(finished_sweep):
+    sweep_dir, _, _ = finished_sweep
+    for trial in trial_dirs(sweep_dir):
+        scalars = EventAccumulator(str(trial))
+        scalars.Reload()
+        for tag in ("train_bound", "test_bound", "valid_bound", "lr", "active_units", "active_units_L1"):
+            values = scalars.Scalars(f"ray/tune/{tag}")
+            assert [v.step for v in values] == list(range(1, PASSES + 1)), tag
+        images = EventAccumulator(str(trial / "tb"), size_guidance={"images": 0})
+        images.Reload()
+        for tag in ("samples", "reconstructions"):
+            shots = images.Images(tag)
+            assert shots and shots[-1].step == PASSES and shots[-1].width == 8 * 28
+
+
+def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):
+    sweep_dir, _, _ = finished_sweep
+    run = [sys.executable, "-m", "sweep.query", str(sweep_dir)]
+    table = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert "| layers | M | K | VAE | IWAE |" in table and "not comparable to the papers" in table
+    assert "[paper 86.76" in table  # VAE, 1 layer, k=1 from Burda's Table 1
+    rows = json.loads(subprocess.run([*run, "--format", "json", "--where", "objective=iwae", "--plot",
+                                      str(tmp_path / "nll.png")], capture_output=True, text=True, check=True).stdout)
+    assert [(r["variant"], r["k"]) for r in rows] == [("IWAE", 3)]
+    assert (tmp_path / "nll.png").stat().st_size > 10_000
+    bad = subprocess.run([*run, "--where", "colour=red"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "colour=red" in bad.stderr
+
+
+def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
+    sweep_dir, _, rows = finished_sweep
+    before = {r["trial_name"]: r["test_nll"] for r in rows}
+    out = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = read_results(str(sweep_dir)).to_pylist()
+    assert {r["eval_k"] for r in table} == {200} and {r["eval_images"] for r in table} == {20}
+    assert {r["trial_name"] for r in table} == set(before)
+    # A tighter estimate on a subset: different numbers from the same checkpoints.
+    assert all(r["test_nll"] != before[r["trial_name"]] for r in table)
+    missing = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "not a Ray Tune sweep folder" in missing.stderr
+
+
+def test_an_existing_sweep_needs_resume_and_resume_reruns_nothing(finished_sweep, mnist_dir):
+    sweep_dir, path, rows = finished_sweep
+    with pytest.raises(SpaceError, match="--resume"):
+        run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir))
+    checkpoints = sorted(p.name for p in sweep_dir.glob("*/checkpoint_*"))
+    _, again = run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir), resume=True)
+    assert sorted(p.name for p in sweep_dir.glob("*/checkpoint_*")) == checkpoints  # no trial re-ran
+    assert [r["test_nll"] for r in again] == [r["test_nll"] for r in rows]  # same checkpoints, same seed
+
+
+def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
+    with pytest.raises(ClusterError, match="--gpus-per-trial 0"):
+        check_gpus(0.5, 0)
+
+
+class KillTrialOnce(tune.Callback):
+    """SIGKILLs the IWAE trial's worker process right after its second pass is reported."""
+
+    def __init__(self):
+        self.killed_pid = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed_pid is None and trial.config["train"]["objective"] == "iwae" and result["epoch"] == 2:
+            self.killed_pid = result["pid"]
+            os.kill(result["pid"], signal.SIGKILL)
+
+
+def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_path):
+    killer = KillTrialOnce()
+    space = tiny_space("killed", training={**TINY["training"], "passes": 4})
+    _, rows = run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[killer])
+    assert killer.killed_pid is not None and len(rows) == 2
+    trial = next(p for p in trial_dirs(tmp_path / "killed") if p.name.startswith("iwae_"))
+    assert "Failure # 1" in (trial / "error.txt").read_text()
+    assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=4)
+    assert {r["epochs"] for r in rows} == {4}
+
+
+def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path):
+    space = {**TINY, "name": "driver", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
+               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "store" / "driver"
+    try:
+        deadline = time.monotonic() + 240
+        # Kill once a trial has checkpointed twice: mid-sweep, with work to lose.
+        while not list(sweep_dir.glob("*/checkpoint_000001")):
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    assert not (sweep_dir / "results").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "| layers | M | K | VAE | IWAE |" in resumed.stdout
+    table = read_results(str(sweep_dir))
+    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
+    assert table.column("epochs").to_pylist() == [8, 8]
+    for trial in trial_dirs(sweep_dir):
+        assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=8)
+
+
+
+@pytest.fixture
+def s3_storage():
+    """A real S3 API (moto's server) on 127.0.0.1; credentials travel in the URI, so Ray's
+    workers need no environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
+    yield lambda path: f"s3://testing:testing@iwae-bucket/{path}?{query}"
+    server.stop()
+
+
+def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, mnist_dir, s3_storage):
+    from pyarrow import fs as pafs
+
+    killer = KillTrialOnce()
+    space = tiny_space("on_s3", training={**TINY["training"], "passes": 4})
+    path, rows = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), callbacks=[killer])
+    assert killer.killed_pid is not None  # the IWAE trial came back from its checkpoint on S3
+    assert path == "iwae-bucket/sweeps/on_s3/results/results.parquet" and {r["epochs"] for r in rows} == {4}
+    assert all(r["checkpoint_uri"].startswith("s3://iwae-bucket/sweeps/on_s3/") for r in rows)
+
+    s3, root = pafs.FileSystem.from_uri(s3_storage("sweeps/on_s3"))
+    names = [info.path for info in s3.get_file_info(pafs.FileSelector(root, recursive=True))]
+    assert sum(name.endswith("/checkpoint.pt") for name in names) >= 2
+    assert any("/tb/events.out.tfevents" in name for name in names)
+    table = read_results(s3_storage("sweeps/on_s3"))
+    assert table.num_rows == 2 and table.schema.equals(SCHEMA)
+
+    _, again = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
+    assert sorted(r["test_nll"] for r in again) == sorted(r["test_nll"] for r in rows)
