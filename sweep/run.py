@@ -30,9 +30,6 @@ from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
 from .trainable import train_trial
 
-IMAGES_EVERY = 5  # passes between TensorBoard image grids (and the last pass)
-
-
 class SweepInterrupted(RuntimeError):
     pass
 
@@ -52,7 +49,6 @@ def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: 
             "train": tune.grid_search([t.to_dict() for t in space.trials]),
             "data_dir": data_dir,
             "checkpoint_every": space.checkpoints.every,
-            "images_every": IMAGES_EVERY,
         },
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", max_concurrent_trials=max_concurrent or None,

@@ -22,6 +22,7 @@ from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
 from iwae_model.train import train
 
 IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
+IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
 TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
 
 
@@ -53,7 +54,7 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
 
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
-    "checkpoint_every": passes, "images_every": passes}."""
+    "checkpoint_every": passes}."""
     train_config = TrainConfig.from_dict(config["train"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
     # A node without the files downloads them (checksums verified), so workers need no shared disk.
@@ -68,7 +69,7 @@ def train_trial(config: dict[str, Any]) -> None:
     def report(row: dict, checkpoint_file: Path) -> None:
         epoch = row["epoch"]
         last = epoch == train_config.passes
-        if epoch % config["images_every"] == 0 or last:
+        if epoch % max(1, train_config.passes // IMAGE_SNAPSHOTS) == 0 or last:
             model, _, _ = load_model(checkpoint_file, device)
             write_images(writer, model, data, epoch)
         if epoch % config["checkpoint_every"] and not last:
