@@ -29,7 +29,7 @@ from iwae_model import MNIST, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, load_model
 from iwae_model.evaluate import evaluate_model
 
-from .cluster import check_gpus, init_ray
+from .cluster import ClusterError, check_gpus, init_ray
 from .query import print_results
 from .results import RESULTS_FILE, filesystem_and_path, write_results
 from .space import Evaluation, SweepSpace
@@ -42,6 +42,10 @@ METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bo
 def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
     scheme = checkpoint.filesystem.type_name
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+class NothingToEvaluate(RuntimeError):
+    pass
 
 
 @ray.remote
@@ -108,7 +112,7 @@ def run_evaluation(
     actors = space.resources.eval_actors if eval_actors is None else eval_actors
     selected = select_checkpoints(grid, space.evaluation)
     if not selected:
-        raise RuntimeError(f"{grid.experiment_path}: no finished trial with a checkpoint to evaluate")
+        raise NothingToEvaluate(f"{grid.experiment_path}: no finished trial with a checkpoint to evaluate")
     actors = min(actors, len(selected))
     # On CPU the actors share the cluster's cores (no more than one node has); on GPU one core
     # each feeds its GPU.
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                     "checkpoints, written to SWEEP_DIR/" + RESULTS_FILE + " (replacing the old file).")
     parser.add_argument("sweep_dir", help="the sweep folder (<storage>/<name>), a local path or s3://... URI")
     parser.add_argument("--k", type=int, default=None, help="importance samples (default: the space file's, 5000)")
-    parser.add_argument("--images", type=int, default=None, help="first N test images (default: the space file's)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="first N test images (default: the space file's; 10000 is the whole test set)")
     parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation actor (default: the space file's)")
     parser.add_argument("--eval-actors", type=int, default=None, help="actors sharing the work (default: the space file's)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
@@ -175,10 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
                          images=args.images if args.images is not None else space.evaluation.images)
     space = replace(space, evaluation=evaluation)
-    init_ray(args.address)
-    check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus, wait_s=0)
     start = time.perf_counter()
-    path, rows = run_evaluation(grid, space, data_dir, args.eval_gpus, args.eval_actors)
+    try:
+        init_ray(args.address)
+        check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
+        path, rows = run_evaluation(grid, space, data_dir, args.eval_gpus, args.eval_actors)
+    except (ClusterError, NothingToEvaluate) as error:
+        parser.exit(1, f"error: {error}\n")
     print_results(rows, path)
     print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")
 

@@ -24,11 +24,12 @@ from iwae_model import TrainConfig
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
 from .cluster import ClusterError, check_gpus, init_ray
-from .evaluate import METRIC, run_evaluation, write_spec
+from .evaluate import METRIC, NothingToEvaluate, read_spec, run_evaluation, write_spec
 from .query import print_results
 from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
 from .trainable import train_trial
+
 
 class SweepInterrupted(RuntimeError):
     pass
@@ -38,13 +39,17 @@ def trial_label(trial) -> str:
     return TrainConfig.from_dict(trial.config["train"]).label()
 
 
+def trainable(space: SweepSpace):
+    return tune.with_resources(
+        train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial})
+
+
 def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: int, asha: bool,
                 max_failures: int, callbacks: list[tune.Callback] | None = None) -> tune.Tuner:
-    resources = {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial}
     passes = max(t.passes for t in space.trials)
     filesystem, storage_path = filesystem_and_path(storage)
     return tune.Tuner(
-        tune.with_resources(train_trial, resources),
+        trainable(space),
         param_space={
             "train": tune.grid_search([t.to_dict() for t in space.trials]),
             "data_dir": data_dir,
@@ -77,10 +82,12 @@ def run_sweep(
     max_failures: int = 2,
     wait_for_gpus: float = 0,
     callbacks: list[tune.Callback] | None = None,
-) -> tuple[str, list[dict]]:
-    """Train (or resume) every trial, then evaluate; returns the Parquet path and its rows.
-    Ray must be initialised (see `cluster.init_ray`). `callbacks`: extra Ray Tune callbacks
-    (used when the sweep starts, not on --resume)."""
+) -> tuple[str, list[dict], list[str]]:
+    """Train (or resume) every trial, then evaluate the finished ones; returns the Parquet path,
+    its rows and the names of trials that failed for good. Ray must be initialised (see
+    `cluster.init_ray`). `callbacks`: extra Ray Tune callbacks (used when the sweep starts,
+    not on resume). On resume the trials, evaluation settings and data folder are the ones
+    the sweep was started with (its iwae_sweep.json); only `space.resources` is taken anew."""
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
@@ -91,9 +98,10 @@ def run_sweep(
     if resume and not exists:
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
-        tuner = tune.Tuner.restore(experiment, trainable=tune.with_resources(
-            train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial}),
-            resume_errored=True, storage_filesystem=filesystem)
+        started, data_dir = read_spec(experiment, filesystem)
+        space = replace(started, resources=space.resources)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable(space), resume_errored=True,
+                                   storage_filesystem=filesystem)
     else:
         write_spec(experiment, filesystem, space, data_dir)
         tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
@@ -102,9 +110,12 @@ def run_sweep(
     if pending:  # Ctrl+C: fit() returns normally with unfinished trials
         raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish; nothing is lost: continue with "
                                f"the same command plus --resume")
-    for result in grid.errors:
-        print(f"trial failed after {max_failures} retries: {result}", file=sys.stderr)
-    return run_evaluation(grid, space, data_dir)
+    failed = [Path(result.path).name for result in grid if result.error is not None]
+    for result in grid:
+        if result.error is not None:
+            print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
+    path, rows = run_evaluation(grid, space, data_dir)
+    return path, rows, failed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -151,14 +162,17 @@ def main(argv: list[str] | None = None) -> None:
         storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
         init_ray(args.address)
         start = time.perf_counter()
-        path, rows = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
-                               args.max_failures, args.wait_for_gpus)
-    except (SpaceError, MNISTError, ClusterError, SweepInterrupted) as error:
+        path, rows, failed = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
+                                       args.max_failures, args.wait_for_gpus)
+    except (SpaceError, MNISTError, ClusterError, SweepInterrupted, NothingToEvaluate) as error:
         sys.exit(f"error: {error}")
     print_results(rows, path)
     print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")
     print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
+    if failed:
+        sys.exit(f"error: {len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "
+                 f"(their error.txt says why; --resume retries them)")
 
 
 if __name__ == "__main__":

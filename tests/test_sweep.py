@@ -45,7 +45,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def finished_sweep(local_ray, mnist_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("storage")
-    path, rows = run_sweep(tiny_space("tiny"), str(storage), str(mnist_dir))
+    path, rows, _ = run_sweep(tiny_space("tiny"), str(storage), str(mnist_dir))
     return storage / "tiny", Path(path), rows
 
 
@@ -137,11 +137,11 @@ def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
 
 
 def test_an_existing_sweep_needs_resume_and_resume_reruns_nothing(finished_sweep, mnist_dir):
-    sweep_dir, path, rows = finished_sweep
+    sweep_dir, _, rows = finished_sweep
     with pytest.raises(SpaceError, match="--resume"):
         run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir))
     checkpoints = sorted(p.name for p in sweep_dir.glob("*/checkpoint_*"))
-    _, again = run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir), resume=True)
+    _, again, _ = run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir), resume=True)
     assert sorted(p.name for p in sweep_dir.glob("*/checkpoint_*")) == checkpoints  # no trial re-ran
     assert [r["test_nll"] for r in again] == [r["test_nll"] for r in rows]  # same checkpoints, same seed
 
@@ -166,7 +166,7 @@ class KillTrialOnce(tune.Callback):
 def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_path):
     killer = KillTrialOnce()
     space = tiny_space("killed", training={**TINY["training"], "passes": 4})
-    _, rows = run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[killer])
+    _, rows, _ = run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[killer])
     assert killer.killed_pid is not None and len(rows) == 2
     trial = next(p for p in trial_dirs(tmp_path / "killed") if p.name.startswith("iwae_"))
     assert "Failure # 1" in (trial / "error.txt").read_text()
@@ -222,7 +222,7 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
 
     killer = KillTrialOnce()
     space = tiny_space("on_s3", training={**TINY["training"], "passes": 4})
-    path, rows = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), callbacks=[killer])
+    path, rows, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), callbacks=[killer])
     assert killer.killed_pid is not None  # the IWAE trial came back from its checkpoint on S3
     assert path == "iwae-bucket/sweeps/on_s3/results/results.parquet" and {r["epochs"] for r in rows} == {4}
     assert all(r["checkpoint_uri"].startswith("s3://iwae-bucket/sweeps/on_s3/") for r in rows)
@@ -234,5 +234,5 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     table = read_results(s3_storage("sweeps/on_s3"))
     assert table.num_rows == 2 and table.schema.equals(SCHEMA)
 
-    _, again = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
+    _, again, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
     assert sorted(r["test_nll"] for r in again) == sorted(r["test_nll"] for r in rows)
