@@ -21,11 +21,12 @@ import torch
 from .config import TrainConfig
 from .device import resolve_device
 from .likelihood import log_likelihood
-from .train import build_optimizer, train_step
+from .train import build_optimizer, build_surrogate, train_step
 
 TRAINING_CASES = [
     # (name, config overrides)
     ("vae_k1_L1", dict(layers=1, objective="vae", k=1)),
+    ("vae_k1_L1_compiled", dict(layers=1, objective="vae", k=1, compile=True)),
     ("iwae_k5_L1", dict(layers=1, objective="iwae", k=5)),
     ("iwae_k5_L2", dict(layers=2, objective="iwae", k=5)),
     ("iwae_k50_L1", dict(layers=1, objective="iwae", k=50)),
@@ -64,15 +65,16 @@ def bench_training(name: str, overrides: dict, device: torch.device, steps: int,
     objective, estimator = config.build_objective(), config.build_estimator()
     generator = torch.Generator(device=device).manual_seed(0)
     params = model.encoder_parameters(), model.decoder_parameters()
+    surrogate = build_surrogate(model, objective, estimator, config.compile)
 
     def run(n: int) -> None:
         for step in range(n):
             batch = images[(step % 50) * config.batch_size:(step % 50 + 1) * config.batch_size]
-            train_step(model, optimizer, objective, estimator, torch.bernoulli(batch, generator=generator),
-                       generator, params)
+            train_step(model, optimizer, surrogate, objective.num_samples,
+                       torch.bernoulli(batch, generator=generator), generator, params)
         sync(device)
 
-    run(max(10, steps // 10))
+    run(max(100, steps // 4))  # compiled steps need a few hundred calls to settle
     start = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - start
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    steps = 200 if args.quick else 1000
+    steps = 1000 if args.quick else 3000
     eval_images = 32 if args.quick else 200
     peak = matmul_peak(device, 2.0 if args.quick else 5.0)
     print(json.dumps({"figure": "matmul_peak", "device": str(device), "threads": torch.get_num_threads(),

@@ -45,7 +45,7 @@ from .data import MNIST, load_mnist
 from .device import resolve_device
 from .evaluate import burda_active_units
 from .models import IWAEModel
-from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective
+from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, Surrogate
 
 STAGES = 8
 NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
@@ -82,23 +82,39 @@ def build_optimizer(model: IWAEModel, config: TrainConfig) -> torch.optim.Optimi
         fused=True)
 
 
+SurrogateFn = Callable[[torch.Tensor, list[torch.Tensor]], Surrogate]
+
+
+def build_surrogate(model: IWAEModel, objective: Objective, estimator: GradientEstimator,
+                    compile: bool = False) -> SurrogateFn:
+    """(binary images, q-noise) -> the estimator's surrogate losses; with `compile`, forward and
+    backward become a few fused kernels instead of ~100 small ops."""
+    def surrogate(x: torch.Tensor, noise: list[torch.Tensor]) -> Surrogate:
+        log_w = model.log_weights(x, noise=noise, stop_q_params=estimator.stop_q_params)
+        return estimator.surrogate(objective, log_w)
+
+    return torch.compile(surrogate, dynamic=False) if compile else surrogate
+
+
 def train_step(
     model: IWAEModel,
     optimizer: torch.optim.Optimizer,
-    objective: Objective,
-    estimator: GradientEstimator,
+    surrogate: SurrogateFn,
+    num_samples: int,
     x: torch.Tensor,
     generator: torch.Generator,
     params: tuple[list[nn.Parameter], list[nn.Parameter]],
 ) -> torch.Tensor:
     """One optimizer step on binary images x; returns the batch's summed bound (detached, not
     synchronised, so a GPU is never waited on here)."""
-    log_w = model.log_weights(x, objective.num_samples, generator, stop_q_params=estimator.stop_q_params)
-    surrogate = estimator.surrogate(objective, log_w)
+    # Drawn here, outside a compiled graph (a torch.Generator cannot enter one); the same draws
+    # in the same order as model.log_weights would make itself.
+    noise = model.draw_noise(num_samples, x.shape[0], generator)
+    losses = surrogate(x, noise)
     optimizer.zero_grad(set_to_none=True)
-    surrogate.backward(*params)
+    losses.backward(*params)
     optimizer.step()
-    return -surrogate.decoder_loss.detach()
+    return -losses.decoder_loss.detach()
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -168,6 +184,7 @@ def train(
         write_metrics(run_dir, history)
 
     params = model.encoder_parameters(), model.decoder_parameters()
+    surrogate = build_surrogate(model, objective, estimator, config.compile)
     valid_x = data.fixed("valid")
     test_x = data.fixed("test")[:config.test_images]
     bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
@@ -182,7 +199,7 @@ def train(
             if optimizer.param_groups[0]["lr"] != lr:
                 optimizer.param_groups[0]["lr"] = lr
             x = data.training_batch(train_x[b * config.batch_size:(b + 1) * config.batch_size], generator)
-            bound_sum += train_step(model, optimizer, objective, estimator, x, generator, params)
+            bound_sum += train_step(model, optimizer, surrogate, objective.num_samples, x, generator, params)
             step += 1
             if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == steps_per_epoch:
                 if not torch.isfinite(bound_sum):
@@ -263,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--nll-images", type=int, default=d.nll_images)
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's log-weights: faster small-batch steps after ~10 s of compilation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
@@ -271,7 +290,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             estimator=args.estimator, passes=args.passes, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
             adam_beta1=args.adam_beta1, adam_eps=args.adam_eps, seed=args.seed, binarization=args.binarization,
             train_images=args.train_images, test_images=args.test_images, eval_every=args.eval_every,
-            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images)
+            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images, compile=args.compile)
     except ValueError as exc:
         p.error(str(exc))
     return config, args
