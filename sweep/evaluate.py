@@ -80,6 +80,7 @@ class Evaluator:
             "eval_seconds": result.seconds, "device": result.device, "checkpoint_uri": job["uri"],
             "project_version": iwae_model.__version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+            "config": json.dumps(config.to_dict()),
         }
 
 

@@ -12,6 +12,7 @@ the training or test set, k < 5000, or non-dynamic binarization).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from importlib import resources
 
@@ -32,6 +33,17 @@ def variant(row: pd.Series) -> str:
     if row["estimator"] != "reparam":
         name += f"+{row['estimator'].upper()}"
     return name
+
+
+def other_settings(frame: pd.DataFrame) -> pd.Series:
+    """Training settings beyond the table's own axes that differ between rows (e.g. lr), as a
+    suffix of the column name, so that only seeds of one configuration are ever averaged."""
+    configs = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
+    shown = {"objective", "m", "k", "beta", "layers", "estimator", "seed"}
+    varying = [c for c in configs.columns if c not in shown and configs[c].astype(str).nunique() > 1]
+    if not varying:
+        return pd.Series("", index=frame.index)
+    return configs[varying].apply(lambda row: " " + ",".join(f"{c}={row[c]}" for c in varying), axis=1)
 
 
 def reference_values() -> pd.DataFrame:
@@ -56,7 +68,7 @@ def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
     the published value."""
-    frame = frame.assign(variant=frame.apply(variant, axis=1))
+    frame = frame.assign(variant=frame.apply(variant, axis=1) + other_settings(frame))
     groups = []
     for (layers, m, k, name), cell in frame.groupby([*KEY, "variant"], sort=False):
         units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]

@@ -19,6 +19,7 @@ Schema version 1 (`iwae_sweep.schema_version` in the file's metadata):
   eval_seconds, device               the evaluation's wall clock and device
   checkpoint_uri                     where the evaluated checkpoint lies
   project_version, timestamp         iwae-sweep version; UTC time of the evaluation
+  config                             the trial's whole iwae_model.TrainConfig as JSON (lr, schedule, ...)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ SCHEMA = pa.schema(
         ("train_bound", pa.float64()), ("valid_bound", pa.float64()),
         ("active_units", pa.list_(pa.field("element", pa.int64()))), ("epochs", pa.int64()), ("train_seconds", pa.float64()),
         ("eval_seconds", pa.float64()), ("device", pa.string()), ("checkpoint_uri", pa.string()),
-        ("project_version", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("project_version", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")), ("config", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )

@@ -236,3 +236,14 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
 
     _, again, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
     assert sorted(r["test_nll"] for r in again) == sorted(r["test_nll"] for r in rows)
+
+
+def test_asha_stops_trials_worse_than_the_ones_before_them(local_ray, mnist_dir, tmp_path):
+    # One trial at a time, the good one first: the later ones meet its record at the first rung.
+    space = tiny_space("asha", experiments=[{"objective": "iwae", "k": 3, "lr": [1e-3, 1e-7, 2e-7]}],
+                       training={**TINY["training"], "passes": 4})
+    _, rows, _ = run_sweep(space, str(tmp_path), str(mnist_dir), max_concurrent=1, asha=True)
+    assert sorted((row["epochs"], json.loads(row["config"])["lr"]) for row in rows) == [(1, 1e-7), (1, 2e-7), (4, 1e-3)]
+    table = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "asha")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "IWAE lr=0.001" in table and "IWAE lr=1e-07" in table  # never averaged as if seeds
