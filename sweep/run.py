@@ -106,10 +106,16 @@ def run_sweep(
         write_spec(experiment, filesystem, space, data_dir)
         tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
     grid = tuner.fit()
-    pending = len(grid) - grid.num_terminated - grid.num_errors
-    if pending:  # Ctrl+C: fit() returns normally with unfinished trials
-        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish; nothing is lost: continue with "
-                               f"the same command plus --resume")
+    # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
+    # terminated; the experiment state it saved on the way out still says which are not.
+    saved = tune.Tuner.restore(experiment, trainable=trainable(space), storage_filesystem=filesystem).get_results()
+    pending = len(saved) - saved.num_terminated - saved.num_errors
+    if pending:
+        behind = [f"{TrainConfig.from_dict(r.config['train']).label()} "
+                  f"({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
+                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < r.config["train"]["passes"]]
+        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
+                               f"lost: continue with the same command plus --resume")
     failed = [Path(result.path).name for result in grid if result.error is not None]
     for result in grid:
         if result.error is not None:

@@ -123,9 +123,10 @@ def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):
 def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
     sweep_dir, _, rows = finished_sweep
     before = {r["trial_name"]: r["test_nll"] for r in rows}
-    out = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20",
+                          "--eval-actors", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 actor(s), 0 GPU and 1 CPU each" in out.stderr  # two actors shared the two checkpoints
     table = read_results(str(sweep_dir)).to_pylist()
     assert {r["eval_k"] for r in table} == {200} and {r["eval_images"] for r in table} == {20}
     assert {r["trial_name"] for r in table} == set(before)
@@ -174,6 +175,16 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_p
     assert {r["epochs"] for r in rows} == {4}
 
 
+def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240) -> None:
+    """Until some trial of the running sweep has written checkpoint `name` (polled: the files
+    are all there is to wait on)."""
+    deadline = time.monotonic() + seconds
+    while not list(sweep_dir.glob(f"*/{name}")):
+        assert driver.poll() is None, "the sweep ended before it could be stopped"
+        assert time.monotonic() < deadline, f"no {name} within {seconds} s"
+        time.sleep(0.2)
+
+
 def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path):
     space = {**TINY, "name": "driver", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
@@ -182,12 +193,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path):
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "store" / "driver"
     try:
-        deadline = time.monotonic() + 240
-        # Kill once a trial has checkpointed twice: mid-sweep, with work to lose.
-        while not list(sweep_dir.glob("*/checkpoint_000001")):
-            assert driver.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.2)
+        wait_for_checkpoint(driver, sweep_dir, "checkpoint_000001")  # mid-sweep, with work to lose
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
@@ -247,3 +253,18 @@ def test_asha_stops_trials_worse_than_the_ones_before_them(local_ray, mnist_dir,
     table = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "asha")],
                            capture_output=True, text=True, check=True).stdout
     assert "IWAE lr=0.001" in table and "IWAE lr=1e-07" in table  # never averaged as if seeds
+
+
+def test_ctrl_c_stops_before_the_evaluation_and_says_what_is_unfinished(mnist_dir, tmp_path):
+    space = {**TINY, "name": "interrupted", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    with (tmp_path / "stderr.txt").open("w") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
+                                   "--storage", str(tmp_path), "--data-dir", str(mnist_dir)],
+                                  stdout=subprocess.DEVNULL, stderr=err)
+        wait_for_checkpoint(driver, tmp_path / "interrupted", "checkpoint_000000")
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 1
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "did not finish" in stderr and "/8 passes)" in stderr and "--resume" in stderr
+    assert not (tmp_path / "interrupted" / "results").exists()
