@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m sweep.run",
         description="Train a VAE / IWAE / MIWAE / CIWAE / PIWAE sweep with Ray Tune, evaluate the best checkpoints "
                     "with k=5000 importance samples and write Parquet results. With no arguments: the quick sweep "
-                    "(about 10 minutes on a 2-core laptop) on a local Ray.",
+                    "(about 4 minutes on a 2-core laptop) on a local Ray.",
         epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.")
     parser.add_argument("--space", default=DEFAULT_SPACE,
                         help="a search-space YAML file, or the name of one in search_spaces/ (quick, burda2016, rainforth2018)")

@@ -61,6 +61,16 @@ def assert_complete_history(checkpoint_dir: Path, passes: int = PASSES):
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, passes + 1))
 
 
+def assert_same_evaluations(again: list[dict], before: list[dict]):
+    """The same checkpoints evaluated with the same seed: the same estimates up to float32
+    rounding (CI once saw a 6e-8 relative difference between two processes' evaluations)."""
+    key = "checkpoint_uri"
+    assert sorted(r[key] for r in again) == sorted(r[key] for r in before)
+    by_uri = {r[key]: r for r in before}
+    for row in again:
+        assert row["test_nll"] == pytest.approx(by_uri[row[key]]["test_nll"], rel=1e-6)
+
+
 def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
     sweep_dir, path, rows = finished_sweep
     assert path == sweep_dir / "results" / "results.parquet"
@@ -144,7 +154,7 @@ def test_an_existing_sweep_needs_resume_and_resume_reruns_nothing(finished_sweep
     checkpoints = sorted(p.name for p in sweep_dir.glob("*/checkpoint_*"))
     _, again, _ = run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir), resume=True)
     assert sorted(p.name for p in sweep_dir.glob("*/checkpoint_*")) == checkpoints  # no trial re-ran
-    assert [r["test_nll"] for r in again] == [r["test_nll"] for r in rows]  # same checkpoints, same seed
+    assert_same_evaluations(again, rows)
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
@@ -241,7 +251,7 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     assert table.num_rows == 2 and table.schema.equals(SCHEMA)
 
     _, again, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
-    assert sorted(r["test_nll"] for r in again) == sorted(r["test_nll"] for r in rows)
+    assert_same_evaluations(again, rows)
 
 
 def test_asha_stops_trials_worse_than_the_ones_before_them(local_ray, mnist_dir, tmp_path):
