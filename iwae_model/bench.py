@@ -31,6 +31,8 @@ TRAINING_CASES = [
     ("iwae_k5_L2", dict(layers=2, objective="iwae", k=5)),
     ("iwae_k50_L1", dict(layers=1, objective="iwae", k=50)),
     ("iwae_k50_L2", dict(layers=2, objective="iwae", k=50)),
+    ("iwae_k50_L1_compiled", dict(layers=1, objective="iwae", k=50, compile=True)),
+    ("iwae_k50_L2_compiled", dict(layers=2, objective="iwae", k=50, compile=True)),
     ("miwae_m4_k16_L1", dict(layers=1, objective="miwae", m=4, k=16)),
 ]
 
