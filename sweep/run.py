@@ -36,6 +36,7 @@ class SweepInterrupted(RuntimeError):
 
 
 def trial_label(trial) -> str:
+    """The configuration's label, for a Ray trial or result (anything with the trial config)."""
     return TrainConfig.from_dict(trial.config["train"]).label()
 
 
@@ -111,17 +112,15 @@ def run_sweep(
     saved = tune.Tuner.restore(experiment, trainable=trainable(space), storage_filesystem=filesystem).get_results()
     pending = len(saved) - saved.num_terminated - saved.num_errors
     if pending:
-        behind = [f"{TrainConfig.from_dict(r.config['train']).label()} "
-                  f"({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
+        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
                   for r in grid if r.error is None and r.metrics.get("epoch", 0) < r.config["train"]["passes"]]
         raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
                                f"lost: continue with the same command plus --resume")
-    failed = [Path(result.path).name for result in grid if result.error is not None]
-    for result in grid:
-        if result.error is not None:
-            print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
+    failed = [result for result in grid if result.error is not None]
+    for result in failed:
+        print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
     path, rows = run_evaluation(grid, space, data_dir)
-    return path, rows, failed
+    return path, rows, [Path(result.path).name for result in failed]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

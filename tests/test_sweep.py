@@ -162,8 +162,13 @@ def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
         check_gpus(0.5, 0)
 
 
+KILLED_TRAINING = {**TINY["training"], "passes": 5, "train_images": 2000}
+
+
 class KillTrialOnce(tune.Callback):
-    """SIGKILLs the IWAE trial's worker process right after its second pass is reported."""
+    """SIGKILLs the IWAE trial's worker process right after its second pass is reported. Use it
+    with KILLED_TRAINING: passes long enough that the worker is still training when the signal,
+    sent from the driver, arrives."""
 
     def __init__(self):
         self.killed_pid = None
@@ -176,13 +181,13 @@ class KillTrialOnce(tune.Callback):
 
 def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_path):
     killer = KillTrialOnce()
-    space = tiny_space("killed", training={**TINY["training"], "passes": 4})
+    space = tiny_space("killed", training=KILLED_TRAINING)
     _, rows, _ = run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[killer])
     assert killer.killed_pid is not None and len(rows) == 2
     trial = next(p for p in trial_dirs(tmp_path / "killed") if p.name.startswith("iwae_"))
     assert "Failure # 1" in (trial / "error.txt").read_text()
-    assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=4)
-    assert {r["epochs"] for r in rows} == {4}
+    assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=5)
+    assert {r["epochs"] for r in rows} == {5}
 
 
 def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240) -> None:
@@ -237,10 +242,10 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     from pyarrow import fs as pafs
 
     killer = KillTrialOnce()
-    space = tiny_space("on_s3", training={**TINY["training"], "passes": 4})
+    space = tiny_space("on_s3", training=KILLED_TRAINING)
     path, rows, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), callbacks=[killer])
     assert killer.killed_pid is not None  # the IWAE trial came back from its checkpoint on S3
-    assert path == "iwae-bucket/sweeps/on_s3/results/results.parquet" and {r["epochs"] for r in rows} == {4}
+    assert path == "iwae-bucket/sweeps/on_s3/results/results.parquet" and {r["epochs"] for r in rows} == {5}
     assert all(r["checkpoint_uri"].startswith("s3://iwae-bucket/sweeps/on_s3/") for r in rows)
 
     s3, root = pafs.FileSystem.from_uri(s3_storage("sweeps/on_s3"))
