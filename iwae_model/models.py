@@ -77,9 +77,9 @@ class BernoulliDecoder(nn.Module):
     def log_prob(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """log p(x | h) = sum_j x_j l_j - softplus(l_j) for binary x `[B, D]`, h `[k, B, d]`.
 
-        x . l is formed as a . (x W) + x . b from the last hidden layer a: that replaces a
-        `[k, B, 784]` product and reduction with a `[k, B, 200]` one. The softplus over the
-        logits is the only full-width elementwise pass left."""
+        Rewriting x . l as a . (x W) + x . b (a: the last hidden layer) would shrink that
+        product from 784 to 200 columns, but it measured no faster here: the softplus over all
+        784 logits, not the product, is the elementwise cost."""
         logits = self.logits(h)
         return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
