@@ -7,8 +7,9 @@ the measured float32 matmul rate: multiply-adds of the Linear layers (first enco
 image, everything else once per sample), x2 for FLOPs, x3 for a training step (forward +
 backward). Elementwise work (tanh, softplus, sampling, Adam) is not counted, so it shows up
 as the gap to 1. The peak is measured again at the end: on a shared machine a slow spell
-during the first measurement would overstate every fraction, and the two lines show it. Images are random grey levels binarized on the fly: throughput does not
-depend on pixel values.
+during the first measurement would overstate every fraction, and the two lines show it.
+Images are random grey levels binarized on the fly: throughput does not depend on pixel
+values.
 """
 
 from __future__ import annotations
@@ -112,16 +113,19 @@ def main(argv: list[str] | None = None) -> None:
     steps = 1000 if args.quick else 3000
     eval_images = 32 if args.quick else 200
     peak_seconds = 2.0 if args.quick else 5.0
-    peak = matmul_peak(device, peak_seconds)
-    print(json.dumps({"figure": "matmul_peak", "when": "start", "device": str(device),
-                      "threads": torch.get_num_threads(), "gflops": round(peak, 1)}), flush=True)
+
+    def print_peak(when: str) -> float:
+        peak = matmul_peak(device, peak_seconds)
+        print(json.dumps({"figure": "matmul_peak", "when": when, "device": str(device),
+                          "threads": torch.get_num_threads(), "gflops": round(peak, 1)}), flush=True)
+        return peak
+
+    peak = print_peak("start")
     for name, overrides in TRAINING_CASES:
         print(json.dumps(bench_training(name, overrides, device, steps, peak)), flush=True)
     for layers in (1, 2):
         print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
-    print(json.dumps({"figure": "matmul_peak", "when": "end", "device": str(device),
-                      "threads": torch.get_num_threads(), "gflops": round(matmul_peak(device, peak_seconds), 1)}),
-          flush=True)
+    print_peak("end")
 
 
 if __name__ == "__main__":
