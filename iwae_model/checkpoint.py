@@ -1,21 +1,32 @@
-"""A run's checkpoint: everything needed to continue bit-identically, written atomically.
+"""A run's checkpoint: everything needed to continue bit-identically, written atomically and
+read without unpickling code.
 
-`RUN_DIR/checkpoint.pt` is a torch.save'd dict:
-  format      CHECKPOINT_FORMAT
-  config      TrainConfig.to_dict()
-  model       model.state_dict()
-  optimizer   optimizer.state_dict()
-  epoch       passes completed
-  step        optimizer steps completed
-  rng         {"generator": training generator state, "torch": global CPU state, "cuda": [...]}
-  history     the per-epoch metrics rows (the same rows as metrics.jsonl)
+`RUN_DIR/checkpoint.pt` is a torch.save'd dict of tensors and plain containers only, so it
+loads with `torch.load(weights_only=True)`: checkpoints come from buckets and other people's
+sweeps, and a full pickle there could run code on load.
+  format         CHECKPOINT_FORMAT
+  config         TrainConfig.to_dict()
+  model          model.state_dict()
+  optimizer      optimizer.state_dict(), as torch saves it
+  epoch          passes completed (at least 1: a checkpoint is written after each pass)
+  step           optimizer steps completed
+  rng            {"generator": training generator state, "torch": global CPU state, "cuda": [...]}
+                 (uint8 tensors)
+  history        the per-epoch metrics rows (the same rows as metrics.jsonl), one per pass
   train_seconds  wall-clock seconds spent in training steps so far
+
+Every way a file can fail to be such a checkpoint (missing, empty, truncated, not torch's
+format, carrying code, another format version, a field of the wrong type, weights that do not
+fit the configuration) raises CheckpointError naming the file, the field and the fix.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +37,16 @@ from .models import IWAEModel
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "model": dict, "optimizer": dict, "epoch": int, "step": int, "rng": dict, "history": list,
+    "train_seconds": (int, float),
+}
+HISTORY_NUMBERS = ("train_bound", "valid_bound")  # what the evaluation reads from the last row
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this version can use; the message names the file, the
+    field and the fix."""
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
@@ -45,15 +66,118 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """The checkpoint at `path` (a file, or a run directory holding one), its fields checked."""
     path = Path(path)
     if path.is_dir():
         path = checkpoint_path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint there (a run directory holds {CHECKPOINT_NAME})")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there (a run directory holds {CHECKPOINT_NAME}, "
+                              f"written by python -m iwae_model.train after each pass)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint; copy it again from where the run wrote it")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if named:
+            raise CheckpointError(
+                f"{path}: refused: it carries the Python object {named.group(1)}, not only tensors and plain "
+                f"containers. iwae-sweep checkpoints never do, and unpickling such a file could run code, so it "
+                f"was not loaded. Use checkpoints written by iwae-sweep.") from None
+        raise CheckpointError(f"{path}: not a torch checkpoint file (its pickle has content torch's safe loader "
+                              f"does not accept); pass a checkpoint.pt written by iwae-sweep") from None
+    except Exception as error:  # noqa: BLE001 -- any failure to parse an untrusted file means the same: damaged
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {_first_line(error)}); the file is "
+            f"truncated, damaged or not a torch file: copy it again, or resume from an earlier one") from None
+    check_state(state, path)
     return state
+
+
+def check_state(state: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless `state` has every field of this format, of the right type."""
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field {field!r}: {problem}; the file is damaged or was not written by "
+                               f"iwae-sweep: copy it again, or resume from an earlier checkpoint")
+
+    if not isinstance(state, dict) or "format" not in state:
+        what = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path}: not an iwae-sweep checkpoint (it holds {what}, not the 'format', 'config', "
+                              f"'model', ... of a run); pass a run directory written by python -m iwae_model.train")
+    version = state["format"]
+    if version != CHECKPOINT_FORMAT:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_FORMAT
+        fix = "upgrade iwae-sweep to read it" if newer else "load it with the iwae-sweep version that wrote it, or retrain"
+        raise CheckpointError(f"{path}: checkpoint format {version!r}, this version reads format {CHECKPOINT_FORMAT}: {fix}")
+    for field, kind in FIELDS.items():
+        if field not in state:
+            raise bad(field, "missing")
+        if not isinstance(state[field], kind) or isinstance(state[field], bool):
+            raise bad(field, f"a {type(state[field]).__name__}, expected {_names(kind)}")
+    for name, value in state["model"].items():
+        if not isinstance(value, torch.Tensor):
+            raise bad(f"model.{name}", f"a {type(value).__name__}, expected a tensor")
+    for name in ("generator", "torch"):
+        value = state["rng"].get(name)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+            raise bad(f"rng.{name}", "expected a uint8 tensor (a torch RNG state)")
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise bad("config", str(error)) from None
+    epoch, history = state["epoch"], state["history"]
+    if not 1 <= epoch <= config.passes or len(history) != epoch:
+        raise bad("epoch", f"{epoch} with {len(history)} history rows; expected 1..{config.passes} passes, one row each")
+    for index, row in enumerate(history):
+        if not isinstance(row, dict) or row.get("epoch") != index + 1:
+            raise bad(f"history[{index}]", f"expected the metrics row of pass {index + 1}")
+        for name in HISTORY_NUMBERS:
+            if not isinstance(row.get(name), (int, float)) or isinstance(row.get(name), bool):
+                raise bad(f"history[{index}].{name}", f"{row.get(name)!r}, expected a number")
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore(
+    state: dict[str, Any],
+    path: str | os.PathLike,
+    model: IWAEModel,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Load a checked checkpoint's weights (and optimizer and RNG states) into these objects."""
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            _check_optimizer_shapes(optimizer)
+        if generator is not None:
+            generator.set_state(state["rng"]["generator"].cpu())
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    except Exception as error:  # noqa: BLE001 -- torch raises many types for a state that does not fit
+        raise CheckpointError(
+            f"{path}: its model, optimizer or RNG state does not fit the configuration it names "
+            f"({type(error).__name__}: {_first_line(error)}); the file is damaged or was edited: copy it again, "
+            f"or resume from an earlier checkpoint") from None
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    # load_state_dict accepts moment tensors of any shape; the first step would then fail.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, "
+                                     f"its parameter {tuple(param.shape)}")
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[IWAEModel, TrainConfig, dict]:
@@ -61,5 +185,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     state = load_checkpoint(path, map_location=device)
     config = TrainConfig.from_dict(state["config"])
     model = config.build_model().to(device)
-    model.load_state_dict(state["model"])
+    restore(state, path, model)
     return model.eval(), config, state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)

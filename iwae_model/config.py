@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .models import IWAEModel, build_model
-from .objectives import GradientEstimator, Objective, build_estimator, build_objective
+from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
 
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
 SCHEDULES = ("compressed", "truncated")
+BINARIZATIONS = ("dynamic", "static", "threshold")
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,50 @@ class TrainConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("layers", "k", "m", "passes", "batch_size", "eval_every", "nll_k", "nll_images")
-        for name in positive:
+        # Configurations also come from YAML files and checkpoints: every field's type is
+        # checked here, so a bad value is named before any training starts.
+        def fail(name: str, expected: str) -> ValueError:
+            return ValueError(f"{name}={getattr(self, name)!r}: {expected}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("layers", "k", "m", "passes", "batch_size", "eval_every", "nll_k", "nll_images"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise fail(name, "must be a positive integer")
+        for name in ("train_images", "test_images"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be a positive integer")
+            if value is not None and (not is_int(value) or value < 1):
+                raise fail(name, "must be a positive integer, or null for all images")
+        if not is_int(self.nll_every) or self.nll_every < 0:
+            raise fail("nll_every", "must be an integer >= 0 (0: never)")
+        if not is_int(self.seed):
+            raise fail("seed", "must be an integer")
+        for name in ("beta", "lr", "adam_beta1", "adam_beta2", "adam_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise fail(name, "must be a finite number")
         for name in ("lr", "adam_eps"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be > 0")
+                raise fail(name, "must be > 0")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must lie in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+                raise fail(name, "must lie in [0, 1)")
+        for name, choices in (("objective", OBJECTIVES), ("estimator", ESTIMATORS), ("schedule", SCHEDULES),
+                              ("binarization", BINARIZATIONS)):
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
+                raise fail(name, f"choose one of {', '.join(choices)}")
+        if not isinstance(self.compile, bool):
+            raise fail("compile", "must be true or false")
+        for name in ("latent_dims", "hidden_dims"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or not value or not all(is_int(v) and v > 0 for v in value):
+                raise fail(name, "must be a list of positive integers, or null for Burda's sizes")
+            object.__setattr__(self, name, tuple(value))  # a YAML list and a checkpoint's tuple compare equal
+            if len(value) != self.layers:
+                raise fail(name, f"needs one size per stochastic layer ({self.layers})")
         if self.train_images is not None and self.train_images < self.batch_size:
             raise ValueError(f"train_images={self.train_images}: need at least one batch of {self.batch_size}")
         self.build_objective()
@@ -90,13 +123,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        for name in ("latent_dims", "hidden_dims"):
-            if values.get(name) is not None:
-                values[name] = tuple(values[name])
         return cls(**values)
 
     def label(self) -> str:

@@ -39,9 +39,9 @@ from torch import nn
 from tqdm import tqdm
 
 from . import likelihood
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import FULL_SCHEDULE_PASSES, SCHEDULES, TrainConfig
-from .data import MNIST, load_mnist
+from .data import MNIST, MNISTError, load_mnist
 from .device import resolve_device
 from .evaluate import burda_active_units
 from .models import IWAEModel
@@ -49,6 +49,10 @@ from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, Su
 
 STAGES = 8
 NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
+
+
+class ConfigMismatch(ValueError):
+    """The run directory holds a checkpoint of another configuration."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -117,25 +121,14 @@ def train_step(
     return -losses.decoder_loss.detach()
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(generator: torch.Generator, state: dict) -> None:
-    generator.set_state(state["generator"].cpu())
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history (atomically), so a resumed run never
     shows rows of a pass that was lost in a crash."""
     tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    with tmp.open("w") as out:
+        out.write("".join(json.dumps(row) + "\n" for row in history))
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, run_dir / "metrics.jsonl")
 
 
@@ -174,12 +167,10 @@ def train(
         state = load_checkpoint(run_dir, map_location=device)
         if state["config"] != config.to_dict():
             differing = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
-            raise ValueError(
+            raise ConfigMismatch(
                 f"{run_dir} holds a run with a different configuration (differs in {differing}); "
                 f"use another --out, or delete {checkpoint_path(run_dir)} to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(generator, state["rng"])
+        restore(state, checkpoint_path(run_dir), model, optimizer, generator)
         epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
         write_metrics(run_dir, history)
 
@@ -299,7 +290,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
     device = resolve_device(args.device)
-    history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
+    try:
+        history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
+    except (CheckpointError, ConfigMismatch, MNISTError, NonFiniteLoss) as error:
+        sys.exit(f"error: {error}")
     last = history[-1]
     print(json.dumps({"run_dir": str(Path(args.out).resolve()), "label": config.label(), **last}))
 

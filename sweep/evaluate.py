@@ -14,6 +14,7 @@ import datetime
 import json
 import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import iwae_model
 from iwae_model import MNIST, load_mnist
-from iwae_model.checkpoint import CHECKPOINT_NAME, load_model
+from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
 from iwae_model.evaluate import evaluate_model
 
 from .cluster import ClusterError, check_gpus, init_ray
@@ -60,7 +61,10 @@ class Evaluator:
 
     def evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
         with job["checkpoint"].as_directory() as folder:  # on object storage: downloaded to /tmp
-            model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
+            try:
+                model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
+            except CheckpointError as error:  # name the file where the user can find it, not the /tmp copy
+                raise CheckpointError(str(error).replace(folder, job["uri"])) from None
         if config.binarization not in self.data:
             self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
         data = self.data[config.binarization]
@@ -126,35 +130,64 @@ def run_evaluation(
     images = space.evaluation.images or "all 10,000"
     print(f"Evaluating {len(jobs)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
           f"({actors} actor(s), {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
-    rows = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
-                     total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
+    try:
+        rows = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
+                         total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, CheckpointError):  # without Ray's traceback around it
+            raise error.cause from None
+        raise
     rows.sort(key=lambda row: row["trial_name"])
     path = f"{grid.experiment_path}/{RESULTS_FILE}"
     write_results(rows, path, grid.filesystem)
     return path, rows
 
 
+class SweepFolderError(ValueError):
+    """A sweep folder that cannot be resumed or evaluated as it is; the message names it and the fix."""
+
+
 def write_spec(experiment_path: str, filesystem: pafs.FileSystem, space: SweepSpace, data_dir: str) -> None:
+    """Written whole to a temp name, then moved into place: a crash never leaves half a spec."""
     filesystem.create_dir(experiment_path, recursive=True)
-    with filesystem.open_output_stream(f"{experiment_path}/{SPEC_FILE}") as out:
+    tmp = f"{experiment_path}/.{SPEC_FILE}.{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(tmp) as out:
         out.write(json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode())
+    filesystem.move(tmp, f"{experiment_path}/{SPEC_FILE}")
 
 
 def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepSpace, str]:
+    path = f"{experiment_path}/{SPEC_FILE}"
     try:
-        with filesystem.open_input_stream(f"{experiment_path}/{SPEC_FILE}") as stream:
+        with filesystem.open_input_stream(path) as stream:
             spec = json.loads(stream.read())
+        return SweepSpace.from_dict(spec["space"]), str(spec["data_dir"])
     except FileNotFoundError:
-        raise FileNotFoundError(f"{experiment_path}: no {SPEC_FILE}; is this a sweep folder made by python -m sweep.run?") from None
-    return SweepSpace.from_dict(spec["space"]), spec["data_dir"]
+        raise SweepFolderError(f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
+                               f"sweep.run (pass <storage>/<name>)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SweepFolderError(f"{path}: damaged ({type(error).__name__}: {str(error)[:300]}). sweep.run writes it "
+                               f"when the sweep starts; restore it from a copy (the trials' checkpoints are not "
+                               f"affected)") from None
+
+
+def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
+    """Tuner.restore with an error that names the folder instead of Ray's traceback."""
+    if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        raise SweepFolderError(f"{experiment_path}: not a Ray Tune sweep folder (no experiment state there)")
+    try:
+        return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
+    except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
+        raise SweepFolderError(
+            f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
+            f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
+            f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name") from None
 
 
 def load_grid(location: str) -> tune.ResultGrid:
     """A sweep's results without re-running anything (Tuner.restore does not start trials)."""
     filesystem, path = filesystem_and_path(location)
-    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
-        raise FileNotFoundError(f"{location}: not a Ray Tune sweep folder (no experiment state there)")
-    return tune.Tuner.restore(path, trainable=train_trial, storage_filesystem=filesystem).get_results()
+    return restore_tuner(path, filesystem, train_trial).get_results()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         grid = load_grid(args.sweep_dir)
         space, data_dir = read_spec(grid.experiment_path, grid.filesystem)
-    except FileNotFoundError as error:
+    except SweepFolderError as error:
         parser.exit(1, f"error: {error}\n")
     evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
                          images=args.images if args.images is not None else space.evaluation.images)
@@ -186,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
         path, rows = run_evaluation(grid, space, data_dir, args.eval_gpus, args.eval_actors)
-    except (ClusterError, NothingToEvaluate) as error:
+    except (ClusterError, NothingToEvaluate, CheckpointError) as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)
     print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")

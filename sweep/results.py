@@ -53,6 +53,10 @@ SCHEMA = pa.schema(
 )
 
 
+class ResultsError(ValueError):
+    """A file that is not iwae-sweep results this version reads; the message names it and the fix."""
+
+
 def write_results(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:
     """Write to a temp name beside `path`, then move it into place: readers never see half a
     file (on object stores each object is written whole anyway)."""
@@ -81,8 +85,26 @@ def read_results(location: str) -> pa.Table:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{location}: no results there (expected a Parquet file or a sweep folder "
                                 f"holding {RESULTS_FILE}; run python -m sweep.evaluate on the sweep first)")
-    table = pq.read_table(path, filesystem=filesystem)
-    version = (table.schema.metadata or {}).get(b"iwae_sweep.schema_version", b"?").decode()
-    if version != str(SCHEMA_VERSION):
-        raise ValueError(f"{location}: results schema version {version}, this version reads {SCHEMA_VERSION}")
+    try:
+        table = pq.read_table(path, filesystem=filesystem)
+    except (pa.ArrowException, OSError) as error:
+        raise ResultsError(f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
+                           f"python -m sweep.evaluate SWEEP_DIR") from None
+    version = (table.schema.metadata or {}).get(b"iwae_sweep.schema_version")
+    if version is None:
+        raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep results (no iwae_sweep.schema_version "
+                           f"in its metadata); pass SWEEP_DIR/{RESULTS_FILE} or the sweep folder")
+    if version != str(SCHEMA_VERSION).encode():
+        raise ResultsError(f"{location}: results schema version {version.decode(errors='replace')}, this version "
+                           f"reads {SCHEMA_VERSION}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read "
+                           f"them with the iwae-sweep version that wrote them")
+    missing = [name for name in SCHEMA.names if name not in table.schema.names]
+    if missing:
+        raise ResultsError(f"{location}: schema version {SCHEMA_VERSION} but columns {missing} are missing; the file "
+                           f"was edited or damaged: re-create it with python -m sweep.evaluate SWEEP_DIR")
     return table
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -17,14 +17,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from iwae_model import TrainConfig
+from iwae_model.checkpoint import CheckpointError
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
 from .cluster import ClusterError, check_gpus, init_ray
-from .evaluate import METRIC, NothingToEvaluate, read_spec, run_evaluation, write_spec
+from .evaluate import (
+    METRIC,
+    SPEC_FILE,
+    NothingToEvaluate,
+    SweepFolderError,
+    read_spec,
+    restore_tuner,
+    run_evaluation,
+    write_spec,
+)
 from .query import print_results
 from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
@@ -97,19 +108,26 @@ def run_sweep(
         raise SpaceError(f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
                          f"or --name to start another")
     if resume and not exists:
-        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
+        begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
+        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume" + (
+            " (its folder was created, but the sweep stopped before Ray Tune saved any state, so nothing was "
+            "trained: run the same command without --resume)" if begun else ""))
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
+        if started.trials != space.trials:
+            raise SpaceError(
+                f"--resume: the sweep in {experiment} was started from {started.source} ({len(started.trials)} "
+                f"trials); {space.source} defines other trials ({len(space.trials)}). Resume with --space "
+                f"{started.source}, or start a new sweep with --name")
         space = replace(started, resources=space.resources)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable(space), resume_errored=True,
-                                   storage_filesystem=filesystem)
+        tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
     else:
         write_spec(experiment, filesystem, space, data_dir)
         tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
-    saved = tune.Tuner.restore(experiment, trainable=trainable(space), storage_filesystem=filesystem).get_results()
+    saved = restore_tuner(experiment, filesystem, trainable(space)).get_results()
     pending = len(saved) - saved.num_terminated - saved.num_errors
     if pending:
         behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
@@ -169,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         path, rows, failed = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
                                        args.max_failures, args.wait_for_gpus)
-    except (SpaceError, MNISTError, ClusterError, SweepInterrupted, NothingToEvaluate) as error:
+    except (SpaceError, SweepFolderError, CheckpointError, MNISTError, ClusterError, SweepInterrupted,
+            NothingToEvaluate) as error:
         sys.exit(f"error: {error}")
     print_results(rows, path)
     print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,8 +131,12 @@ def resolve_space_path(space: str) -> Path:
 def load_space(space: str | Path = DEFAULT_SPACE) -> SweepSpace:
     path = resolve_space_path(str(space))
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpaceError(f"{path}: cannot be read as UTF-8 text ({error}); a search space is a YAML file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as error:
         raise SpaceError(f"{path}: not valid YAML: {error}") from None
     return parse_space(raw, str(path))
 
@@ -145,12 +151,13 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         if key not in TOP_LEVEL:
             raise fail(key, f"unknown key; allowed top-level keys: {', '.join(sorted(TOP_LEVEL))}")
     name = raw.get("name", Path(source).stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise fail("name", f"{name!r}: must be a non-empty string without '/'")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
+        raise fail("name", f"{name!r}: must be a folder name of letters, digits, '_', '-' and '.'")
 
     sections = {}
     for section, schema in SECTIONS.items():
-        values = raw.get(section) or {}
+        values = raw.get(section)
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise fail(section, f"expected a mapping with keys {', '.join(schema)}")
         for key, value in values.items():
@@ -158,6 +165,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
                 raise fail(f"{section}.{key}", f"unknown key; allowed: {', '.join(schema)}")
             if not isinstance(value, schema[key]) or isinstance(value, bool):
                 raise fail(f"{section}.{key}", f"{value!r} has the wrong type; expected {_type_names(schema[key])}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise fail(f"{section}.{key}", f"{value!r}: must be a finite number")
         sections[section] = values
     evaluation = Evaluation(**sections["evaluation"])
     if evaluation.best not in BEST_MODES:
@@ -175,7 +184,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     if checkpoints.keep < 1 or checkpoints.every < 1:
         raise fail("checkpoints", "keep and every must be positive")
 
-    training = raw.get("training") or {}
+    training = raw.get("training")
+    training = {} if training is None else training
     if not isinstance(training, dict):
         raise fail("training", f"expected a mapping of TrainConfig fields ({', '.join(TRAINING_KEYS)})")
     for key in training:
@@ -185,7 +195,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise fail("seeds", f"{seeds!r}: expected a non-empty list of integers")
     mk_product = raw.get("mk_product")
-    if mk_product is not None and (not isinstance(mk_product, int) or mk_product < 1):
+    if mk_product is not None and (not isinstance(mk_product, int) or isinstance(mk_product, bool) or mk_product < 1):
         raise fail("mk_product", f"{mk_product!r}: expected a positive integer")
 
     experiments = raw.get("experiments")
@@ -216,11 +226,13 @@ def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:
         if key not in allowed:
             raise fail(f"{where}.{key}", f"unknown key; allowed: {', '.join(allowed)}")
         axes[key] = value if isinstance(value, list) and key != "mk" else [value]
+        if not axes[key]:
+            raise fail(f"{where}.{key}", "an empty list gives no trials; give at least one value")
     if "mk" in axes:
         if "m" in axes or "k" in axes:
             raise fail(f"{where}.mk", "give either mk pairs or m and k, not both")
         pairs = axes.pop("mk")[0]
-        if not isinstance(pairs, list) or not all(
+        if not isinstance(pairs, list) or not pairs or not all(
                 isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pairs):
             raise fail(f"{where}.mk", f"{pairs!r}: expected a list of [M, K] pairs of positive integers")
         for m, k in pairs:
