@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
 
 import torch
@@ -45,19 +47,31 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(device: torch.device, seconds: float) -> float:
-    """Best float32 GFLOP/s of a 2048^3 matmul over about `seconds`."""
+    """Best float32 GFLOP/s of a 2048^3 matmul over about `seconds`: one untimed warm-up, then
+    timed matmuls until the time is up, at least one whatever `seconds` is, so the figure is
+    always a rate of real work (a slow CPU may take longer than the window for one matmul)."""
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
     best, deadline = 0.0, time.perf_counter() + seconds
-    for _ in range(3):
-        a @ b
-    while time.perf_counter() < deadline:
-        sync(device)
+    while best == 0.0 or time.perf_counter() < deadline:
         start = time.perf_counter()
         a @ b
         sync(device)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            best = max(best, 2 * n ** 3 / elapsed / 1e9)
     return best
+
+
+def fraction_of_peak(gflops: float, peak: float) -> float:
+    """`gflops` as a share of the measured peak; a peak that is not a positive finite rate is
+    an error, never a division."""
+    if not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"matmul peak {peak!r} GFLOP/s is not a rate of real work; cannot express figures as a "
+                         f"fraction of it")
+    return round(gflops / peak, 3)
 
 
 def bench_training(name: str, overrides: dict, device: torch.device, steps: int, peak: float) -> dict:
@@ -85,7 +99,7 @@ def bench_training(name: str, overrides: dict, device: torch.device, steps: int,
     flops = 3 * 2 * model.multiply_adds(objective.num_samples) * config.batch_size * steps
     return {"figure": "train", "name": name, "batch": config.batch_size, "samples": objective.num_samples,
             "steps_per_s": round(steps / seconds, 1), "images_per_s": round(steps * config.batch_size / seconds, 1),
-            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": round(flops / seconds / 1e9 / peak, 3)}
+            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
 
 
 def bench_evaluation(layers: int, device: torch.device, images: int, peak: float, k: int = 5000) -> dict:
@@ -101,7 +115,7 @@ def bench_evaluation(layers: int, device: torch.device, images: int, peak: float
     flops = 2 * model.multiply_adds(k) * images
     return {"figure": "evaluate", "name": f"nll_k{k}_L{layers}", "images": images,
             "images_per_s": round(images / seconds, 2), "test_set_minutes": round(10000 / (images / seconds) / 60, 2),
-            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": round(flops / seconds / 1e9 / peak, 3)}
+            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_training(name, overrides, device, steps, peak)), flush=True)
     for layers in (1, 2):
         print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
-    print_peak("end")
+    end = print_peak("end")
+    if not 0.8 < end / peak < 1.25:
+        print(f"warning: the matmul peak moved from {peak:.1f} to {end:.1f} GFLOP/s during the run (a shared or "
+              f"throttled machine): the fractions above are not reliable; run again", file=sys.stderr)
 
 
 if __name__ == "__main__":

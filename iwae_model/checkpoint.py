@@ -90,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
                               f"does not accept); pass a checkpoint.pt written by iwae-sweep") from None
     except Exception as error:  # noqa: BLE001 -- any failure to parse an untrusted file means the same: damaged
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(error).__name__}: {_first_line(error)}); the file is "
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {_summary(error)}); the file is "
             f"truncated, damaged or not a torch file: copy it again, or resume from an earlier one") from None
     check_state(state, path)
     return state
@@ -107,8 +107,9 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: not an iwae-sweep checkpoint (it holds {what}, not the 'format', 'config', "
                               f"'model', ... of a run); pass a run directory written by python -m iwae_model.train")
     version = state["format"]
-    if version != CHECKPOINT_FORMAT:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_FORMAT
+    is_int = isinstance(version, int) and not isinstance(version, bool)
+    if not (is_int and version == CHECKPOINT_FORMAT):
+        newer = is_int and version > CHECKPOINT_FORMAT
         fix = "upgrade iwae-sweep to read it" if newer else "load it with the iwae-sweep version that wrote it, or retrain"
         raise CheckpointError(f"{path}: checkpoint format {version!r}, this version reads format {CHECKPOINT_FORMAT}: {fix}")
     for field, kind in FIELDS.items():
@@ -128,10 +129,12 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
     except (TypeError, ValueError) as error:
         raise bad("config", str(error)) from None
     epoch, history = state["epoch"], state["history"]
-    if not 1 <= epoch <= config.passes or len(history) != epoch:
-        raise bad("epoch", f"{epoch} with {len(history)} history rows; expected 1..{config.passes} passes, one row each")
+    if not 1 <= epoch <= config.passes:
+        raise bad("epoch", f"{epoch}, expected 1..{config.passes} passes")
+    if len(history) != epoch:
+        raise bad("history", f"{len(history)} rows, but field 'epoch' says {epoch} passes (one row each)")
     for index, row in enumerate(history):
-        if not isinstance(row, dict) or row.get("epoch") != index + 1:
+        if not isinstance(row, dict) or type(row.get("epoch")) is not int or row["epoch"] != index + 1:
             raise bad(f"history[{index}]", f"expected the metrics row of pass {index + 1}")
         for name in HISTORY_NUMBERS:
             if not isinstance(row.get(name), (int, float)) or isinstance(row.get(name), bool):
@@ -153,21 +156,27 @@ def restore(
     generator: torch.Generator | None = None,
 ) -> None:
     """Load a checked checkpoint's weights (and optimizer and RNG states) into these objects."""
-    try:
-        model.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            _check_optimizer_shapes(optimizer)
-        if generator is not None:
-            generator.set_state(state["rng"]["generator"].cpu())
-            torch.set_rng_state(state["rng"]["torch"].cpu())
-            if "cuda" in state["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-    except Exception as error:  # noqa: BLE001 -- torch raises many types for a state that does not fit
-        raise CheckpointError(
-            f"{path}: its model, optimizer or RNG state does not fit the configuration it names "
-            f"({type(error).__name__}: {_first_line(error)}); the file is damaged or was edited: copy it again, "
-            f"or resume from an earlier checkpoint") from None
+    def load_optimizer() -> None:
+        optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_shapes(optimizer)
+
+    def load_rng() -> None:
+        generator.set_state(state["rng"]["generator"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+    parts = [("model", lambda: model.load_state_dict(state["model"]))]
+    parts += [("optimizer", load_optimizer)] if optimizer is not None else []
+    parts += [("rng", load_rng)] if generator is not None else []
+    for field, load in parts:
+        try:
+            load()
+        except Exception as error:  # noqa: BLE001 -- torch raises many types for a state that does not fit
+            raise CheckpointError(
+                f"{path}: field {field!r} does not fit the configuration the checkpoint names "
+                f"({type(error).__name__}: {_summary(error)}); the file is damaged or was edited: copy it again, "
+                f"or resume from an earlier checkpoint") from None
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
@@ -189,9 +198,10 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     return model.eval(), config, state
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else "no message"
+def _summary(error: BaseException) -> str:
+    """The error's text on one line, short: torch's messages put the detail on later lines."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text[:300] or "no message"
 
 
 def _names(kind: type | tuple[type, ...]) -> str:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_binary, small_mnist
+from conftest import FLOAT32_REORDER_RTOL, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.evaluate import evaluate_model
@@ -14,14 +14,15 @@ from iwae_model.train import train
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_chunking_changes_nothing_but_memory(layers):
+def test_chunking_changes_nothing_but_memory_and_float32_rounding(layers):
     torch.manual_seed(0)
     model = build_model(layers)
     x = random_binary(5, 784)
     whole = log_likelihood(model, x, k=300, image_batch=5, chunk_rows=300 * 5)
     for chunk_rows in [5, 7, 64, 1000]:  # 1 sample per chunk up to uneven multi-sample chunks
         chunked = log_likelihood(model, x, k=300, image_batch=5, chunk_rows=chunk_rows)
-        assert torch.allclose(chunked, whole, rtol=0, atol=1e-9)
+        # A chunk bug (a sample skipped or counted twice, a wrong log k) moves the estimate by nats.
+        assert torch.allclose(chunked, whole, rtol=FLOAT32_REORDER_RTOL, atol=0)
     assert whole.dtype == torch.float64 and whole.shape == (5,)
 
 
@@ -34,7 +35,7 @@ def test_chunked_estimate_equals_a_direct_logsumexp_over_the_same_samples():
     with torch.no_grad():
         direct = torch.logsumexp(model.log_weights(x, noise=noise).double(), dim=0) - torch.log(torch.tensor(float(k), dtype=torch.float64))
     chunked = log_likelihood(model, x, k=k, image_batch=4, chunk_rows=40)
-    assert torch.allclose(chunked, direct, rtol=0, atol=1e-6)
+    assert torch.allclose(chunked, direct, rtol=FLOAT32_REORDER_RTOL, atol=0)
 
 
 def test_log_likelihood_is_seeded_and_above_the_iwae_bound():

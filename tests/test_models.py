@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_binary
+from conftest import FLOAT32_REORDER_RTOL, random_binary
 from torch import nn
 from torch.nn import functional as F
 
@@ -62,9 +62,11 @@ def test_probabilistic_interface_shapes_and_consistency(layers):
     assert log_p.shape == (7, 3)
     same = model.log_weights(x, 7, torch.Generator().manual_seed(0))
     assert torch.allclose(same, log_p - log_q)
-    # The path-derivative form has the same values, only its gradients differ.
+    # The path-derivative form has the same values, only its gradients differ. It computes log q
+    # by another formula ((h - mean) / std instead of eps), so the two agree up to float32
+    # rounding: an ulp of a log-weight above 1024 is 1.2e-4, more than a fixed atol of 1e-4.
     path = model.log_weights(x, 7, torch.Generator().manual_seed(0), stop_q_params=True)
-    assert torch.allclose(path, same, atol=1e-4)
+    assert torch.allclose(path, same, rtol=FLOAT32_REORDER_RTOL, atol=0)
     assert model.sample(5).shape == (5, 784)
     assert model.reconstruct(x).shape == (3, 784)
 

@@ -16,6 +16,7 @@ import yaml
 from ray import tune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import FLOAT32_REORDER_RTOL
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import ClusterError, check_gpus
 from sweep.results import SCHEMA, read_results
@@ -63,12 +64,13 @@ def assert_complete_history(checkpoint_dir: Path, passes: int = PASSES):
 
 def assert_same_evaluations(again: list[dict], before: list[dict]):
     """The same checkpoints evaluated with the same seed: the same estimates up to float32
-    rounding (CI once saw a 6e-8 relative difference between two processes' evaluations)."""
+    rounding (actors with another thread count split the GEMMs differently; CI once saw a 6e-8
+    relative difference between two processes' evaluations)."""
     key = "checkpoint_uri"
     assert sorted(r[key] for r in again) == sorted(r[key] for r in before)
     by_uri = {r[key]: r for r in before}
     for row in again:
-        assert row["test_nll"] == pytest.approx(by_uri[row[key]]["test_nll"], rel=1e-6)
+        assert row["test_nll"] == pytest.approx(by_uri[row[key]]["test_nll"], rel=FLOAT32_REORDER_RTOL)
 
 
 def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
