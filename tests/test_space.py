@@ -1,7 +1,11 @@
+import math
+
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from sweep.space import SpaceError, load_space
+from sweep.space import SECTIONS, TOP_LEVEL, TRAINING_KEYS, TRIAL_KEYS, SpaceError, load_space
 
 
 def test_shipped_spaces_expand_to_the_papers_configurations():
@@ -66,3 +70,113 @@ def test_unknown_space_name_lists_the_shipped_ones():
 def test_invalid_yaml_is_a_clear_error(tmp_path):
     with pytest.raises(SpaceError, match="not valid YAML"):
         load_space(write(tmp_path, "experiments: [objective: iwae"))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("- objective: iwae\n", ["expected a mapping of sections"]),
+    ("just words\n", ["expected a mapping of sections"]),
+    ("", ["expected a mapping of sections"]),
+    ("experiments: [{objective: iwae, k: [1, 5]}]\nresources: {gpus_per_trial: .inf}\n",
+     ["resources.gpus_per_trial", "finite"]),
+    ("experiments: [{objective: iwae, k: true}]\n", ["experiments[0]", "k=True", "positive integer"]),
+    ("experiments: [{objective: iwae, k: []}]\n", ["experiments[0].k", "empty list"]),
+    ("experiments: [{objective: iwae, latent_dims: [[50, 10]]}]\n", ["latent_dims", "one size per stochastic layer"]),
+    ("experiments: [{objective: iwae, lr: .nan}]\n", ["lr=nan", "finite"]),
+    ("experiments: [{objective: iwae}]\ntraining: {binarization: 1}\n", ["binarization=1", "dynamic"]),
+    ("experiments: [{objective: iwae}]\ntraining: 3\n", ["training", "expected a mapping"]),
+    ("experiments: [{objective: iwae}]\nname: ..\n", ["name", "'..'", "folder name"]),
+])
+def test_wrong_types_anywhere_are_named(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(SpaceError) as error:
+        load_space(path)
+    assert str(error.value).startswith(f"{path}: ")
+    for fragment in expected:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_a_file_that_is_not_text_is_a_clear_error(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(SpaceError, match=f"{path}: cannot be read as UTF-8"):
+        load_space(path)
+
+
+# ---- generated documents: each loads, or raises SpaceError naming the file and the field ------
+
+KEYS = sorted({*TOP_LEVEL, *TRAINING_KEYS, *TRIAL_KEYS, "mk", *(k for schema in SECTIONS.values() for k in schema)})
+EDGES = [None, True, False, 0, 1, -1, 2, 5, 64, 10**30, math.inf, -math.inf, math.nan, 0.0, 0.5, 1e300,
+         "iwae", "vae", "miwae", "dreg", "stl", "dynamic", "each", "top", "x", "", [], [1], [0, 2], [[4, 16]],
+         ["iwae"], [math.inf], {}, {"k": 1}]
+scalars = st.sampled_from(EDGES) | st.integers() | st.floats() | st.text(max_size=4)
+documents = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(KEYS) | st.text(max_size=4) | st.integers(0, 3), inner, max_size=5),
+    max_leaves=25)
+# Mostly the real shape, each section with its own keys, so the checks deep inside are reached.
+shaped = st.fixed_dictionaries(
+    {"experiments": st.lists(st.dictionaries(st.sampled_from(sorted({*TRIAL_KEYS, "mk", *TRAINING_KEYS})),
+                                             scalars | st.lists(scalars, max_size=3), max_size=4),
+                             min_size=1, max_size=3)},
+    optional={
+        **{key: documents for key in sorted(TOP_LEVEL - {"experiments", *SECTIONS})},
+        **{section: st.dictionaries(st.sampled_from(sorted(schema)), scalars, max_size=3)
+           for section, schema in SECTIONS.items()},
+        "training": st.dictionaries(st.sampled_from(TRAINING_KEYS), scalars | st.lists(scalars, max_size=3),
+                                    max_size=4),
+    })
+
+
+def assert_loads_or_names_the_file(path):
+    try:
+        load_space(path)
+    except SpaceError as error:
+        message = str(error)
+        # "<file>: <field>: <problem>", or "<file>: <problem>" for the file as a whole
+        assert message.startswith(f"{path}: ") and len(message) > len(str(path)) + 10, message
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=shaped | documents)
+def test_generated_yaml_documents(tmp_path, document):
+    assert_loads_or_names_the_file(write(tmp_path, yaml.safe_dump(document)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_generated_byte_strings(tmp_path, content):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(content)
+    assert_loads_or_names_the_file(path)
+
+
+SLOTS = ([(section, key) for section, schema in SECTIONS.items() for key in schema]
+         + [("training", key) for key in TRAINING_KEYS]
+         + [("experiments", key) for key in (*TRIAL_KEYS, "mk")]
+         + [(key,) for key in ("name", "description", "seeds", "mk_product", "experiments", "training")])
+
+
+def with_value(slot, value) -> dict:
+    document = {**GOOD, "training": dict(GOOD["training"]), "experiments": [dict(GOOD["experiments"][0])]}
+    if slot[0] == "experiments" and len(slot) == 2:
+        document["experiments"][0][slot[1]] = value
+    elif len(slot) == 2:
+        document[slot[0]] = {**document.get(slot[0], {}), slot[1]: value}
+    else:
+        document[slot[0]] = value
+    return document
+
+
+@pytest.mark.parametrize("slot", SLOTS, ids=".".join)
+def test_every_edge_value_in_every_slot_of_a_good_file(tmp_path, slot):
+    # Exhaustive where random draws are thin: one slot of ~60 and one value of ~35 (inf in
+    # resources.gpus_per_trial once crashed the loader).
+    for value in EDGES:
+        assert_loads_or_names_the_file(write(tmp_path, yaml.safe_dump(with_value(slot, value))))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(slot=st.sampled_from(SLOTS), value=documents)
+def test_generated_value_in_a_slot_of_a_good_file(tmp_path, slot, value):
+    assert_loads_or_names_the_file(write(tmp_path, yaml.safe_dump(with_value(slot, value))))
