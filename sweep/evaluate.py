@@ -178,16 +178,29 @@ def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: 
     try:
         return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
     except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
-        raise SweepFolderError(
-            f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
-            f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
-            f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name") from None
+        raise _unreadable_state(experiment_path, error) from None
+
+
+def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.ResultGrid:
+    """The sweep's results as its saved experiment state has them (Tuner.restore starts no trials)."""
+    tuner = restore_tuner(experiment_path, filesystem, train_trial)
+    try:
+        return tuner.get_results()
+    except Exception as error:  # noqa: BLE001 -- as in restore_tuner
+        raise _unreadable_state(experiment_path, error) from None
+
+
+def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
+    return SweepFolderError(
+        f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
+        f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
+        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name")
 
 
 def load_grid(location: str) -> tune.ResultGrid:
-    """A sweep's results without re-running anything (Tuner.restore does not start trials)."""
+    """A finished sweep's results, from a local path or a URI."""
     filesystem, path = filesystem_and_path(location)
-    return restore_tuner(path, filesystem, train_trial).get_results()
+    return saved_results(path, filesystem)
 
 
 def main(argv: list[str] | None = None) -> None:

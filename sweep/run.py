@@ -34,6 +34,7 @@ from .evaluate import (
     read_spec,
     restore_tuner,
     run_evaluation,
+    saved_results,
     write_spec,
 )
 from .query import print_results
@@ -127,7 +128,7 @@ def run_sweep(
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
-    saved = restore_tuner(experiment, filesystem, trainable(space)).get_results()
+    saved = saved_results(experiment, filesystem)
     pending = len(saved) - saved.num_terminated - saved.num_errors
     if pending:
         behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,14 @@ import pyarrow as pa
 import pytest
 import ray
 import yaml
+from pyarrow import fs as pafs
 from ray import tune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FLOAT32_REORDER_RTOL
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import ClusterError, check_gpus
+from sweep.evaluate import write_spec
 from sweep.results import SCHEMA, read_results
 from sweep.run import run_sweep
 from sweep.space import SpaceError, parse_space
@@ -157,6 +160,47 @@ def test_an_existing_sweep_needs_resume_and_resume_reruns_nothing(finished_sweep
     _, again, _ = run_sweep(tiny_space("tiny"), str(sweep_dir.parent), str(mnist_dir), resume=True)
     assert sorted(p.name for p in sweep_dir.glob("*/checkpoint_*")) == checkpoints  # no trial re-ran
     assert_same_evaluations(again, rows)
+
+
+def evaluate_cli(location: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweep.evaluate", str(location)], capture_output=True, text=True,
+                          timeout=120)
+
+
+SWEEP_DAMAGE = {  # name: (what is done to a copy of a finished sweep, words the error must hold)
+    "spec not JSON": (lambda d: (d / "iwae_sweep.json").write_text("{half a fi"), ["iwae_sweep.json: damaged", "JSON"]),
+    "spec of another shape": (lambda d: (d / "iwae_sweep.json").write_text('{"space": {}}'),
+                              ["iwae_sweep.json: damaged", "KeyError"]),
+    "no spec": (lambda d: (d / "iwae_sweep.json").unlink(), ["no iwae_sweep.json", "sweep.run"]),
+    "experiment state not JSON": (lambda d: [f.write_text("{") for f in d.glob("experiment_state-*.json")],
+                                  ["cannot read this sweep's experiment state", "restore the folder"]),
+}
+
+
+@pytest.mark.parametrize("damage", SWEEP_DAMAGE)
+def test_a_damaged_sweep_folder_is_named_with_the_fix(finished_sweep, tmp_path, damage):
+    sweep_dir, _, _ = finished_sweep
+    copy = tmp_path / sweep_dir.name
+    shutil.copytree(sweep_dir, copy)
+    change, words = SWEEP_DAMAGE[damage]
+    change(copy)
+    out = evaluate_cli(copy)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert str(copy) in out.stderr and all(word in out.stderr for word in words), out.stderr
+
+
+def test_resuming_with_another_space_is_refused(finished_sweep, mnist_dir):
+    sweep_dir, _, _ = finished_sweep
+    other = parse_space({**TINY, "name": "tiny", "experiments": [{"objective": "iwae", "k": 7}]}, "other.yaml")
+    with pytest.raises(SpaceError, match=r"started from <tiny> \(2 trials\); other.yaml defines other trials \(1\)"):
+        run_sweep(other, str(sweep_dir.parent), str(mnist_dir), resume=True)
+
+
+def test_resuming_a_sweep_that_stopped_before_saving_any_state(local_ray, mnist_dir, tmp_path):
+    space = tiny_space("early")
+    write_spec(str(tmp_path / "early"), pafs.LocalFileSystem(), space, str(mnist_dir))  # and nothing else
+    with pytest.raises(SpaceError, match="stopped before Ray Tune saved any state, so nothing was trained"):
+        run_sweep(space, str(tmp_path), str(mnist_dir), resume=True)
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
