@@ -52,6 +52,13 @@ def trial_label(trial) -> str:
     return TrainConfig.from_dict(trial.config["train"]).label()
 
 
+def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
+    """Whether Ray Tune has saved this sweep's experiment state (it writes tuner.pkl at once,
+    the state only at its first sync)."""
+    listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+    return any(info.base_name.startswith("experiment_state-") for info in listing)
+
+
 def trainable(space: SweepSpace):
     return tune.with_resources(
         train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial})
@@ -105,14 +112,12 @@ def run_sweep(
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
     exists = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
     if exists and not resume:
         raise SpaceError(f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
                          f"or --name to start another")
-    if resume and not exists:
-        begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
-        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume" + (
-            " (its folder was created, but the sweep stopped before Ray Tune saved any state, so nothing was "
-            "trained: run the same command without --resume)" if begun else ""))
+    if resume and not (exists or begun):
+        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
         if started.trials != space.trials:
@@ -121,9 +126,16 @@ def run_sweep(
                 f"trials); {space.source} defines other trials ({len(space.trials)}). Resume with --space "
                 f"{started.source}, or start a new sweep with --name")
         space = replace(started, resources=space.resources)
+    if resume and experiment_state_saved(experiment, filesystem):
         tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
     else:
-        write_spec(experiment, filesystem, space, data_dir)
+        if resume:
+            # Tune restoring a folder with no experiment state makes a trial with an empty config.
+            print(f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
+                  f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
+                  f"begun are not used and can be deleted", file=sys.stderr)
+        else:
+            write_spec(experiment, filesystem, space, data_dir)
         tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as

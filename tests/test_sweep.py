@@ -196,11 +196,11 @@ def test_resuming_with_another_space_is_refused(finished_sweep, mnist_dir):
         run_sweep(other, str(sweep_dir.parent), str(mnist_dir), resume=True)
 
 
-def test_resuming_a_sweep_that_stopped_before_saving_any_state(local_ray, mnist_dir, tmp_path):
-    space = tiny_space("early")
+def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mnist_dir, tmp_path, capfd):
+    space = tiny_space("early", training={**TINY["training"], "passes": 1})
     write_spec(str(tmp_path / "early"), pafs.LocalFileSystem(), space, str(mnist_dir))  # and nothing else
-    with pytest.raises(SpaceError, match="stopped before Ray Tune saved any state, so nothing was trained"):
-        run_sweep(space, str(tmp_path), str(mnist_dir), resume=True)
+    _, rows, failed = run_sweep(space, str(tmp_path), str(mnist_dir), resume=True)
+    assert len(rows) == 2 and not failed and "its trials start again" in capfd.readouterr().err
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
@@ -246,7 +246,11 @@ def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, se
         time.sleep(0.2)
 
 
-def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path):
+@pytest.mark.parametrize("tune_state", ["saved", "not saved yet"])
+def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_state):
+    # "not saved yet": Ray Tune writes tuner.pkl at once but its experiment state only at its
+    # first sync; a driver killed before that (seen in one of five runs) left a folder whose
+    # restore made a trial with an empty config, and the resumed sweep crashed.
     space = {**TINY, "name": "driver", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
@@ -259,13 +263,18 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
     assert not (sweep_dir / "results").exists()
+    if tune_state == "not saved yet":
+        for path in [*sweep_dir.glob("basic-variant-state-*.json"), *sweep_dir.glob("experiment_state-*.json")]:
+            path.unlink()
+    begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("stopped before Ray Tune first saved its state" in resumed.stderr) == bool(begun)
     assert "| layers | M | K | VAE | IWAE |" in resumed.stdout
     table = read_results(str(sweep_dir))
     assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
     assert table.column("epochs").to_pylist() == [8, 8]
-    for trial in trial_dirs(sweep_dir):
+    for trial in set(trial_dirs(sweep_dir)) - set(begun):
         assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=8)
 
 
