@@ -8,8 +8,7 @@ image, everything else once per sample), x2 for FLOPs, x3 for a training step (f
 backward). Elementwise work (tanh, softplus, sampling, Adam) is not counted, so it shows up
 as the gap to 1. The peak is measured again at the end: on a shared machine a slow spell
 during the first measurement would overstate every fraction, and the two lines show it.
-Images are random grey levels binarized on the fly: throughput does not depend on pixel
-values.
+The timings come from iwae_model.timing (random binarized images).
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .device import resolve_device
-from .likelihood import log_likelihood
-from .train import build_optimizer, build_surrogate, train_step
+from .timing import likelihood_seconds_per_image, sync, training_step_seconds
 
 TRAINING_CASES = [
     # (name, config overrides)
@@ -39,11 +37,6 @@ TRAINING_CASES = [
     ("iwae_k50_L2_compiled", dict(layers=2, objective="iwae", k=50, compile=True)),
     ("miwae_m4_k16_L1", dict(layers=1, objective="miwae", m=4, k=16)),
 ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: torch.device, seconds: float) -> float:
@@ -76,43 +69,19 @@ def fraction_of_peak(gflops: float, peak: float) -> float:
 
 def bench_training(name: str, overrides: dict, device: torch.device, steps: int, peak: float) -> dict:
     config = TrainConfig(**overrides)
-    torch.manual_seed(0)
-    images = torch.rand(config.batch_size * 50, 784, device=device)
-    model = config.build_model(train_mean=images.mean(0).cpu()).to(device)
-    optimizer = build_optimizer(model, config)
-    objective, estimator = config.build_objective(), config.build_estimator()
-    generator = torch.Generator(device=device).manual_seed(0)
-    params = model.encoder_parameters(), model.decoder_parameters()
-    surrogate = build_surrogate(model, objective, estimator, config.compile)
-
-    def run(n: int) -> None:
-        for step in range(n):
-            batch = images[(step % 50) * config.batch_size:(step % 50 + 1) * config.batch_size]
-            train_step(model, optimizer, surrogate, objective.num_samples,
-                       torch.bernoulli(batch, generator=generator), generator, params)
-        sync(device)
-
-    run(max(100, steps // 4))  # compiled steps need a few hundred calls to settle
-    start = time.perf_counter()
-    run(steps)
-    seconds = time.perf_counter() - start
-    flops = 3 * 2 * model.multiply_adds(objective.num_samples) * config.batch_size * steps
+    objective = config.build_objective()
+    # compiled steps need a few hundred calls to settle
+    seconds = training_step_seconds(config, device, steps, warmup=max(100, steps // 4)) * steps
+    flops = 3 * 2 * config.build_model().multiply_adds(objective.num_samples) * config.batch_size * steps
     return {"figure": "train", "name": name, "batch": config.batch_size, "samples": objective.num_samples,
             "steps_per_s": round(steps / seconds, 1), "images_per_s": round(steps * config.batch_size / seconds, 1),
             "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
 
 
 def bench_evaluation(layers: int, device: torch.device, images: int, peak: float, k: int = 5000) -> dict:
-    torch.manual_seed(0)
-    model = TrainConfig(layers=layers).build_model().to(device).eval()
-    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
-    log_likelihood(model, x[:2], k)
-    sync(device)
-    start = time.perf_counter()
-    log_likelihood(model, x, k)
-    sync(device)
-    seconds = time.perf_counter() - start
-    flops = 2 * model.multiply_adds(k) * images
+    config = TrainConfig(layers=layers)
+    seconds = likelihood_seconds_per_image(config, device, k, images) * images
+    flops = 2 * config.build_model().multiply_adds(k) * images
     return {"figure": "evaluate", "name": f"nll_k{k}_L{layers}", "images": images,
             "images_per_s": round(images / seconds, 2), "test_set_minutes": round(10000 / (images / seconds) / 60, 2),
             "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}

@@ -12,11 +12,14 @@ TensorBoard scalars, `tb/` with sample and reconstruction images), `iwae_sweep.j
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import ray
+import torch
 from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -37,6 +40,7 @@ from .evaluate import (
     saved_results,
     write_spec,
 )
+from .plan import plan_sweep, render
 from .query import print_results
 from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
@@ -154,6 +158,33 @@ def run_sweep(
     return path, rows, [Path(result.path).name for result in failed]
 
 
+def dry_run(space: SweepSpace, address: str | None, max_concurrent: int) -> str:
+    """The plan of `space` as text: trials, evaluation work and estimated times."""
+    resources = space.resources
+    if address:
+        init_ray(address)
+        available = ray.cluster_resources()
+        cpus, gpus = available.get("CPU", 0), available.get("GPU", 0)
+        where = f"the cluster at {address} as it is now: {cpus:g} CPUs, {gpus:g} GPUs"
+    else:
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        where = f"a local Ray: {cpus:g} CPUs, {gpus:g} GPUs"
+    concurrent = int(cpus // resources.cpus_per_trial)
+    if resources.gpus_per_trial and gpus:
+        concurrent = min(concurrent, int(gpus // resources.gpus_per_trial))
+    elif resources.gpus_per_trial:
+        where += (f"; the trials ask for {resources.gpus_per_trial:g} GPU each, so this sweep cannot start there "
+                  f"(--gpus-per-trial 0 runs it on CPU): estimated as if it did")
+    if concurrent < 1:
+        raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
+                           f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
+    concurrent = min(concurrent, max_concurrent or concurrent, len(space.trials))
+    use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
+    return render(space, plan_sweep(space, device, concurrent, eval_threads), where)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.run",
@@ -178,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
     parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation actor)")
     parser.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the space and print every trial, the evaluation work and an estimated wall "
+                             "time (from seconds of calibration on this machine); trains nothing, writes nothing")
     parser.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
                         help="on an autoscaling cluster, ask for the GPUs and wait this long for them (default: fail at once)")
     args = parser.parse_args(argv)
@@ -193,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {key: getattr(args, key) for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
                      if getattr(args, key) is not None}
         space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        if args.dry_run:
+            print(dry_run(space, args.address, args.max_concurrent))
+            return
         data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
         load_mnist(data_dir, download=True)  # checksums (or the download) before any trial starts
         storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import ray
+import torch
 import yaml
 from pyarrow import fs as pafs
 from ray import tune
@@ -24,7 +25,8 @@ from sweep.cluster import ClusterError, check_gpus
 from sweep.evaluate import write_spec
 from sweep.results import SCHEMA, read_results
 from sweep.run import run_sweep
-from sweep.space import SpaceError, parse_space
+from sweep.plan import plan_sweep
+from sweep.space import SpaceError, load_space, parse_space
 
 PASSES = 3
 TINY = {
@@ -201,6 +203,28 @@ def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mni
     write_spec(str(tmp_path / "early"), pafs.LocalFileSystem(), space, str(mnist_dir))  # and nothing else
     _, rows, failed = run_sweep(space, str(tmp_path), str(mnist_dir), resume=True)
     assert len(rows) == 2 and not failed and "its trials start again" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("space", ["quick", "burda2016", "rainforth2018"])
+def test_dry_run_plans_every_shipped_space_and_writes_nothing(tmp_path, space):
+    out = subprocess.run([sys.executable, "-m", "sweep.run", "--space", space, "--dry-run", "--storage",
+                          str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for trial in load_space(space).trials:
+        assert trial.label() in out.stdout
+    assert "Estimated wall time:" in out.stdout and "An estimate, calibrated" in out.stdout
+    assert not (tmp_path / "store").exists()
+
+
+def test_dry_run_estimate_is_within_a_factor_of_the_real_run(finished_sweep):
+    # The calibrated part (optimizer steps) against the training seconds the trials recorded.
+    # Factor 3: 60 steps on a shared 2-core machine, next to the other trial, are noisy.
+    _, _, rows = finished_sweep
+    plan = plan_sweep(tiny_space("tiny"), torch.device("cpu"), concurrent=2, eval_threads=2)
+    estimate = {t.label: t.train_seconds for t in plan.trials}
+    for row in rows:
+        ratio = row["train_seconds"] / estimate[row["trial_name"]]
+        assert 1 / 3 < ratio < 3, (row["trial_name"], row["train_seconds"], estimate[row["trial_name"]])
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):

@@ -1,0 +1,74 @@
+"""Seconds per training step and per evaluated image, measured on the device at hand: what the
+benchmark reports and what a sweep's plan (`python -m sweep.run --dry-run`) is estimated from.
+
+Images are random grey levels binarized on the fly: the time does not depend on pixel values.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import TrainConfig
+from .likelihood import bound, log_likelihood
+from .train import build_optimizer, build_surrogate, train_step
+
+BATCHES = 50  # distinct batches cycled through, so no single batch sits in cache
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def training_step_seconds(config: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Mean wall-clock seconds of one optimizer step of `config` (its model, objective,
+    estimator, batch size and compile setting) after `warmup` untimed steps."""
+    torch.manual_seed(0)
+    images = torch.rand(config.batch_size * BATCHES, 784, device=device)
+    model = config.build_model(train_mean=images.mean(0).cpu()).to(device)
+    optimizer = build_optimizer(model, config)
+    objective, estimator = config.build_objective(), config.build_estimator()
+    generator = torch.Generator(device=device).manual_seed(0)
+    params = model.encoder_parameters(), model.decoder_parameters()
+    surrogate = build_surrogate(model, objective, estimator, config.compile)
+
+    def run(n: int) -> None:
+        for step in range(n):
+            b = step % BATCHES
+            batch = images[b * config.batch_size:(b + 1) * config.batch_size]
+            train_step(model, optimizer, surrogate, objective.num_samples,
+                       torch.bernoulli(batch, generator=generator), generator, params)
+        sync(device)
+
+    run(warmup)
+    start = time.perf_counter()
+    run(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def bound_seconds_per_image(config: TrainConfig, device: torch.device, images: int = 200) -> float:
+    """Seconds per image of the objective's bound (the per-pass validation and test bounds)."""
+    model = config.build_model().to(device).eval()
+    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    objective = config.build_objective()
+    bound(model, x[:2], objective)
+    sync(device)
+    start = time.perf_counter()
+    bound(model, x, objective)
+    sync(device)
+    return (time.perf_counter() - start) / images
+
+
+def likelihood_seconds_per_image(config: TrainConfig, device: torch.device, k: int, images: int) -> float:
+    """Seconds per image of the k-sample log-likelihood estimate (the final evaluation)."""
+    torch.manual_seed(0)
+    model = config.build_model().to(device).eval()
+    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    log_likelihood(model, x[:1], min(k, 100))
+    sync(device)
+    start = time.perf_counter()
+    log_likelihood(model, x, k)
+    sync(device)
+    return (time.perf_counter() - start) / images

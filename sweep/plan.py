@@ -1,0 +1,143 @@
+"""A sweep's plan before anything runs (`python -m sweep.run --dry-run`): every trial, the
+evaluation work, and the wall time estimated from a few seconds of real training steps and
+evaluation on this machine, spread over the trials that can run at once.
+
+The estimate counts training steps, the per-pass validation and test bounds (and NLL estimates
+when `nll_every` asks for them) and the final k-sample evaluation. It leaves out Ray's start-up
+(seconds) and checkpoint uploads, so short sweeps take longer than it says.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from iwae_model import TrainConfig
+from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
+
+from .space import SweepSpace
+
+TRAIN_IMAGES = 59_600
+VALID_IMAGES = 400
+TEST_IMAGES = 10_000
+CALIBRATION_STEPS = 15
+CALIBRATION_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    label: str
+    samples: int  # M*K per image
+    layers: int
+    passes: int
+    steps: int
+    train_seconds: float  # optimizer steps only
+    seconds: float  # with the per-pass bounds and NLL estimates
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    trials: list[TrialPlan]
+    concurrent: int
+    checkpoints: int
+    eval_images: int
+    eval_k: int
+    eval_seconds: float  # all checkpoints, over the evaluation actors
+    train_wall_seconds: float
+    device: str
+    threads: int
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.train_wall_seconds + self.eval_seconds
+
+
+def steps_per_pass(config: TrainConfig) -> int:
+    return (config.train_images or TRAIN_IMAGES) // config.batch_size
+
+
+def makespan(durations: list[float], slots: int) -> float:
+    """Wall time when trials start in order, each on the first slot to come free (as Tune
+    launches a grid)."""
+    ends = [0.0] * max(1, slots)
+    for duration in durations:
+        heapq.heappush(ends, heapq.heappop(ends) + duration)
+    return max(ends)
+
+
+def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_threads: int) -> SweepPlan:
+    """Calibrate every distinct model/objective once on `device` (a trial's thread count:
+    `resources.cpus_per_trial`) and estimate each trial and the evaluation."""
+    threads = torch.get_num_threads()
+    trial_threads = max(1, int(space.resources.cpus_per_trial))
+    step_cache: dict[TrainConfig, tuple[float, float]] = {}
+    plans = []
+    try:
+        torch.set_num_threads(trial_threads)
+        for config in space.trials:
+            # Only the model, objective and estimator set the cost: calibrate each once.
+            key = replace(config, seed=0, lr=TrainConfig.lr, passes=1, schedule="compressed", train_images=None,
+                          test_images=None, nll_every=0)
+            if key not in step_cache:
+                step_cache[key] = (training_step_seconds(key, device, CALIBRATION_STEPS, warmup=3),
+                                   bound_seconds_per_image(key, device))
+            step, per_image = step_cache[key]
+            steps = steps_per_pass(config) * config.passes
+            test_images = config.test_images or TEST_IMAGES
+            test_passes = math.ceil(config.passes / config.eval_every)
+            bounds = (config.passes * VALID_IMAGES + test_passes * test_images) * per_image
+            nll = 0.0
+            if config.nll_every:
+                nll = (config.passes // config.nll_every * min(config.nll_images, test_images)
+                       * likelihood_seconds_per_image(key, device, config.nll_k, CALIBRATION_IMAGES))
+            plans.append(TrialPlan(config.label(), config.build_objective().num_samples, config.layers,
+                                   config.passes, steps, steps * step, steps * step + bounds + nll))
+        torch.set_num_threads(max(1, eval_threads))
+        evaluation = space.evaluation
+        chosen = space.trials if evaluation.best == "each" else space.trials[:evaluation.top]
+        images = evaluation.images or TEST_IMAGES
+        per_image = {layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k,
+                                                          CALIBRATION_IMAGES)
+                     for layers in {t.layers for t in chosen}}
+        eval_seconds = makespan([images * per_image[t.layers] for t in chosen], space.resources.eval_actors)
+    finally:
+        torch.set_num_threads(threads)
+    return SweepPlan(plans, concurrent, len(chosen), images, evaluation.k, eval_seconds,
+                     makespan([p.seconds for p in plans], concurrent), str(device), trial_threads)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def render(space: SweepSpace, plan: SweepPlan, where: str) -> str:
+    width = max(len(t.label) for t in plan.trials)
+    lines = [f"Sweep {space.name!r} from {space.source}: {len(plan.trials)} trial(s). Nothing is trained "
+             f"and no folder is written.", "",
+             f"  {'trial':<{width}}  {'M*K':>5}  {'layers':>6}  {'passes':>6}  {'steps':>11}  {'estimate':>9}"]
+    lines += [f"  {t.label:<{width}}  {t.samples:>5}  {t.layers:>6}  {t.passes:>6}  {t.steps:>11,}  "
+              f"{duration(t.seconds):>9}" for t in plan.trials]
+    total_steps = sum(t.steps for t in plan.trials)
+    lines += [
+        "",
+        f"Training: {total_steps:,} optimizer steps in all, {duration(sum(t.seconds for t in plan.trials))} "
+        f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
+        f"Evaluation: {plan.checkpoints} checkpoint(s) x {plan.eval_images:,} test images x k={plan.eval_k:,} "
+        f"-> about {duration(plan.eval_seconds)} on {space.resources.eval_actors} actor(s).",
+        f"Estimated wall time: {duration(plan.wall_seconds)}.",
+        "",
+        f"An estimate, calibrated by timing {CALIBRATION_STEPS} training steps per model and a {CALIBRATION_IMAGES}"
+        f"-image k-sample evaluation on this machine ({plan.device}, {plan.threads} thread(s) per trial as Ray "
+        f"gives it); another device (a cluster's GPUs) runs at its own speed. Ray's start-up and checkpoint "
+        f"uploads are not counted.",
+    ]
+    return "\n".join(lines)
