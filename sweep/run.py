@@ -24,7 +24,6 @@ from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
@@ -40,6 +39,7 @@ from .evaluate import (
     saved_results,
     write_spec,
 )
+from .live import LiveView, trial_label
 from .plan import plan_sweep, render
 from .query import print_results
 from .results import filesystem_and_path
@@ -49,11 +49,6 @@ from .trainable import train_trial
 
 class SweepInterrupted(RuntimeError):
     pass
-
-
-def trial_label(trial) -> str:
-    """The configuration's label, for a Ray trial or result (anything with the trial config)."""
-    return TrainConfig.from_dict(trial.config["train"]).label()
 
 
 def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
@@ -90,7 +85,8 @@ def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: 
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=callbacks,
+            callbacks=[LiveView(), *(callbacks or [])],
+            verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True)),
     )
@@ -222,6 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Tune's newer console output prints a header (with a TensorBoard path into Ray's session
+    # folder, not the sweep's) even when silenced; the classic one is silent at verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         space = load_space(args.space)
         overrides = {key: getattr(args, key) for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")

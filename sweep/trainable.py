@@ -8,6 +8,7 @@ result.json, is the scientific record: the Parquet results are built from it.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,8 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
     "checkpoint_every": passes}."""
+    # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     train_config = TrainConfig.from_dict(config["train"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
     # A node without the files downloads them (checksums verified), so workers need no shared disk.
