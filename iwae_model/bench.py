@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 
@@ -23,8 +24,17 @@ import torch
 
 from .config import TrainConfig
 from .device import resolve_device
-from .timing import likelihood_seconds_per_image, sync, training_step_seconds
+from .bare_loop import BareIWAE
+from .timing import BATCHES, likelihood_seconds_per_image, seconds_per_call, sync, training_step_seconds, training_steps
 
+BARE_LOOP_CASES = [  # the bare loop knows IWAE_K only (K = 1: the VAE)
+    ("vae_k1_L1", dict(layers=1, objective="vae", k=1)),
+    ("vae_k1_L2", dict(layers=2, objective="vae", k=1)),
+    ("iwae_k5_L1", dict(layers=1, objective="iwae", k=5)),
+    ("iwae_k5_L2", dict(layers=2, objective="iwae", k=5)),
+    ("iwae_k50_L1", dict(layers=1, objective="iwae", k=50)),
+    ("iwae_k50_L2", dict(layers=2, objective="iwae", k=50)),
+]
 TRAINING_CASES = [
     # (name, config overrides)
     ("vae_k1_L1", dict(layers=1, objective="vae", k=1)),
@@ -78,6 +88,34 @@ def bench_training(name: str, overrides: dict, device: torch.device, steps: int,
             "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
 
 
+def bench_against_bare_loop(name: str, overrides: dict, device: torch.device, rounds: int,
+                            seconds_per_round: float) -> dict:
+    """The library's training step rate as a ratio to the bare loop's (iwae_model.bare_loop), in
+    alternating rounds so that a slow spell of a shared machine hits both: the median of the
+    per-round ratios."""
+    config = TrainConfig(**overrides)
+    library = training_steps(config, device)
+    torch.manual_seed(0)
+    images = torch.rand(config.batch_size * BATCHES, 784, device=device)
+    bare = BareIWAE(config.layers, config.build_objective().num_samples, device, config).steps(
+        images, config.batch_size, torch.Generator(device=device).manual_seed(0))
+    library(20)
+    bare(20)
+    steps = max(5, round(seconds_per_round / seconds_per_call(library, 10)))
+    rounds_seen = []
+    for index in range(rounds):
+        if index % 2:
+            bare_s, library_s = seconds_per_call(bare, steps), seconds_per_call(library, steps)
+        else:
+            library_s, bare_s = seconds_per_call(library, steps), seconds_per_call(bare, steps)
+        rounds_seen.append((1 / library_s, 1 / bare_s, bare_s / library_s))
+    library_rate, bare_rate, ratio = (statistics.median(column) for column in zip(*rounds_seen))
+    return {"figure": "vs_bare_loop", "name": name, "library_steps_per_s": round(library_rate, 1),
+            "bare_steps_per_s": round(bare_rate, 1), "ratio": round(ratio, 3),
+            "ratio_range": [round(min(r[2] for r in rounds_seen), 3), round(max(r[2] for r in rounds_seen), 3)],
+            "rounds": rounds, "steps_per_round": steps}
+
+
 def bench_evaluation(layers: int, device: torch.device, images: int, peak: float, k: int = 5000) -> dict:
     config = TrainConfig(layers=layers)
     seconds = likelihood_seconds_per_image(config, device, k, images) * images
@@ -106,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     peak = print_peak("start")
     for name, overrides in TRAINING_CASES:
         print(json.dumps(bench_training(name, overrides, device, steps, peak)), flush=True)
+    for name, overrides in BARE_LOOP_CASES:
+        print(json.dumps(bench_against_bare_loop(name, overrides, device, rounds=5 if args.quick else 9,
+                                                 seconds_per_round=0.4 if args.quick else 1.0)), flush=True)
     for layers in (1, 2):
         print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
     end = print_peak("end")

@@ -1,16 +1,19 @@
 """Seconds per training step and per evaluated image, measured on the device at hand: what the
 benchmark reports and what a sweep's plan (`python -m sweep.run --dry-run`) is estimated from.
 
-Images are random grey levels binarized on the fly: the time does not depend on pixel values.
+Images are random grey levels binarized on the fly as training does (`data.binarize`): the
+time does not depend on pixel values.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from .config import TrainConfig
+from .data import binarize
 from .likelihood import bound, log_likelihood
 from .train import build_optimizer, build_surrogate, train_step
 
@@ -22,9 +25,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def training_step_seconds(config: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """Mean wall-clock seconds of one optimizer step of `config` (its model, objective,
-    estimator, batch size and compile setting) after `warmup` untimed steps."""
+def training_steps(config: TrainConfig, device: torch.device) -> Callable[[int], None]:
+    """A function that runs n optimizer steps of `config` (its model, objective, estimator,
+    batch size and compile setting) on random images, as train() does."""
     torch.manual_seed(0)
     images = torch.rand(config.batch_size * BATCHES, 784, device=device)
     model = config.build_model(train_mean=images.mean(0).cpu()).to(device)
@@ -38,14 +41,24 @@ def training_step_seconds(config: TrainConfig, device: torch.device, steps: int,
         for step in range(n):
             b = step % BATCHES
             batch = images[b * config.batch_size:(b + 1) * config.batch_size]
-            train_step(model, optimizer, surrogate, objective.num_samples,
-                       torch.bernoulli(batch, generator=generator), generator, params)
+            train_step(model, optimizer, surrogate, objective.num_samples, binarize(batch, generator),
+                       generator, params)
         sync(device)
 
-    run(warmup)
+    return run
+
+
+def seconds_per_call(run: Callable[[int], None], n: int) -> float:
     start = time.perf_counter()
-    run(steps)
-    return (time.perf_counter() - start) / steps
+    run(n)
+    return (time.perf_counter() - start) / n
+
+
+def training_step_seconds(config: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
+    """Mean wall-clock seconds of one optimizer step of `config` after `warmup` untimed steps."""
+    run = training_steps(config, device)
+    run(warmup)
+    return seconds_per_call(run, steps)
 
 
 def bound_seconds_per_image(config: TrainConfig, device: torch.device, images: int = 200) -> float:

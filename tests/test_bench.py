@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 
-from iwae_model import build_model
-from iwae_model.bench import bench_evaluation, bench_training, fraction_of_peak, matmul_peak
+from iwae_model import TrainConfig, build_model
+from iwae_model.bare_loop import BareIWAE
+from iwae_model.bench import bench_against_bare_loop, bench_evaluation, bench_training, fraction_of_peak, matmul_peak
+from iwae_model.data import binarize
+from iwae_model.train import build_optimizer, build_surrogate, train_step
 
 CPU = torch.device("cpu")
 
@@ -38,3 +41,35 @@ def test_a_peak_that_is_not_a_rate_is_an_error_not_a_division(peak):
     with pytest.raises(ValueError, match="not a rate of real work"):
         fraction_of_peak(10.0, peak)
     assert fraction_of_peak(10.0, 40.0) == 0.25
+
+
+@pytest.mark.parametrize("layers, objective, k", [(1, "vae", 1), (1, "iwae", 5), (2, "iwae", 5)])
+def test_the_bare_loop_computes_the_library_step(layers, objective, k):
+    # Same weights, same generator: the same binarization and noise draws, so the same loss
+    # and gradients up to float32 rounding (the library keeps log 2 pi terms that cancel).
+    config = TrainConfig(layers=layers, objective=objective, k=k)
+    torch.manual_seed(0)
+    model = config.build_model()
+    bare = BareIWAE(layers, k, CPU, config)
+    with torch.no_grad():
+        for mine, theirs in zip(bare.params, model.parameters(), strict=True):
+            mine.copy_(theirs)
+    grey = torch.rand(20, 784, generator=torch.Generator().manual_seed(1))
+    bare.step(grey, torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    x = binarize(grey, generator)
+    params = model.encoder_parameters(), model.decoder_parameters()
+    surrogate = build_surrogate(model, config.build_objective(), config.build_estimator())
+    train_step(model, build_optimizer(model, config), surrogate, k, x, generator, params)
+    for mine, theirs in zip(bare.params, model.parameters(), strict=True):
+        scale = theirs.grad.abs().max()
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_the_bare_loop_figure_is_a_median_of_alternating_rounds():
+    figure = bench_against_bare_loop("iwae_k5_L1", {"layers": 1, "objective": "iwae", "k": 5}, CPU, rounds=3,
+                                     seconds_per_round=0.05)
+    assert figure["rounds"] == 3 and figure["steps_per_round"] >= 5
+    low, high = figure["ratio_range"]
+    assert 0 < low <= figure["ratio"] <= high
+    assert figure["library_steps_per_s"] > 0 and figure["bare_steps_per_s"] > 0
