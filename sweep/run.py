@@ -169,8 +169,8 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int) -> str:
     if resources.gpus_per_trial and gpus:
         concurrent = min(concurrent, int(gpus // resources.gpus_per_trial))
     elif resources.gpus_per_trial:
-        where += (f"; the trials ask for {resources.gpus_per_trial:g} GPU each, so this sweep cannot start there "
-                  f"(--gpus-per-trial 0 runs it on CPU): estimated as if it did")
+        where += (f"; the trials ask for {resources.gpus_per_trial:g} GPU each and there is none now (an autoscaling "
+                  f"cluster adds them on demand; --gpus-per-trial 0 runs on CPU): estimated as if they ran on CPU")
     if concurrent < 1:
         raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
                            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
