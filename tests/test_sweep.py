@@ -24,7 +24,7 @@ from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import ClusterError, check_gpus
 from sweep.evaluate import write_spec
 from sweep.results import SCHEMA, read_results
-from sweep.run import run_sweep
+from sweep.run import dry_run, run_sweep
 from sweep.plan import plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
 
@@ -225,6 +225,19 @@ def test_dry_run_estimate_is_within_a_factor_of_the_real_run(finished_sweep):
     for row in rows:
         ratio = row["train_seconds"] / estimate[row["trial_name"]]
         assert 1 / 3 < ratio < 3, (row["trial_name"], row["train_seconds"], estimate[row["trial_name"]])
+
+
+def test_dry_run_on_a_cluster_counts_the_cluster_s_cpus(local_ray):
+    # Joined with --address, the trials that fit at once come from the cluster, not this machine.
+    space = tiny_space("plan", resources={"cpus_per_trial": 1})
+    text = dry_run(space, "auto", max_concurrent=0)
+    assert "2 trial(s) at once (the cluster at auto as it is now: 2 CPUs, 0 GPUs)" in text
+    one = dry_run(tiny_space("plan", resources={"cpus_per_trial": 2}), "auto", max_concurrent=0)
+    assert "1 trial(s) at once (the cluster at auto as it is now: 2 CPUs" in one
+
+
+def test_ray_stays_on_loopback(local_ray):
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
