@@ -8,7 +8,9 @@ image, everything else once per sample), x2 for FLOPs, x3 for a training step (f
 backward). Elementwise work (tanh, softplus, sampling, Adam) is not counted, so it shows up
 as the gap to 1. The peak is measured again at the end: on a shared machine a slow spell
 during the first measurement would overstate every fraction, and the two lines show it.
-The timings come from iwae_model.timing (random binarized images).
+`vs_bare_loop` lines give the library's training step rate as a ratio to iwae_model.bare_loop
+(the same maths as one plain function): the median over alternating rounds. The timings come
+from iwae_model.timing (random images, binarized as training does).
 """
 
 from __future__ import annotations
