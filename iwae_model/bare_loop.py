@@ -8,7 +8,6 @@ as a ratio to this one, measured in the same run.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
@@ -55,19 +54,6 @@ class BareIWAE:
         self.params = [p for group in (*self.q, *self.prior, self.dec) for p in group]
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                           eps=config.adam_eps, fused=True)
-
-    def steps(self, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> Callable[[int], None]:
-        """A function that runs n steps over `images` in batches, as timing.training_steps does."""
-        batches = len(images) // batch_size
-
-        def run(n: int) -> None:
-            for step in range(n):
-                b = step % batches
-                self.step(images[b * batch_size:(b + 1) * batch_size], generator)
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
-
-        return run
 
     def step(self, grey: torch.Tensor, generator: torch.Generator) -> None:
         x = (torch.rand(grey.shape, generator=generator, device=grey.device) < grey).float()

@@ -27,7 +27,15 @@ import torch
 from .config import TrainConfig
 from .device import resolve_device
 from .bare_loop import BareIWAE
-from .timing import BATCHES, likelihood_seconds_per_image, seconds_per_call, sync, training_step_seconds, training_steps
+from .timing import (
+    BATCHES,
+    cycled,
+    likelihood_seconds_per_image,
+    seconds_per_call,
+    sync,
+    training_step_seconds,
+    training_steps,
+)
 
 BARE_LOOP_CASES = [  # the bare loop knows IWAE_K only (K = 1: the VAE)
     ("vae_k1_L1", dict(layers=1, objective="vae", k=1)),
@@ -99,8 +107,9 @@ def bench_against_bare_loop(name: str, overrides: dict, device: torch.device, ro
     library = training_steps(config, device)
     torch.manual_seed(0)
     images = torch.rand(config.batch_size * BATCHES, 784, device=device)
-    bare = BareIWAE(config.layers, config.build_objective().num_samples, device, config).steps(
-        images, config.batch_size, torch.Generator(device=device).manual_seed(0))
+    bare_model = BareIWAE(config.layers, config.build_objective().num_samples, device, config)
+    generator = torch.Generator(device=device).manual_seed(0)
+    bare = cycled(lambda grey: bare_model.step(grey, generator), images, config.batch_size, device)
     library(20)
     bare(20)
     steps = max(5, round(seconds_per_round / seconds_per_call(library, 10)))

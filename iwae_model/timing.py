@@ -25,6 +25,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cycled(step: Callable[[torch.Tensor], None], images: torch.Tensor, batch_size: int,
+           device: torch.device) -> Callable[[int], None]:
+    """A function that runs `step` n times over successive batches of `images`, cycling, and
+    waits for the device at the end."""
+    batches = len(images) // batch_size
+
+    def run(n: int) -> None:
+        for index in range(n):
+            b = index % batches
+            step(images[b * batch_size:(b + 1) * batch_size])
+        sync(device)
+
+    return run
+
+
 def training_steps(config: TrainConfig, device: torch.device) -> Callable[[int], None]:
     """A function that runs n optimizer steps of `config` (its model, objective, estimator,
     batch size and compile setting) on random images, as train() does."""
@@ -37,15 +52,10 @@ def training_steps(config: TrainConfig, device: torch.device) -> Callable[[int],
     params = model.encoder_parameters(), model.decoder_parameters()
     surrogate = build_surrogate(model, objective, estimator, config.compile)
 
-    def run(n: int) -> None:
-        for step in range(n):
-            b = step % BATCHES
-            batch = images[b * config.batch_size:(b + 1) * config.batch_size]
-            train_step(model, optimizer, surrogate, objective.num_samples, binarize(batch, generator),
-                       generator, params)
-        sync(device)
+    def step(batch: torch.Tensor) -> None:
+        train_step(model, optimizer, surrogate, objective.num_samples, binarize(batch, generator), generator, params)
 
-    return run
+    return cycled(step, images, config.batch_size, device)
 
 
 def seconds_per_call(run: Callable[[int], None], n: int) -> float:

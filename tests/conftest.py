@@ -49,3 +49,13 @@ def random_binary(batch: int, dim: int, seed: int = 0) -> torch.Tensor:
 # moves by at most the largest change of its inputs, so a k-sample estimate agrees to the same
 # relative size; it moved by 0.035 ulps there. Allowed: 16 ulps, relative.
 FLOAT32_REORDER_RTOL = 16 * torch.finfo(torch.float32).eps  # 1.9e-6: 1e-3 nats at log p(x) = -600
+
+
+# The smallest sweep that exercises everything: two trials of three short passes on real MNIST.
+TINY_PASSES = 3
+TINY_SPACE = {
+    "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": 3}],
+    "training": {"passes": TINY_PASSES, "train_images": 400, "test_images": 100},
+    "evaluation": {"k": 50, "images": 40},
+    "checkpoints": {"keep": 1, "every": 1},
+}

@@ -11,21 +11,16 @@ import sys
 
 import pytest
 import yaml
+from conftest import TINY_PASSES, TINY_SPACE
 
-PASSES = 3
-SPACE = {
-    "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": 3}],
-    "training": {"passes": PASSES, "train_images": 400, "test_images": 100},
-    "evaluation": {"k": 50, "images": 40},
-    "checkpoints": {"keep": 1, "every": 1},
-}
+PASSES = TINY_PASSES
 LABELS = ["vae_L1_M1_K1_s0", "iwae_L1_M1_K3_s0"]
 HEADER = re.compile(r"trial +status +pass +stage +lr +train +valid +best valid +img/s +node")
 NOISE = ["'compile'", "{'layers'", "Checkpoint successfully created"]
 
 
 def sweep_command(tmp_path, mnist_dir, name):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**SPACE, "name": name}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**TINY_SPACE, "name": name}))
     return [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
             "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
 

@@ -19,7 +19,7 @@ from pyarrow import fs as pafs
 from ray import tune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FLOAT32_REORDER_RTOL
+from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import ClusterError, check_gpus
 from sweep.evaluate import write_spec
@@ -28,13 +28,8 @@ from sweep.run import dry_run, run_sweep
 from sweep.plan import plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
 
-PASSES = 3
-TINY = {
-    "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": 3}],
-    "training": {"passes": PASSES, "train_images": 400, "test_images": 100},
-    "evaluation": {"k": 50, "images": 40},
-    "checkpoints": {"keep": 1, "every": 1},
-}
+PASSES = TINY_PASSES
+TINY = TINY_SPACE
 
 
 def tiny_space(name: str, **changes):
