@@ -45,6 +45,11 @@ class TrainConfig:
     nll_every: int = 0  # epochs between k-sample NLL estimates on `nll_images` test images; 0 = never
     nll_k: int = 5000
     nll_images: int = 500
+    # Gradient SNR (Rainforth et al. 2018) every `snr_every` passes (and at the last; 0: never):
+    # `snr_draws` gradient draws on the first `snr_images` training images, binarized once.
+    snr_every: int = 0
+    snr_draws: int = 100
+    snr_images: int = 100
     latent_dims: tuple[int, ...] | None = None
     hidden_dims: tuple[int, ...] | None = None
     # torch.compile the surrogate loss (forward and backward): at batch 20 most of a small
@@ -61,15 +66,18 @@ class TrainConfig:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        for name in ("layers", "k", "m", "passes", "batch_size", "eval_every", "nll_k", "nll_images"):
+        for name in ("layers", "k", "m", "passes", "batch_size", "eval_every", "nll_k", "nll_images", "snr_images"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise fail(name, "must be a positive integer")
         for name in ("train_images", "test_images"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 raise fail(name, "must be a positive integer, or null for all images")
-        if not is_int(self.nll_every) or self.nll_every < 0:
-            raise fail("nll_every", "must be an integer >= 0 (0: never)")
+        for name in ("nll_every", "snr_every"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise fail(name, "must be an integer >= 0 (0: never)")
+        if not is_int(self.snr_draws) or self.snr_draws < 2:
+            raise fail("snr_draws", "must be an integer >= 2 (the SNR is a mean over a standard deviation of draws)")
         if not is_int(self.seed):
             raise fail("seed", "must be an integer")
         for name in ("beta", "lr", "adam_beta1", "adam_beta2", "adam_eps"):

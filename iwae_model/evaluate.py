@@ -12,7 +12,9 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
 
 from .checkpoint import load_model
 from .data import MNIST, MNISTError, load_mnist
@@ -22,8 +24,10 @@ from .likelihood import (
     active_units,
     bound,
     eval_generator,
-    log_likelihood,
+    importance_sampling,
+    noise_stream,
 )
+from .importance import PARETO_K_THRESHOLD
 from .models import IWAEModel
 from .objectives import Objective
 
@@ -46,6 +50,16 @@ class Evaluation:
     seconds: float
     device: str
     comparable_to_papers: bool  # the evaluation protocol: dynamic binarization, k >= 5000, all 10,000 test images
+    ess_mean: float  # effective sample size of the k weights, mean over images
+    ess_median: float
+    pareto_k_above: float  # share of images whose PSIS k̂ exceeds 0.7 (NaN for k < 25)
+    pareto_k_max: float
+    noise: str  # the q-noise stream (likelihood.noise_stream): equal for two models, paired noise
+    per_image: dict[str, np.ndarray] = field(repr=False)  # image, log_likelihood, ess, pareto_k
+
+    def summary(self) -> dict:
+        """Every figure but the per-image arrays, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_image"}
 
 
 def evaluate_model(
@@ -60,16 +74,30 @@ def evaluate_model(
     start = time.perf_counter()
     x = data.fixed("test")[:images]
     device = x.device
-    ll = log_likelihood(model, x, k, progress=progress)
+    estimate = importance_sampling(model, x, k, progress=progress)
+    ll, ess, pareto_k = (t.cpu().numpy() for t in (estimate.log_likelihood, estimate.ess, estimate.pareto_k))
     test_bound = bound(model, x, objective)
     units = burda_active_units(model, data)
-    se = float(ll.std() / math.sqrt(len(ll))) if len(ll) > 1 else float("nan")
+    se = float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else float("nan")
+    fitted = pareto_k[np.isfinite(pareto_k)]
     return Evaluation(
         nll=float(-ll.mean()), nll_se=se, k=k, images=len(x),
         test_bound=float(test_bound.mean()), test_bound_name=repr(objective),
         active_units=units, seconds=time.perf_counter() - start, device=str(device),
         comparable_to_papers=data.binarization == "dynamic" and len(x) == len(data.test) and k >= 5000,
+        ess_mean=float(ess.mean()), ess_median=float(np.median(ess)),
+        pareto_k_above=float((fitted > PARETO_K_THRESHOLD).mean()) if len(fitted) else float("nan"),
+        pareto_k_max=float(fitted.max()) if len(fitted) else float("nan"),
+        noise=noise_stream(model, k, device),
+        per_image={"image": np.arange(len(x)), "log_likelihood": ll, "ess": ess, "pareto_k": pareto_k},
     )
+
+
+def pareto_k_text(result: Evaluation) -> str:
+    if not math.isfinite(result.pareto_k_max):
+        return f"Pareto k̂ needs k >= 25 (k={result.k})"
+    return (f"Pareto k̂ > {PARETO_K_THRESHOLD} (estimate unreliable) for {result.pareto_k_above:.1%} of images, "
+            f"max k̂ {result.pareto_k_max:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,13 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     # The papers' numbers also need the papers' training: all 59,600 images, all 3,280 passes.
     result = replace(result, comparable_to_papers=result.comparable_to_papers and config.comparable_to_papers)
     if args.json:
-        print(json.dumps({"run_dir": str(args.run_dir), "config": config.to_dict(), **asdict(result)}))
+        print(json.dumps({"run_dir": str(args.run_dir), "config": config.to_dict(), **result.summary()}))
         return
     note = "" if result.comparable_to_papers else "  (not comparable to the papers: short schedule, subset of the data, k < 5000 or non-dynamic binarization)"
     print(f"{config.label()}: test NLL {result.nll:.3f} ± {result.nll_se:.3f} nats (k={result.k}, "
           f"{result.images} images){note}")
     print(f"test {result.test_bound_name} bound: {result.test_bound:.3f} nats")
     print(f"active units per layer: {'+'.join(map(str, result.active_units))}")
+    print(f"importance sampling: ESS mean {result.ess_mean:.1f}, median {result.ess_median:.1f} of k={result.k}; "
+          f"{pareto_k_text(result)}")
     print(f"{result.seconds:.1f} s on {result.device}")
 
 

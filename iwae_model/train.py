@@ -20,6 +20,8 @@ JSON object per pass with these fields:
   active_units   active units per stochastic layer (Burda's definition)
   train_seconds  cumulative seconds spent training (evaluation excluded)
   images_per_s   training images per second during the pass
+  snr            gradient SNR summaries (every --snr-every passes, else null): encoder_mean,
+                 encoder_median, decoder_mean, decoder_median (and per layer for 2 layers)
 Running the same command again resumes from the checkpoint and ends bit-identical to a run
 that never stopped (same seed, same device).
 """
@@ -46,8 +48,10 @@ from .device import resolve_device
 from .evaluate import burda_active_units
 from .models import IWAEModel
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, Surrogate
+from .snr import gradient_snr
 
 STAGES = 8
+SNR_SEED = 0  # the SNR's minibatch binarization and gradient noise: the same every measurement
 NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
 
 
@@ -165,8 +169,10 @@ def train(
 
     if checkpoint_path(run_dir).exists():
         state = load_checkpoint(run_dir, map_location=device)
-        if state["config"] != config.to_dict():
-            differing = sorted(k for k, v in config.to_dict().items() if state["config"].get(k) != v)
+        # Through TrainConfig, so that a checkpoint from before a setting existed has its default.
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        if saved != config.to_dict():
+            differing = sorted(k for k, v in config.to_dict().items() if saved[k] != v)
             raise ConfigMismatch(
                 f"{run_dir} holds a run with a different configuration (differs in {differing}); "
                 f"use another --out, or delete {checkpoint_path(run_dir)} to start over")
@@ -178,6 +184,7 @@ def train(
     surrogate = build_surrogate(model, objective, estimator, config.compile)
     valid_x = data.fixed("valid")
     test_x = data.fixed("test")[:config.test_images]
+    snr_x = data.training_batch(train_x[:config.snr_images], torch.Generator(device=device).manual_seed(SNR_SEED))
     bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     while epoch < config.passes:
@@ -208,6 +215,7 @@ def train(
         model.eval()
         test_due = epoch % config.eval_every == 0 or epoch == config.passes
         nll_due = config.nll_every and (epoch % config.nll_every == 0 or epoch == config.passes)
+        snr_due = config.snr_every and (epoch % config.snr_every == 0 or epoch == config.passes)
         # Each estimate draws from a fresh evaluation generator: the same noise every pass,
         # and the same figures as python -m iwae_model.evaluate on the same images.
         row = {
@@ -223,6 +231,9 @@ def train(
             "active_units": burda_active_units(model, data),
             "train_seconds": train_seconds,
             "images_per_s": steps_per_epoch * config.batch_size / epoch_seconds,
+            # Its own generator: measuring the SNR never changes the training run.
+            "snr": gradient_snr(model, objective, estimator, snr_x, config.snr_draws,
+                                torch.Generator(device=device).manual_seed(SNR_SEED)) if snr_due else None,
         }
         history.append(row)
         save_checkpoint(checkpoint_path(run_dir), {
@@ -269,6 +280,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--nll-every", type=int, default=d.nll_every, help="passes between k-sample NLL estimates (0: never)")
     p.add_argument("--nll-k", type=int, default=d.nll_k)
     p.add_argument("--nll-images", type=int, default=d.nll_images)
+    p.add_argument("--snr-every", type=int, default=d.snr_every,
+                   help="passes between gradient-SNR measurements (Rainforth et al. 2018; 0: never)")
+    p.add_argument("--snr-draws", type=int, default=d.snr_draws, help="gradient draws per SNR measurement")
+    p.add_argument("--snr-images", type=int, default=d.snr_images,
+                   help="the SNR's fixed minibatch: the first N training images")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true",
@@ -281,7 +297,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             estimator=args.estimator, passes=args.passes, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
             adam_beta1=args.adam_beta1, adam_eps=args.adam_eps, seed=args.seed, binarization=args.binarization,
             train_images=args.train_images, test_images=args.test_images, eval_every=args.eval_every,
-            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images, compile=args.compile)
+            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images, snr_every=args.snr_every,
+            snr_draws=args.snr_draws, snr_images=args.snr_images, compile=args.compile)
     except ValueError as exc:
         p.error(str(exc))
     return config, args

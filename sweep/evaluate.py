@@ -32,7 +32,7 @@ from iwae_model.evaluate import evaluate_model
 
 from .cluster import ClusterError, check_gpus, init_ray
 from .query import print_results
-from .results import RESULTS_FILE, filesystem_and_path, write_results
+from .results import PER_IMAGE_FILE, RESULTS_FILE, filesystem_and_path, per_image_table, write_results, write_table
 from .space import Evaluation, SweepSpace
 from .trainable import train_trial
 
@@ -59,7 +59,8 @@ class Evaluator:
         self.data_dir = data_dir
         self.data: dict[str, MNIST] = {}
 
-    def evaluate(self, job: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(results row, per-image columns) of one checkpoint."""
         with job["checkpoint"].as_directory() as folder:  # on object storage: downloaded to /tmp
             try:
                 model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
@@ -70,7 +71,9 @@ class Evaluator:
         data = self.data[config.binarization]
         result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
         last = state["history"][-1]
-        return {
+        snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
+        snr = snr_row["snr"] if snr_row else {}
+        row = {
             "sweep": job["sweep"], "trial_id": job["trial_id"], "trial_name": config.label(),
             "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
             "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
@@ -85,7 +88,18 @@ class Evaluator:
             "project_version": iwae_model.__version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             "config": json.dumps(config.to_dict()),
+            "ess_mean": result.ess_mean, "ess_median": result.ess_median,
+            "pareto_k_above_0_7": result.pareto_k_above, "pareto_k_max": result.pareto_k_max,
+            "noise": result.noise, "evaluation_id": job["evaluation_id"],
+            "snr_epoch": snr_row["epoch"] if snr_row else None,
+            **{f"snr_{name}": snr.get(name) for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")},
+            "snr": json.dumps(snr) if snr else None,
         }
+        per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
+                     "checkpoint_uri": job["uri"], "image": result.per_image["image"],
+                     "nll": -result.per_image["log_likelihood"], "ess": result.per_image["ess"],
+                     "pareto_k": result.per_image["pareto_k"]}
+        return row, per_image
 
 
 def select_checkpoints(grid: tune.ResultGrid, evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
@@ -125,19 +139,26 @@ def run_evaluation(
     cpus = 1 if gpus else int(max(1, min(node_cpus, ray.cluster_resources().get("CPU", 1) // actors)))
     pool = ray.util.ActorPool([Evaluator.options(num_cpus=cpus, num_gpus=gpus).remote(data_dir, cpus)
                                for _ in range(actors)])
+    evaluation_id = uuid.uuid4().hex
     jobs = [{"sweep": space.name, "trial_id": trial_id, "checkpoint": checkpoint, "uri": checkpoint_uri(checkpoint),
-             "k": space.evaluation.k, "images": space.evaluation.images} for trial_id, checkpoint in selected]
+             "k": space.evaluation.k, "images": space.evaluation.images, "evaluation_id": evaluation_id}
+            for trial_id, checkpoint in selected]
     images = space.evaluation.images or "all 10,000"
     print(f"Evaluating {len(jobs)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
           f"({actors} actor(s), {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
     try:
-        rows = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
-                         total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
+        evaluated = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
+                              total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, CheckpointError):  # without Ray's traceback around it
             raise error.cause from None
         raise
-    rows.sort(key=lambda row: row["trial_name"])
+    evaluated.sort(key=lambda pair: pair[0]["trial_name"])
+    rows = [row for row, _ in evaluated]
+    # The per-image file first: results.parquet names the evaluation_id its per-image rows carry,
+    # so a crash between the two writes is detected by sweep.query rather than mixing evaluations.
+    write_table(per_image_table([per_image for _, per_image in evaluated]),
+                f"{grid.experiment_path}/{PER_IMAGE_FILE}", grid.filesystem)
     path = f"{grid.experiment_path}/{RESULTS_FILE}"
     write_results(rows, path, grid.filesystem)
     return path, rows

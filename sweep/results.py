@@ -1,11 +1,13 @@
-"""The sweep's results as Parquet: one row per evaluated checkpoint, a versioned schema.
+"""The sweep's results as Parquet, in two files with versioned schemas: `results.parquet`, one
+row per evaluated checkpoint, and `per_image.parquet`, one row per checkpoint and test image.
 
 Load them without this package:
 
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-Schema version 1 (`iwae_sweep.schema_version` in the file's metadata):
+results.parquet, schema version 2 (`iwae_sweep.schema_version` in the file's metadata); version 1
+files (before the importance-sampling and SNR columns) are read with those columns null:
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
   objective, m, k, beta, layers, estimator, seed, passes, schedule, binarization, train_images
                                      the trial's configuration (train_images null: all 59,600)
@@ -20,6 +22,19 @@ Schema version 1 (`iwae_sweep.schema_version` in the file's metadata):
   checkpoint_uri                     where the evaluated checkpoint lies
   project_version, timestamp         iwae-sweep version; UTC time of the evaluation
   config                             the trial's whole iwae_model.TrainConfig as JSON (lr, schedule, ...)
+  ess_mean, ess_median               effective sample size of the k importance weights, over test images
+  pareto_k_above_0_7, pareto_k_max   share of test images whose PSIS k̂ > 0.7 (NLL estimate unreliable); max k̂
+  noise                              the q-noise stream: rows with equal values saw the same noise per image
+  evaluation_id                      this evaluation run; its per-image rows carry the same id
+  snr_epoch                          the pass of the last gradient-SNR measurement (null: none was made)
+  snr_encoder_mean, snr_encoder_median, snr_decoder_mean, snr_decoder_median
+                                     gradient SNR |mean| / std over parameter components (Rainforth et al.)
+  snr                                every SNR figure of that pass as JSON (per stochastic layer for 2 layers)
+
+per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
+  evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
+  image                              index into the fixed-binarised test set
+  nll, ess, pareto_k                 -log p(x) estimate (nats), effective sample size, PSIS k̂ (NaN for k < 25)
 """
 
 from __future__ import annotations
@@ -28,12 +43,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results/results.parquet"
+PER_IMAGE_FILE = "results/per_image.parquet"
+PER_IMAGE_SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
     [
@@ -48,8 +66,23 @@ SCHEMA = pa.schema(
         ("active_units", pa.list_(pa.field("element", pa.int64()))), ("epochs", pa.int64()), ("train_seconds", pa.float64()),
         ("eval_seconds", pa.float64()), ("device", pa.string()), ("checkpoint_uri", pa.string()),
         ("project_version", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")), ("config", pa.string()),
+        ("ess_mean", pa.float64()), ("ess_median", pa.float64()),
+        ("pareto_k_above_0_7", pa.float64()), ("pareto_k_max", pa.float64()),
+        ("noise", pa.string()), ("evaluation_id", pa.string()), ("snr_epoch", pa.int64()),
+        ("snr_encoder_mean", pa.float64()), ("snr_encoder_median", pa.float64()),
+        ("snr_decoder_mean", pa.float64()), ("snr_decoder_median", pa.float64()), ("snr", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
+)
+VERSION_1_COLUMNS = SCHEMA.names[:SCHEMA.names.index("ess_mean")]
+
+PER_IMAGE_SCHEMA = pa.schema(
+    [
+        ("evaluation_id", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string()),
+        ("checkpoint_uri", pa.string()), ("image", pa.int64()),
+        ("nll", pa.float64()), ("ess", pa.float64()), ("pareto_k", pa.float64()),
+    ],
+    metadata={"iwae_sweep.per_image_schema_version": str(PER_IMAGE_SCHEMA_VERSION)},
 )
 
 
@@ -58,9 +91,22 @@ class ResultsError(ValueError):
 
 
 def write_results(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:
+    write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem)
+
+
+def per_image_table(parts: list[dict[str, Any]]) -> pa.Table:
+    """One table from each checkpoint's per-image columns (constants broadcast to every image)."""
+    tables = []
+    for part in parts:
+        images = len(part["image"])
+        tables.append(pa.table({name: part[name] if isinstance(part[name], np.ndarray) else [part[name]] * images
+                                for name in PER_IMAGE_SCHEMA.names}, schema=PER_IMAGE_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem) -> None:
     """Write to a temp name beside `path`, then move it into place: readers never see half a
     file (on object stores each object is written whole anyway)."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
     folder = path.rsplit("/", 1)[0]
     filesystem.create_dir(folder, recursive=True)
     tmp = f"{folder}/.tmp-{uuid.uuid4().hex}.parquet"
@@ -77,32 +123,57 @@ def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
 
 def read_results(location: str) -> pa.Table:
     """A sweep folder's results, or a Parquet file, local or on object storage."""
+    table, version = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION, (1,))
+    if version == 1:  # the columns added since are unknown for it: null
+        _require_columns(location, table, VERSION_1_COLUMNS, 1)
+        table = table.select(VERSION_1_COLUMNS)
+        for name in SCHEMA.names[len(VERSION_1_COLUMNS):]:
+            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+        return table.replace_schema_metadata(SCHEMA.metadata)
+    _require_columns(location, table, SCHEMA.names, SCHEMA_VERSION)
+    return table
+
+
+def read_per_image(location: str) -> pa.Table:
+    """A sweep folder's per-image results (or that Parquet file), local or on object storage."""
+    table, _ = _read_versioned(location, PER_IMAGE_FILE, "iwae_sweep.per_image_schema_version",
+                               PER_IMAGE_SCHEMA_VERSION, ())
+    _require_columns(location, table, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
+    return table
+
+
+def _read_versioned(location: str, default_file: str, key: str, version: int,
+                    older: tuple[int, ...]) -> tuple[pa.Table, int]:
     filesystem, path = filesystem_and_path(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.Directory:
-        path = f"{path.rstrip('/')}/{RESULTS_FILE}"
+        path = f"{path.rstrip('/')}/{default_file}"
         info = filesystem.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{location}: no results there (expected a Parquet file or a sweep folder "
-                                f"holding {RESULTS_FILE}; run python -m sweep.evaluate on the sweep first)")
+                                f"holding {default_file}; run python -m sweep.evaluate on the sweep first)")
     try:
         table = pq.read_table(path, filesystem=filesystem)
     except (pa.ArrowException, OSError) as error:
         raise ResultsError(f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
                            f"python -m sweep.evaluate SWEEP_DIR") from None
-    version = (table.schema.metadata or {}).get(b"iwae_sweep.schema_version")
-    if version is None:
-        raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep results (no iwae_sweep.schema_version "
-                           f"in its metadata); pass SWEEP_DIR/{RESULTS_FILE} or the sweep folder")
-    if version != str(SCHEMA_VERSION).encode():
-        raise ResultsError(f"{location}: results schema version {version.decode(errors='replace')}, this version "
-                           f"reads {SCHEMA_VERSION}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read "
-                           f"them with the iwae-sweep version that wrote them")
-    missing = [name for name in SCHEMA.names if name not in table.schema.names]
+    found = (table.schema.metadata or {}).get(key.encode())
+    if found is None:
+        raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
+                           f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder")
+    readable = {str(v).encode(): v for v in (version, *older)}
+    if found not in readable:
+        raise ResultsError(f"{location}: results schema version {found.decode(errors='replace')}, this version "
+                           f"reads {', '.join(map(str, readable.values()))}: re-create them with python -m "
+                           f"sweep.evaluate SWEEP_DIR, or read them with the iwae-sweep version that wrote them")
+    return table, readable[found]
+
+
+def _require_columns(location: str, table: pa.Table, names: list[str], version: int) -> None:
+    missing = [name for name in names if name not in table.schema.names]
     if missing:
-        raise ResultsError(f"{location}: schema version {SCHEMA_VERSION} but columns {missing} are missing; the file "
+        raise ResultsError(f"{location}: schema version {version} but columns {missing} are missing; the file "
                            f"was edited or damaged: re-create it with python -m sweep.evaluate SWEEP_DIR")
-    return table
 
 
 def _first_line(error: BaseException) -> str:

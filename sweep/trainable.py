@@ -28,11 +28,13 @@ TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with
 
 
 def trial_metrics(row: dict) -> dict[str, float | int]:
-    """A metrics row as Ray scalars: Nones dropped, active units one scalar per layer."""
-    metrics = {key: value for key, value in row.items() if value is not None and key != "active_units"}
+    """A metrics row as Ray scalars: Nones dropped, active units one scalar per layer, the SNR
+    summaries as snr_encoder_mean, ..."""
+    metrics = {key: value for key, value in row.items() if value is not None and key not in ("active_units", "snr")}
     for layer, units in enumerate(row["active_units"], start=1):
         metrics[f"active_units_L{layer}"] = units
     metrics["active_units"] = sum(row["active_units"])
+    metrics.update({f"snr_{name}": value for name, value in (row.get("snr") or {}).items()})
     return metrics
 
 
@@ -72,6 +74,8 @@ def train_trial(config: dict[str, Any]) -> None:
     def report(row: dict, checkpoint_file: Path) -> None:
         epoch = row["epoch"]
         last = epoch == train_config.passes
+        for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
+            writer.add_scalar(f"snr/{name}", value, epoch)
         if epoch % max(1, train_config.passes // IMAGE_SNAPSHOTS) == 0 or last:
             model, _, _ = load_model(checkpoint_file, device)
             write_images(writer, model, data, epoch)
