@@ -1,12 +1,14 @@
 """A sweep's Parquet results as the papers' tables, with the published values beside them.
 
     python -m sweep.query SWEEP_DIR_OR_PARQUET [--where objective=iwae] [--format markdown|csv|json]
-                          [--plot nll_vs_k.png]
+                          [--plot nll_vs_k.png] [--snr-plot snr_vs_k.png] [--baseline TRIAL]
+    python -m sweep.query SWEEP_DIR --compare A B
 
 Rows: stochastic layers x (M, K); columns: objective (with beta / estimator when not the
 default); cells: test NLL in nats (mean over seeds), active units, and the published value
 with our difference. `*` marks cells not comparable to the papers (short schedule, subset of
-the training or test set, k < 5000, or non-dynamic binarization).
+the training or test set, k < 5000, or non-dynamic binarization). With --baseline, each cell
+also shows its per-image paired difference to that checkpoint (sweep/compare.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from importlib import resources
 import pandas as pd
 import yaml
 
+from .compare import comparison_text, difference, load_per_image, mean_image_nll, select_one
 from .results import read_results
 
 KEY = ["layers", "m", "k"]
@@ -65,10 +68,14 @@ def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
     return frame
 
 
-def summarise(frame: pd.DataFrame) -> pd.DataFrame:
+def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | None = None) -> pd.DataFrame:
     """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
-    the published value."""
+    the published value; with `baseline` (per-image table, baseline row), the cell's mean
+    per-image difference to the baseline checkpoint and its paired standard error."""
     frame = frame.assign(variant=frame.apply(variant, axis=1) + other_settings(frame))
+    if baseline is not None:
+        per_image, base = baseline
+        base_nll = mean_image_nll(per_image, base.to_frame().T)
     groups = []
     for (layers, m, k, name), cell in frame.groupby([*KEY, "variant"], sort=False):
         units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]
@@ -84,6 +91,9 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
             "eval_k": int(cell["eval_k"].min()), "eval_images": int(cell["eval_images"].min()),
             "passes": int(cell["passes"].min()),
         })
+        if baseline is not None:
+            d = difference(mean_image_nll(per_image, cell), base_nll)
+            groups[-1].update(vs_baseline=d.mean, vs_baseline_se=d.paired_se)
     summary = pd.DataFrame(groups)
     reference = reference_values()[[*KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
     summary = summary.merge(reference, on=[*KEY, "variant"], how="left")
@@ -99,16 +109,20 @@ def cell_text(row: pd.Series) -> str:
         text += "*"
     if pd.notna(row["paper_nll"]):
         text += f" [paper {row['paper_nll']:.2f}, {row['difference']:+.2f}]"
+    if "vs_baseline" in row:
+        text += f" Δ {row['vs_baseline']:+.3f} ± {row['vs_baseline_se']:.3f}"
     return text
 
 
-def markdown_table(summary: pd.DataFrame) -> str:
+def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
     variants = list(dict.fromkeys(summary["variant"]))
     lines = ["| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
     for (layers, m, k), row_cells in summary.groupby(KEY, sort=True):
         cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
         lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
     notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
+    if baseline:
+        notes.append(f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error.")
     if not summary["comparable_to_papers"].all():
         short = summary[~summary["comparable_to_papers"]].iloc[0]
         notes.append(f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
@@ -156,9 +170,38 @@ def print_results(rows: list[dict], path: str) -> None:
     print(f"\nResults: {path} ({len(rows)} rows)")
 
 
-def render(summary: pd.DataFrame, fmt: str) -> str:
+def snr_plot(frame: pd.DataFrame, path: str) -> None:
+    """Encoder and decoder gradient SNR against M*K, log-log, one line per objective/estimator
+    and layer count, like Rainforth et al. (2018)'s figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    frame = frame[frame["snr_encoder_mean"].notna()]
+    if frame.empty:
+        raise ValueError("no gradient SNR in these results: train with `training: snr_every: N` in the space file "
+                         "(search_spaces/rainforth2018.yaml does), or --snr-every N in python -m iwae_model.train")
+    frame = frame.assign(variant=frame.apply(variant, axis=1), samples=frame["m"] * frame["k"])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for axis, side in zip(axes, ("encoder", "decoder")):
+        for (name, layers), group in frame.groupby(["variant", "layers"]):
+            means = group.groupby("samples")[f"snr_{side}_mean"].mean()
+            axis.plot(means.index, means.values, "o-", label=f"{name}, {layers} layer(s)")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("samples per image (M·K)")
+        axis.set_ylabel(f"{side} gradient SNR (mean over components)")
+        axis.set_title("encoder (φ)" if side == "encoder" else "decoder (θ)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def render(summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
     if fmt == "markdown":
-        return markdown_table(summary)
+        return markdown_table(summary, baseline)
     if fmt == "csv":
         return summary.to_csv(index=False)
     return summary.to_json(orient="records", indent=1)
@@ -174,18 +217,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="keep rows whose COLUMN equals VALUE (repeatable; e.g. objective=iwae, layers=2)")
     parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
     parser.add_argument("--plot", metavar="PNG", help="also save test NLL against M*K, ours beside the papers'")
+    parser.add_argument("--snr-plot", metavar="PNG",
+                        help="also save encoder and decoder gradient SNR against M*K, log-log (trials trained with snr_every)")
+    parser.add_argument("--baseline", metavar="TRIAL",
+                        help="show in each cell the paired per-image NLL difference to this checkpoint: a trial label "
+                             "or COLUMN=VALUE[,COLUMN=VALUE] naming one row")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="print NLL(A) - NLL(B) with its paired and unpaired standard errors instead of the table; "
+                             "A and B as for --baseline")
     args = parser.parse_args(argv)
     try:
         frame = apply_filters(read_results(args.location).to_pandas(), args.where)
+        if frame.empty:
+            raise ValueError("no rows match")
+        if args.compare:
+            a, b = (select_one(frame, selector, what) for selector, what in zip(args.compare, ("--compare A", "--compare B")))
+            print(comparison_text(a, b, load_per_image(args.location)))
+            return
+        baseline = (load_per_image(args.location), select_one(frame, args.baseline, "--baseline")) if args.baseline else None
+        summary = summarise(frame, baseline)
+        sys.stdout.write(render(summary, args.format, args.baseline).rstrip("\n") + "\n")
+        if args.plot:
+            plot(summary, args.plot)
+            print(f"plot written to {args.plot}", file=sys.stderr)
+        if args.snr_plot:
+            snr_plot(frame, args.snr_plot)
+            print(f"SNR plot written to {args.snr_plot}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as error:
         parser.exit(1, f"error: {error}\n")
-    if frame.empty:
-        parser.exit(1, "error: no rows match\n")
-    summary = summarise(frame)
-    sys.stdout.write(render(summary, args.format).rstrip("\n") + "\n")
-    if args.plot:
-        plot(summary, args.plot)
-        print(f"plot written to {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -99,9 +99,13 @@ def test_cli_json_and_text(short_run, mnist_dir):
     row = json.loads(out.stdout)
     assert row["k"] == 100 and row["images"] == 20 and row["nll"] > 0
     assert row["config"]["k"] == 5 and row["comparable_to_papers"] is False
+    assert 1 <= row["ess_median"] <= 100 and 1 <= row["ess_mean"] <= 100 and 0 <= row["pareto_k_above"] <= 1
+    assert "per_image" not in row and row["noise"].startswith("seed 123, k 100, latents 50")
     text = run_cli(run_dir, "--k", 100, "--images", 20, env_dir=mnist_dir)
     assert text.returncode == 0, text.stderr
     assert "test NLL" in text.stdout and "not comparable to the papers" in text.stdout
+    assert f"ESS mean {row['ess_mean']:.1f}, median {row['ess_median']:.1f} of k=100" in text.stdout
+    assert f"Pareto k̂ > 0.7 (estimate unreliable) for {row['pareto_k_above']:.1%} of images" in text.stdout
 
 
 def test_cli_errors_name_the_problem(tmp_path, mnist_dir):

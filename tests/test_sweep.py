@@ -23,7 +23,7 @@ from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import ClusterError, check_gpus
 from sweep.evaluate import write_spec
-from sweep.results import SCHEMA, read_results
+from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
 from sweep.run import dry_run, run_sweep
 from sweep.plan import plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
@@ -130,6 +130,55 @@ def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):
     assert (tmp_path / "nll.png").stat().st_size > 10_000
     bad = subprocess.run([*run, "--where", "colour=red"], capture_output=True, text=True)
     assert bad.returncode == 1 and "colour=red" in bad.stderr
+
+
+def test_importance_sampling_health_and_snr_reach_parquet_and_tensorboard(finished_sweep):
+    sweep_dir, _, _ = finished_sweep
+    records = read_results(str(sweep_dir)).to_pylist()
+    per_image = read_per_image(str(sweep_dir)).to_pandas()
+    assert read_per_image(str(sweep_dir)).schema.equals(PER_IMAGE_SCHEMA, check_metadata=True)
+    assert len({r["evaluation_id"] for r in records}) == 1 and len({r["noise"] for r in records}) == 1
+    assert records[0]["noise"].startswith("seed 123, k 50, latents 50")  # same latent sizes: common noise
+    for record in records:
+        assert 1 <= record["ess_median"] <= 50 and 1 <= record["ess_mean"] <= 50
+        assert 0 <= record["pareto_k_above_0_7"] <= 1 and math.isfinite(record["pareto_k_max"])
+        mine = per_image[per_image["trial_id"] == record["trial_id"]].sort_values("image")
+        assert mine["image"].tolist() == list(range(40)) and set(mine["evaluation_id"]) == {record["evaluation_id"]}
+        assert mine["nll"].mean() == pytest.approx(record["test_nll"], rel=1e-12)
+        assert mine["ess"].mean() == pytest.approx(record["ess_mean"], rel=1e-12)
+        assert (mine["pareto_k"] > 0.7).mean() == pytest.approx(record["pareto_k_above_0_7"])
+        # The SNR of the evaluated checkpoint's last measurement (snr_every = the last pass).
+        assert record["snr_epoch"] == PASSES and record["snr_encoder_mean"] > 0 and record["snr_decoder_median"] > 0
+        assert json.loads(record["snr"])["encoder_mean"] == record["snr_encoder_mean"]
+    for trial in trial_dirs(sweep_dir):
+        scalars = EventAccumulator(str(trial / "tb"))
+        scalars.Reload()
+        for tag in ("snr/encoder_mean", "snr/encoder_median", "snr/decoder_mean", "snr/decoder_median"):
+            assert [v.step for v in scalars.Scalars(tag)] == [PASSES], tag
+
+
+def test_query_compares_two_checkpoints_paired_and_against_a_baseline(finished_sweep, tmp_path):
+    sweep_dir, _, _ = finished_sweep
+    records = {r["trial_name"]: r for r in read_results(str(sweep_dir)).to_pylist()}
+    run = [sys.executable, "-m", "sweep.query", str(sweep_dir)]
+    out = subprocess.run([*run, "--compare", "iwae_L1_M1_K3_s0", "objective=vae,k=1"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    expected = records["iwae_L1_M1_K3_s0"]["test_nll"] - records["vae_L1_M1_K1_s0"]["test_nll"]
+    assert f"A - B = {expected:+.3f} nats over the same 40 test images (k=50); common noise: yes" in out.stdout
+    paired = float(out.stdout.split("paired SE")[1].split()[0])
+    unpaired = float(out.stdout.split("unpaired SE")[1].split()[0])
+    assert 0 < paired < unpaired  # the same images: the images' own spread cancels
+    table = subprocess.run([*run, "--baseline", "vae_L1_M1_K1_s0", "--snr-plot", str(tmp_path / "snr.png")],
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert "Δ +0.000 ± 0.000" in table.stdout and f"Δ {expected:+.3f} ± {paired:.3f}" in table.stdout
+    assert "Δ: mean per-image NLL difference to vae_L1_M1_K1_s0" in table.stdout
+    assert (tmp_path / "snr.png").stat().st_size > 10_000
+    for args, words in ((["--compare", "nope", "vae_L1_M1_K1_s0"], "--compare A 'nope': no trial of that label"),
+                        (["--compare", "layers=1", "vae_L1_M1_K1_s0"], "matches 2 checkpoints"),
+                        (["--baseline", "colour=red"], "'colour' is not a column")):
+        bad = subprocess.run([*run, *args], capture_output=True, text=True)
+        assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):

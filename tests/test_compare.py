@@ -1,0 +1,62 @@
+"""Paired differences and the results files they read, without Ray: the maths, a version-1
+results file, and two files from different evaluations."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from sweep.compare import CompareError, difference, image_nll, select_one
+from sweep.results import SCHEMA, VERSION_1_COLUMNS, per_image_table, read_results, write_results, write_table
+
+
+def test_paired_and_unpaired_standard_errors():
+    rng = np.random.default_rng(0)
+    images = rng.normal(90, 25, size=1000)  # the images' own spread, shared by both models
+    a, b = images + rng.normal(0, 0.1, 1000), images - 1 + rng.normal(0, 0.1, 1000)
+    d = difference(a, b)
+    assert d.mean == pytest.approx(np.mean(a - b)) and d.images == 1000
+    assert d.paired_se == pytest.approx(np.std(a - b, ddof=1) / math.sqrt(1000))
+    assert d.unpaired_se == pytest.approx(math.sqrt(np.var(a, ddof=1) / 1000 + np.var(b, ddof=1) / 1000))
+    assert d.unpaired_se > 50 * d.paired_se and abs(d.mean - 1) < 5 * d.paired_se
+    with pytest.raises(CompareError, match="same 2 or more images"):
+        difference(a, b[:10])
+
+
+def rows(evaluation_id="e1", images=3):
+    base = dict.fromkeys(SCHEMA.names)
+    return [{**base, "trial_id": f"t{i}", "trial_name": f"iwae_L1_M1_K{i}_s0", "objective": "iwae", "seed": 0,
+             "eval_images": images, "eval_k": 50, "test_nll": 90.0 + i, "evaluation_id": evaluation_id}
+            for i in (1, 2)]
+
+
+def write_sweep(folder, results, per_image_id):
+    write_results(results, f"{folder}/results/results.parquet", pafs.LocalFileSystem())
+    parts = [{"evaluation_id": per_image_id, "trial_id": f"t{i}", "trial_name": f"iwae_L1_M1_K{i}_s0",
+              "checkpoint_uri": "x", "image": np.arange(3), "nll": np.full(3, 90.0 + i), "ess": np.ones(3),
+              "pareto_k": np.zeros(3)} for i in (1, 2)]
+    write_table(per_image_table(parts), f"{folder}/results/per_image.parquet", pafs.LocalFileSystem())
+
+
+def test_results_and_per_image_from_different_evaluations_are_refused(tmp_path):
+    write_sweep(tmp_path, rows("new"), per_image_id="old")  # e.g. a crash between the two writes
+    out = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path), "--compare", "iwae_L1_M1_K1_s0",
+                          "iwae_L1_M1_K2_s0"], capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "holds 0 of its 3 images for evaluation new" in out.stderr and "sweep.evaluate" in out.stderr
+
+
+def test_a_version_1_results_file_reads_with_the_new_columns_null(tmp_path):
+    path = tmp_path / "results.parquet"
+    version_1 = pa.Table.from_pylist(rows(None), schema=SCHEMA).select(VERSION_1_COLUMNS)
+    pq.write_table(version_1.replace_schema_metadata({"iwae_sweep.schema_version": "1"}), path)
+    table = read_results(str(path))
+    assert table.schema.equals(SCHEMA, check_metadata=True) and table.column("ess_mean").null_count == 2
+    frame = table.to_pandas()
+    with pytest.raises(CompareError, match="written before per-image records"):
+        image_nll(frame, select_one(frame, "iwae_L1_M1_K1_s0", "A"))
