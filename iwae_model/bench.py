@@ -9,8 +9,10 @@ backward). Elementwise work (tanh, softplus, sampling, Adam) is not counted, so 
 as the gap to 1. The peak is measured again at the end: on a shared machine a slow spell
 during the first measurement would overstate every fraction, and the two lines show it.
 `vs_bare_loop` lines give the library's training step rate as a ratio to iwae_model.bare_loop
-(the same maths as one plain function): the median over alternating rounds. The timings come
-from iwae_model.timing (random images, binarized as training does).
+(the same maths as one plain function): the median over alternating rounds.
+`is_diagnostics_overhead` is the k=5000 evaluation's extra time for its importance-sampling
+diagnostics (ESS, Pareto k̂), as a fraction, again the median over alternating rounds. The
+timings come from iwae_model.timing (random images, binarized as training does).
 """
 
 from __future__ import annotations
@@ -136,6 +138,20 @@ def bench_evaluation(layers: int, device: torch.device, images: int, peak: float
             "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
 
 
+def bench_diagnostics_overhead(layers: int, device: torch.device, images: int, rounds: int, k: int = 5000) -> dict:
+    """The evaluation's time with the importance-sampling diagnostics (ESS, Pareto k̂) over its
+    time without, minus 1: the median over alternating rounds."""
+    config = TrainConfig(layers=layers)
+    ratios = []
+    for index in range(rounds):
+        order = (True, False) if index % 2 == 0 else (False, True)
+        seconds = {d: likelihood_seconds_per_image(config, device, k, images, diagnostics=d) for d in order}
+        ratios.append(seconds[True] / seconds[False])
+    return {"figure": "is_diagnostics_overhead", "name": f"nll_k{k}_L{layers}", "images": images, "rounds": rounds,
+            "overhead": round(statistics.median(ratios) - 1, 4),
+            "overhead_range": [round(min(ratios) - 1, 4), round(max(ratios) - 1, 4)]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m iwae_model.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (under 3 minutes on 2 CPU cores)")
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  seconds_per_round=0.4 if args.quick else 1.0)), flush=True)
     for layers in (1, 2):
         print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
+    for layers in (1, 2):
+        print(json.dumps(bench_diagnostics_overhead(layers, device, 16, rounds=5 if args.quick else 9)), flush=True)
     end = print_peak("end")
     if not 0.8 < end / peak < 1.25:
         print(f"warning: the matmul peak moved from {peak:.1f} to {end:.1f} GFLOP/s during the run (a shared or "

@@ -10,7 +10,7 @@ from .models import IWAEModel, build_model
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
 
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
-SCHEDULES = ("compressed", "truncated")
+SCHEDULES = ("compressed", "truncated", "constant")
 BINARIZATIONS = ("dynamic", "static", "threshold")
 
 
@@ -31,7 +31,7 @@ class TrainConfig:
     beta: float = 0.5
     estimator: str = "reparam"
     passes: int = FULL_SCHEDULE_PASSES
-    schedule: str = "compressed"  # how passes < 3280 map onto Burda's 8 stages; see train.stage_boundaries
+    schedule: str = "compressed"  # how passes < 3280 map onto Burda's 8 stages (constant: lr throughout); see train.stage_boundaries
     batch_size: int = 20
     lr: float = 1e-3
     adam_beta1: float = 0.9
@@ -50,6 +50,12 @@ class TrainConfig:
     snr_every: int = 0
     snr_draws: int = 100
     snr_images: int = 100
+    # Continue another run (Burda et al.'s Table 2): start from the final weights of the run at
+    # `init_from` (a run directory, checkpoint file or checkpoint URI), labelled `init_label`;
+    # its Adam state too with `init_optimizer`, else a fresh optimizer and schedule.
+    init_from: str | None = None
+    init_label: str | None = None
+    init_optimizer: bool = False
     latent_dims: tuple[int, ...] | None = None
     hidden_dims: tuple[int, ...] | None = None
     # torch.compile the surrogate loss (forward and backward): at batch 20 most of a small
@@ -94,8 +100,15 @@ class TrainConfig:
                               ("binarization", BINARIZATIONS)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise fail(name, f"choose one of {', '.join(choices)}")
-        if not isinstance(self.compile, bool):
-            raise fail("compile", "must be true or false")
+        for name in ("compile", "init_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(name, "must be true or false")
+        for name in ("init_from", "init_label"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise fail(name, "must be a non-empty string, or null")
+        if self.init_from is None and (self.init_label is not None or self.init_optimizer):
+            raise ValueError("init_label and init_optimizer describe a continued run: they need init_from")
         for name in ("latent_dims", "hidden_dims"):
             value = getattr(self, name)
             if value is None:
@@ -140,5 +153,6 @@ class TrainConfig:
         """A short name that says the configuration, e.g. iwae_L2_M1_K50_s0."""
         extra = f"_b{self.beta:g}" if self.objective == "ciwae" else ""
         extra += f"_{self.estimator}" if self.estimator != "reparam" else ""
-        return f"{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}"
+        parent = f"_from_{self.init_label}" if self.init_label else "_continued" if self.init_from else ""
+        return f"{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
 

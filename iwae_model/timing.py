@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .data import binarize
-from .likelihood import bound, log_likelihood
+from .likelihood import bound, importance_sampling
 from .train import build_optimizer, build_surrogate, train_step
 
 BATCHES = 50  # distinct batches cycled through, so no single batch sits in cache
@@ -84,14 +84,16 @@ def bound_seconds_per_image(config: TrainConfig, device: torch.device, images: i
     return (time.perf_counter() - start) / images
 
 
-def likelihood_seconds_per_image(config: TrainConfig, device: torch.device, k: int, images: int) -> float:
-    """Seconds per image of the k-sample log-likelihood estimate (the final evaluation)."""
+def likelihood_seconds_per_image(config: TrainConfig, device: torch.device, k: int, images: int,
+                                 diagnostics: bool = True) -> float:
+    """Seconds per image of the k-sample log-likelihood estimate, with the importance-sampling
+    diagnostics as the final evaluation computes them, or without."""
     torch.manual_seed(0)
     model = config.build_model().to(device).eval()
     x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
-    log_likelihood(model, x[:1], min(k, 100))
+    importance_sampling(model, x[:1], min(k, 100), diagnostics=diagnostics)
     sync(device)
     start = time.perf_counter()
-    log_likelihood(model, x, k)
+    importance_sampling(model, x, k, diagnostics=diagnostics)
     sync(device)
     return (time.perf_counter() - start) / images

@@ -67,7 +67,10 @@ def stage_boundaries(steps_per_epoch: int, passes: int, schedule: str) -> list[i
     """First optimizer step of each stage 1..7. Stage i ends after (3^{i+1} - 1) / 2 of the
     3,280 passes. `compressed` scales that to `passes` (every stage keeps its share of the
     run); `truncated` keeps the full schedule's boundaries and stops after `passes`, so a short
-    run is exactly the start of a full one (most of it at the first learning rates)."""
+    run is exactly the start of a full one (most of it at the first learning rates); `constant`
+    has one stage (Burda's second stage of Table 2: lr 1e-4 throughout)."""
+    if schedule == "constant":
+        return []
     ends = [(3 ** (i + 1) - 1) // 2 for i in range(STAGES - 1)]
     if schedule == "truncated":
         return [end * steps_per_epoch for end in ends]
@@ -125,6 +128,24 @@ def train_step(
     return -losses.decoder_loss.detach()
 
 
+class InitError(ValueError):
+    """--init-from names a run that cannot start this one; the message says why and the fix."""
+
+
+def load_initial_state(config: TrainConfig, source: str | os.PathLike, model: IWAEModel,
+                       optimizer: torch.optim.Optimizer) -> None:
+    """Start from the parent run's final weights (and Adam state with `init_optimizer`)."""
+    state = load_checkpoint(source, map_location=next(model.parameters()).device)
+    parent = TrainConfig.from_dict(state["config"])
+    shape = ("layers", "latent_dims", "hidden_dims")
+    if any(getattr(parent, name) != getattr(config, name) for name in shape):
+        raise InitError(f"--init-from {config.init_from}: its model ({parent.label()}: "
+                        f"{', '.join(f'{n}={getattr(parent, n)}' for n in shape)}) has another architecture than this "
+                        f"run's ({', '.join(f'{n}={getattr(config, n)}' for n in shape)}); continue it with its own "
+                        f"layers and sizes")
+    restore(state, source, model, optimizer if config.init_optimizer else None)
+
+
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history (atomically), so a resumed run never
     shows rows of a pass that was lost in a crash."""
@@ -144,11 +165,13 @@ def train(
     device: torch.device | str = "cpu",
     progress: bool = True,
     on_epoch_end: Callable[[dict, Path], None] | None = None,
+    init_source: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Train (or resume) the run in `run_dir`; return its per-pass metrics.
 
     `on_epoch_end(metrics_row, checkpoint_path)` is called after each pass's checkpoint is on
-    disk (the Ray trainable reports from there)."""
+    disk (the Ray trainable reports from there). A run with `config.init_from` starts from that
+    run's checkpoint, read from `init_source` when given (a local copy of a remote one)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -179,6 +202,8 @@ def train(
         restore(state, checkpoint_path(run_dir), model, optimizer, generator)
         epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
         write_metrics(run_dir, history)
+    elif config.init_from is not None:
+        load_initial_state(config, init_source or config.init_from, model, optimizer)
 
     params = model.encoder_parameters(), model.decoder_parameters()
     surrogate = build_surrogate(model, objective, estimator, config.compile)
@@ -285,6 +310,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--snr-draws", type=int, default=d.snr_draws, help="gradient draws per SNR measurement")
     p.add_argument("--snr-images", type=int, default=d.snr_images,
                    help="the SNR's fixed minibatch: the first N training images")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from this run's final weights (Burda's Table 2: with --lr 1e-4 --passes 2187 "
+                        "--schedule constant); the optimizer starts fresh unless --init-optimizer")
+    p.add_argument("--init-optimizer", action="store_true", help="with --init-from: also continue its Adam state")
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--compile", action="store_true",
@@ -298,10 +327,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             adam_beta1=args.adam_beta1, adam_eps=args.adam_eps, seed=args.seed, binarization=args.binarization,
             train_images=args.train_images, test_images=args.test_images, eval_every=args.eval_every,
             nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images, snr_every=args.snr_every,
-            snr_draws=args.snr_draws, snr_images=args.snr_images, compile=args.compile)
-    except ValueError as exc:
+            snr_draws=args.snr_draws, snr_images=args.snr_images, compile=args.compile,
+            init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
+            init_label=parent_label(args.init_from) if args.init_from else None, init_optimizer=args.init_optimizer)
+    except (ValueError, CheckpointError) as exc:
         p.error(str(exc))
     return config, args
+
+
+def parent_label(init_from: str) -> str:
+    """The label of the run a continued run starts from (read from its checkpoint)."""
+    return TrainConfig.from_dict(load_checkpoint(init_from)["config"]).label()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -309,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     try:
         history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
-    except (CheckpointError, ConfigMismatch, MNISTError, NonFiniteLoss) as error:
+    except (CheckpointError, ConfigMismatch, InitError, MNISTError, NonFiniteLoss) as error:
         sys.exit(f"error: {error}")
     last = history[-1]
     print(json.dumps({"run_dir": str(Path(args.out).resolve()), "label": config.label(), **last}))

@@ -37,12 +37,23 @@ from .space import Evaluation, SweepSpace
 from .trainable import train_trial
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
+STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder
 METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bound, never by test figures
 
 
 def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
     scheme = checkpoint.filesystem.type_name
     return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+def stage_storage(storage: str, name: str) -> str:
+    """The storage location (path or URI, its query kept) of the experiments inside sweep `name`."""
+    path, sep, query = storage.partition("?")
+    return f"{path.rstrip('/')}/{name}{sep}{query}"
+
+
+def best_checkpoint(result: tune.Result) -> tune.Checkpoint:
+    return result.get_best_checkpoint(METRIC, "max") or result.checkpoint
 
 
 class NothingToEvaluate(RuntimeError):
@@ -94,6 +105,8 @@ class Evaluator:
             "snr_epoch": snr_row["epoch"] if snr_row else None,
             **{f"snr_{name}": snr.get(name) for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")},
             "snr": json.dumps(snr) if snr else None,
+            "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
+            "parent_checkpoint_uri": config.init_from,
         }
         per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
                      "checkpoint_uri": job["uri"], "image": result.per_image["image"],
@@ -102,14 +115,14 @@ class Evaluator:
         return row, per_image
 
 
-def select_checkpoints(grid: tune.ResultGrid, evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
+def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
     """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by validation
     bound (`best: each`), or of the `top` trials with the best validation bound (`best: top`)."""
     chosen = []
-    for result in grid:
+    for result in (result for grid in grids for result in grid):
         if result.error is not None or result.checkpoint is None:
             continue
-        best = result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+        best = best_checkpoint(result)
         score = max((m[METRIC] for _, m in result.best_checkpoints), default=result.metrics.get(METRIC))
         chosen.append((score, result.metrics["trial_id"], best))
     chosen.sort(key=lambda item: item[0], reverse=True)
@@ -119,17 +132,18 @@ def select_checkpoints(grid: tune.ResultGrid, evaluation: Evaluation) -> list[tu
 
 
 def run_evaluation(
-    grid: tune.ResultGrid,
+    grids: list[tune.ResultGrid],
     space: SweepSpace,
     data_dir: str,
     eval_gpus: float | None = None,
     eval_actors: int | None = None,
 ) -> tuple[str, list[dict]]:
-    """Evaluate the selected checkpoints on `eval_actors` actors; write and return the Parquet
-    path (on `grid.filesystem`) and its rows."""
+    """Evaluate the selected checkpoints of every stage's grid (the first is the sweep's own) on
+    `eval_actors` actors; write and return the Parquet path (on its filesystem) and its rows."""
+    grid = grids[0]
     gpus = space.resources.eval_gpus if eval_gpus is None else eval_gpus
     actors = space.resources.eval_actors if eval_actors is None else eval_actors
-    selected = select_checkpoints(grid, space.evaluation)
+    selected = select_checkpoints(grids, space.evaluation)
     if not selected:
         raise NothingToEvaluate(f"{grid.experiment_path}: no finished trial with a checkpoint to evaluate")
     actors = min(actors, len(selected))
@@ -218,10 +232,14 @@ def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderErro
         f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name")
 
 
-def load_grid(location: str) -> tune.ResultGrid:
-    """A finished sweep's results, from a local path or a URI."""
+def load_grids(location: str) -> list[tune.ResultGrid]:
+    """A finished sweep's results, from a local path or a URI: the first stage's, then the
+    `continue` stage's if it ran."""
     filesystem, path = filesystem_and_path(location)
-    return saved_results(path, filesystem)
+    grids = [saved_results(path, filesystem)]
+    if tune.Tuner.can_restore(f"{path}/{STAGE_2}", storage_filesystem=filesystem):
+        grids.append(saved_results(f"{path}/{STAGE_2}", filesystem))
+    return grids
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     try:
-        grid = load_grid(args.sweep_dir)
-        space, data_dir = read_spec(grid.experiment_path, grid.filesystem)
+        grids = load_grids(args.sweep_dir)
+        space, data_dir = read_spec(grids[0].experiment_path, grids[0].filesystem)
     except SweepFolderError as error:
         parser.exit(1, f"error: {error}\n")
     evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
@@ -252,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
-        path, rows = run_evaluation(grid, space, data_dir, args.eval_gpus, args.eval_actors)
+        path, rows = run_evaluation(grids, space, data_dir, args.eval_gpus, args.eval_actors)
     except (ClusterError, NothingToEvaluate, CheckpointError) as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)

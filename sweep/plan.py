@@ -3,8 +3,10 @@ evaluation work, and the wall time estimated from a few seconds of real training
 evaluation on this machine, spread over the trials that can run at once.
 
 The estimate counts training steps, the per-pass validation and test bounds (and NLL estimates
-when `nll_every` asks for them) and the final k-sample evaluation. It leaves out Ray's start-up
-(seconds) and checkpoint uploads, so short sweeps take longer than it says.
+when `nll_every` asks for them) and the final k-sample evaluation; a `continue` stage starts
+when the first has finished. It leaves out Ray's start-up (seconds), checkpoint uploads and
+gradient-SNR measurements (about 2 % of a trial at the shipped settings), so short sweeps take
+longer than it says.
 """
 
 from __future__ import annotations
@@ -77,10 +79,11 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     plans = []
     try:
         torch.set_num_threads(trial_threads)
-        for config in space.trials:
+        for config in [*space.trials, *space.continued]:
             # Only the model, objective and estimator set the cost: calibrate each once.
             key = replace(config, seed=0, lr=TrainConfig.lr, passes=1, schedule="compressed", train_images=None,
-                          test_images=None, nll_every=0)
+                          test_images=None, nll_every=0, snr_every=0, init_from=None, init_label=None,
+                          init_optimizer=False)
             if key not in step_cache:
                 step_cache[key] = (training_step_seconds(key, device, CALIBRATION_STEPS, warmup=3),
                                    bound_seconds_per_image(key, device))
@@ -97,7 +100,8 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
                                    config.passes, steps, steps * step, steps * step + bounds + nll))
         torch.set_num_threads(max(1, eval_threads))
         evaluation = space.evaluation
-        chosen = space.trials if evaluation.best == "each" else space.trials[:evaluation.top]
+        trials = [*space.trials, *space.continued]
+        chosen = trials if evaluation.best == "each" else trials[:evaluation.top]
         images = evaluation.images or TEST_IMAGES
         per_image = {layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k,
                                                           CALIBRATION_IMAGES)
@@ -105,8 +109,10 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         eval_seconds = makespan([images * per_image[t.layers] for t in chosen], space.resources.eval_actors)
     finally:
         torch.set_num_threads(threads)
-    return SweepPlan(plans, concurrent, len(chosen), images, evaluation.k, eval_seconds,
-                     makespan([p.seconds for p in plans], concurrent), str(device), trial_threads)
+    first = len(space.trials)
+    train_wall = makespan([p.seconds for p in plans[:first]], concurrent) + makespan([p.seconds for p in plans[first:]], concurrent)
+    return SweepPlan(plans, concurrent, len(chosen), images, evaluation.k, eval_seconds, train_wall, str(device),
+                     trial_threads)
 
 
 def duration(seconds: float) -> str:

@@ -49,14 +49,51 @@ def other_settings(frame: pd.DataFrame) -> pd.Series:
     return configs[varying].apply(lambda row: " " + ",".join(f"{c}={row[c]}" for c in varying), axis=1)
 
 
+TABLE_2 = "burda2016_table2"
+
+
+def published() -> dict:
+    return yaml.safe_load(resources.files("sweep").joinpath("reference_values.yaml").read_text())
+
+
 def reference_values() -> pd.DataFrame:
-    """The papers' numbers shipped with the package (sweep/reference_values.yaml)."""
-    raw = yaml.safe_load(resources.files("sweep").joinpath("reference_values.yaml").read_text())
+    """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml)."""
     rows = [{"paper": paper, "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
-            for paper, entries in raw.items() for entry in entries]
+            for paper, entries in published().items() if paper != TABLE_2 for entry in entries]
     frame = pd.DataFrame(rows)
     frame["variant"] = frame.apply(variant, axis=1)
     return frame
+
+
+def first_stage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["sweep_stage"].fillna(1) != 2]  # null: results from before two-stage sweeps
+
+
+def table2(frame: pd.DataFrame) -> str:
+    """Burda et al.'s Table 2 layout: each continued trial beside its parent, with the published
+    pair where the two stages' objectives match one."""
+    continued = frame[frame["sweep_stage"] == 2]
+    if continued.empty:
+        return ""
+    by_name = {row["trial_name"]: row for _, row in frame.iterrows()}
+    lines = ["Table 2: second stage continued from the first stage's best checkpoint",
+             "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |", "|---|---|---|---|---|---|---|"]
+
+    def au(row: pd.Series) -> str:
+        return "+".join(map(str, row["active_units"]))
+
+    for _, child in continued.sort_values("trial_name").iterrows():
+        parent = by_name.get(child["parent_trial_name"])
+        first = (f"{parent['test_nll']:.2f} | {au(parent)}" if parent is not None
+                 else "(not in these results) | ")
+        paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
+                      for p in published()[TABLE_2] if parent is not None and child["layers"] == 1
+                      and all(parent[k] == v for k, v in p["first"].items())
+                      and all(child[k] == v for k, v in p["second"].items())), "")
+        star = "" if child["comparable_to_papers"] else "*"
+        lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "
+                     f"{child['test_nll']:.2f}{star} | {au(child)} | {paper} |")
+    return "\n".join(lines)
 
 
 def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
@@ -71,7 +108,11 @@ def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
 def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | None = None) -> pd.DataFrame:
     """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
     the published value; with `baseline` (per-image table, baseline row), the cell's mean
-    per-image difference to the baseline checkpoint and its paired standard error."""
+    per-image difference to the baseline checkpoint and its paired standard error. Second-stage
+    (continued) trials are left to `table2`."""
+    frame = first_stage(frame)
+    if frame.empty:
+        return pd.DataFrame()
     frame = frame.assign(variant=frame.apply(variant, axis=1) + other_settings(frame))
     if baseline is not None:
         per_image, base = baseline
@@ -160,7 +201,7 @@ def plot(summary: pd.DataFrame, path: str) -> None:
 def print_results(rows: list[dict], path: str) -> None:
     frame = pd.DataFrame(rows)
     print()
-    print(markdown_table(summarise(frame)))
+    print(tables(frame, summarise(frame)))
     print()
     best = frame.sort_values("test_nll").head(5)
     print("Best configurations (test NLL, nats):")
@@ -199,9 +240,15 @@ def snr_plot(frame: pd.DataFrame, path: str) -> None:
     plt.close(figure)
 
 
-def render(summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
+def tables(frame: pd.DataFrame, summary: pd.DataFrame, baseline: str | None = None) -> str:
+    """The Table-1 layout of the first stage, then Table 2's of a continued stage, if any."""
+    parts = [markdown_table(summary, baseline)] if len(summary) else []
+    return "\n\n".join([*parts, table2(frame)]).strip("\n")
+
+
+def render(frame: pd.DataFrame, summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
     if fmt == "markdown":
-        return markdown_table(summary, baseline)
+        return tables(frame, summary, baseline)
     if fmt == "csv":
         return summary.to_csv(index=False)
     return summary.to_json(orient="records", indent=1)
@@ -236,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         baseline = (load_per_image(args.location), select_one(frame, args.baseline, "--baseline")) if args.baseline else None
         summary = summarise(frame, baseline)
-        sys.stdout.write(render(summary, args.format, args.baseline).rstrip("\n") + "\n")
+        sys.stdout.write(render(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")
         if args.plot:
             plot(summary, args.plot)
             print(f"plot written to {args.plot}", file=sys.stderr)

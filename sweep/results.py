@@ -30,6 +30,8 @@ files (before the importance-sampling and SNR columns) are read with those colum
   snr_encoder_mean, snr_encoder_median, snr_decoder_mean, snr_decoder_median
                                      gradient SNR |mean| / std over parameter components (Rainforth et al.)
   snr                                every SNR figure of that pass as JSON (per stochastic layer for 2 layers)
+  sweep_stage                        1, or 2 for a trial of the space's `continue` stage (Burda's Table 2)
+  parent_trial_name, parent_checkpoint_uri   a stage-2 trial's parent and the checkpoint it started from
 
 per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
@@ -71,6 +73,7 @@ SCHEMA = pa.schema(
         ("noise", pa.string()), ("evaluation_id", pa.string()), ("snr_epoch", pa.int64()),
         ("snr_encoder_mean", pa.float64()), ("snr_encoder_median", pa.float64()),
         ("snr_decoder_mean", pa.float64()), ("snr_decoder_median", pa.float64()), ("snr", pa.string()),
+        ("sweep_stage", pa.int64()), ("parent_trial_name", pa.string()), ("parent_checkpoint_uri", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )

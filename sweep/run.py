@@ -24,6 +24,7 @@ from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
@@ -31,12 +32,16 @@ from .cluster import ClusterError, check_gpus, init_ray
 from .evaluate import (
     METRIC,
     SPEC_FILE,
+    STAGE_2,
     NothingToEvaluate,
     SweepFolderError,
+    best_checkpoint,
+    checkpoint_uri,
     read_spec,
     restore_tuner,
     run_evaluation,
     saved_results,
+    stage_storage,
     write_spec,
 )
 from .live import LiveView, trial_label
@@ -63,16 +68,20 @@ def trainable(space: SweepSpace):
         train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial})
 
 
-def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: int, asha: bool,
-                max_failures: int, callbacks: list[tune.Callback] | None = None) -> tune.Tuner:
-    passes = max(t.passes for t in space.trials)
+def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str,
+                max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
+                init_checkpoints: dict[str, tune.Checkpoint] | None = None) -> tune.Tuner:
+    passes = max(t.passes for t in trials)
     filesystem, storage_path = filesystem_and_path(storage)
     return tune.Tuner(
         trainable(space),
         param_space={
-            "train": tune.grid_search([t.to_dict() for t in space.trials]),
+            "train": tune.grid_search([t.to_dict() for t in trials]),
             "data_dir": data_dir,
             "checkpoint_every": space.checkpoints.every,
+            # Stage 2: each trial's parent checkpoint by the trial's label (objects, not paths, so
+            # that they are read through the sweep's storage filesystem on any node).
+            "init_checkpoints": init_checkpoints or {},
         },
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", max_concurrent_trials=max_concurrent or None,
@@ -81,7 +90,7 @@ def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: 
             trial_name_creator=trial_label,
             trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=space.name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=max_failures),
@@ -90,6 +99,53 @@ def build_tuner(space: SweepSpace, storage: str, data_dir: str, max_concurrent: 
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True)),
     )
+
+
+def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str, resume: bool,
+              max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
+              init_checkpoints: dict[str, tune.Checkpoint] | None = None) -> tune.ResultGrid:
+    """Train (or resume) one stage's trials as the Tune experiment `storage`/`name`; raise
+    SweepInterrupted unless every trial finished or failed for good."""
+    filesystem, storage_path = filesystem_and_path(storage)
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if resume and experiment_state_saved(experiment, filesystem):
+        tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
+    else:
+        if resume and filesystem.get_file_info(experiment).type == pafs.FileType.Directory:
+            # Tune restoring a folder with no experiment state makes a trial with an empty config.
+            print(f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
+                  f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
+                  f"begun are not used and can be deleted", file=sys.stderr)
+        tuner = build_tuner(space, trials, storage, name, data_dir, max_concurrent, asha, max_failures, callbacks,
+                            init_checkpoints)
+    grid = tuner.fit()
+    # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
+    # terminated; the experiment state it saved on the way out still says which are not.
+    saved = saved_results(experiment, filesystem)
+    pending = len(saved) - saved.num_terminated - saved.num_errors
+    if pending:
+        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
+                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < r.config["train"]["passes"]]
+        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
+                               f"lost: continue with the same command plus --resume")
+    return grid
+
+
+def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainConfig], dict[str, tune.Checkpoint]]:
+    """The stage-2 trials whose parents finished, each with its parent's best checkpoint (by
+    validation bound, as the evaluation picks it) recorded in init_from."""
+    best = {trial_label(result): best_checkpoint(result) for result in first
+            if result.error is None and result.checkpoint is not None}
+    trials, checkpoints = [], {}
+    for child in space.continued:
+        if child.init_label not in best:
+            print(f"note: {child.label()} is not trained: its first-stage parent {child.init_label} did not finish",
+                  file=sys.stderr)
+            continue
+        trial = replace(child, init_from=checkpoint_uri(best[child.init_label]))
+        trials.append(trial)
+        checkpoints[trial.label()] = best[child.init_label]
+    return trials, checkpoints
 
 
 def run_sweep(
@@ -103,11 +159,12 @@ def run_sweep(
     wait_for_gpus: float = 0,
     callbacks: list[tune.Callback] | None = None,
 ) -> tuple[str, list[dict], list[str]]:
-    """Train (or resume) every trial, then evaluate the finished ones; returns the Parquet path,
-    its rows and the names of trials that failed for good. Ray must be initialised (see
-    `cluster.init_ray`). `callbacks`: extra Ray Tune callbacks (used when the sweep starts,
-    not on resume). On resume the trials, evaluation settings and data folder are the ones
-    the sweep was started with (its iwae_sweep.json); only `space.resources` is taken anew."""
+    """Train (or resume) every trial -- the first stage, then a `continue` stage from its best
+    checkpoints -- then evaluate the finished ones; returns the Parquet path, its rows and the
+    names of trials that failed for good. Ray must be initialised (see `cluster.init_ray`).
+    `callbacks`: extra Ray Tune callbacks (used when a stage starts, not on resume). On resume
+    the trials, evaluation settings and data folder are the ones the sweep was started with
+    (its iwae_sweep.json); only `space.resources` is taken anew."""
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
@@ -120,37 +177,24 @@ def run_sweep(
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
-        if started.trials != space.trials:
+        if (started.trials, started.continued) != (space.trials, space.continued):
             raise SpaceError(
-                f"--resume: the sweep in {experiment} was started from {started.source} ({len(started.trials)} "
-                f"trials); {space.source} defines other trials ({len(space.trials)}). Resume with --space "
-                f"{started.source}, or start a new sweep with --name")
+                f"--resume: the sweep in {experiment} was started from {started.source} ({len(started.trials)} + "
+                f"{len(started.continued)} trials); {space.source} defines other trials ({len(space.trials)} + "
+                f"{len(space.continued)}). Resume with --space {started.source}, or start a new sweep with --name")
         space = replace(started, resources=space.resources)
-    if resume and experiment_state_saved(experiment, filesystem):
-        tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
     else:
-        if resume:
-            # Tune restoring a folder with no experiment state makes a trial with an empty config.
-            print(f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
-                  f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
-                  f"begun are not used and can be deleted", file=sys.stderr)
-        else:
-            write_spec(experiment, filesystem, space, data_dir)
-        tuner = build_tuner(space, storage, data_dir, max_concurrent, asha, max_failures, callbacks)
-    grid = tuner.fit()
-    # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
-    # terminated; the experiment state it saved on the way out still says which are not.
-    saved = saved_results(experiment, filesystem)
-    pending = len(saved) - saved.num_terminated - saved.num_errors
-    if pending:
-        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
-                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < r.config["train"]["passes"]]
-        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
-                               f"lost: continue with the same command plus --resume")
-    failed = [result for result in grid if result.error is not None]
+        write_spec(experiment, filesystem, space, data_dir)
+    options = (data_dir, resume, max_concurrent, asha, max_failures, callbacks)
+    grids = [fit_stage(space, space.trials, storage, space.name, *options)]
+    if space.continued:
+        trials, checkpoints = second_stage(space, grids[0])
+        if trials:
+            grids.append(fit_stage(space, trials, stage_storage(storage, space.name), STAGE_2, *options, init_checkpoints=checkpoints))
+    failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
-    path, rows = run_evaluation(grid, space, data_dir)
+    path, rows = run_evaluation(grids, space, data_dir)
     return path, rows, [Path(result.path).name for result in failed]
 
 
@@ -189,7 +233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(about 4 minutes on a 2-core laptop) on a local Ray.",
         epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.")
     parser.add_argument("--space", default=DEFAULT_SPACE,
-                        help="a search-space YAML file, or the name of one in search_spaces/ (quick, burda2016, rainforth2018)")
+                        help="a search-space YAML file, or the name of one in search_spaces/ (quick, burda2016, burda2016_table2, rainforth2018)")
     parser.add_argument("--name", help="the sweep's folder name under --storage (default: the space file's name)")
     parser.add_argument("--storage", default="sweeps",
                         help="where sweeps live: a local folder (default ./sweeps) or a URI such as s3://bucket/path")

@@ -28,6 +28,11 @@ Format (every section but `experiments` is optional; defaults below):
     checkpoints:
       keep: 2                     # Ray keeps the best `keep` by validation bound, plus the latest
       every: 1                    # passes between checkpoints (the last pass always has one)
+    continue:                     # optional second stage (Burda et al.'s Table 2), trained after the first:
+      training: {passes: 2187, lr: 0.0001, schedule: constant}   # TrainConfig fields for every stage-2 trial
+      switch:                     # each first-stage trial matching `from` continues with `to`'s settings,
+        - from: {objective: vae, k: 1}      # from its best checkpoint (by validation bound)
+          to: {objective: iwae, k: 50}
 
 Experiment keys: objective, k, m, mk, beta, layers, estimator, plus any `training` key.
 Errors name the file, the key, the value and what is allowed, before any trial starts.
@@ -51,14 +56,17 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = "quick"
 
 TRIAL_KEYS = ("objective", "k", "m", "beta", "layers", "estimator")
-TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in (*TRIAL_KEYS, "seed"))
+# init_* are set by a `continue` section, never by hand: a sweep's parents are its own trials.
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                      if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_"))
 SECTIONS = {
     "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int},
     "resources": {"cpus_per_trial": (int, float), "gpus_per_trial": (int, float), "eval_gpus": (int, float),
                   "eval_actors": int},
     "checkpoints": {"keep": int, "every": int},
 }
-TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", *SECTIONS}
+TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", *SECTIONS}
+STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
 BEST_MODES = ("each", "top")
 
 
@@ -97,11 +105,14 @@ class SweepSpace:
     resources: Resources = field(default_factory=Resources)
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     description: str = ""
+    # Stage 2: trials that start from a stage-1 trial's best checkpoint; init_label names it,
+    # init_from is STAGE_1 + that label until the sweep knows the checkpoint.
+    continued: list[TrainConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "source": self.source, "description": self.description,
-            "trials": [t.to_dict() for t in self.trials],
+            "trials": [t.to_dict() for t in self.trials], "continued": [t.to_dict() for t in self.continued],
             "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
             "checkpoints": dataclasses.asdict(self.checkpoints),
         }
@@ -111,7 +122,8 @@ class SweepSpace:
         return cls(name=d["name"], source=d["source"], description=d["description"],
                    trials=[TrainConfig.from_dict(t) for t in d["trials"]],
                    evaluation=Evaluation(**d["evaluation"]), resources=Resources(**d["resources"]),
-                   checkpoints=Checkpoints(**d["checkpoints"]))
+                   checkpoints=Checkpoints(**d["checkpoints"]),
+                   continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])])
 
 
 def resolve_space_path(space: str) -> Path:
@@ -215,8 +227,54 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
                     raise fail(where, f"{point}: {error}") from None
                 if config not in trials:
                     trials.append(config)
+    continued = _continued(raw.get("continue"), trials, fail)
     return SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
-                      checkpoints=checkpoints, description=str(raw.get("description", "")).strip())
+                      checkpoints=checkpoints, description=str(raw.get("description", "")).strip(), continued=continued)
+
+
+def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfig]:
+    """The stage-2 trials of a `continue` section: one per (switch, matching stage-1 trial)."""
+    if section is None:
+        return []
+    if not isinstance(section, dict) or set(section) - {"training", "switch"} or "switch" not in section:
+        raise fail("continue", "expected a mapping with `switch` (a list of {from: ..., to: ...}) and optional `training`")
+    training = section.get("training") or {}
+    if not isinstance(training, dict):
+        raise fail("continue.training", "expected a mapping of TrainConfig fields")
+    for key in training:
+        if key not in TRAINING_KEYS:
+            raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+    switches = section["switch"]
+    if not isinstance(switches, list) or not switches:
+        raise fail("continue.switch", "expected a non-empty list of {from: {...}, to: {...}}")
+    labels = [t.label() for t in trials]
+    continued: list[TrainConfig] = []
+    for index, switch in enumerate(switches):
+        where = f"continue.switch[{index}]"
+        if not isinstance(switch, dict) or set(switch) != {"from", "to"} or not all(
+                isinstance(switch[side], dict) for side in ("from", "to")):
+            raise fail(where, "expected {from: {objective: vae, k: 1}, to: {objective: iwae, k: 50}}")
+        for side in ("from", "to"):
+            for key in switch[side]:
+                if key not in (*TRIAL_KEYS, "seed", *TRAINING_KEYS):
+                    raise fail(f"{where}.{side}.{key}", f"unknown key; allowed: {', '.join((*TRIAL_KEYS, 'seed'))} "
+                                                       f"and training keys")
+        parents = [t for t in trials if all(getattr(t, k) == v for k, v in switch["from"].items())]
+        if not parents:
+            raise fail(f"{where}.from", f"{switch['from']} matches no first-stage trial ({', '.join(labels)})")
+        for parent in parents:
+            if labels.count(parent.label()) > 1:
+                raise fail(f"{where}.from", f"first-stage trials share the label {parent.label()!r} (they differ only "
+                                            f"in a training setting), so a second stage cannot name its parent")
+            values = {**parent.to_dict(), **training, **switch["to"], "init_from": STAGE_1 + parent.label(),
+                      "init_label": parent.label()}
+            try:
+                child = TrainConfig(**values)
+            except (ValueError, TypeError) as error:
+                raise fail(where, f"{switch['to']}: {error}") from None
+            if child not in continued:
+                continued.append(child)
+    return continued
 
 
 def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:

@@ -57,7 +57,7 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
 
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
-    "checkpoint_every": passes}."""
+    "checkpoint_every": passes, "init_checkpoints": {trial label: parent checkpoint} (stage 2)}."""
     # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     train_config = TrainConfig.from_dict(config["train"])
@@ -66,9 +66,13 @@ def train_trial(config: dict[str, Any]) -> None:
     data = load_mnist(config["data_dir"], device, train_config.binarization, download=True)
     # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
     run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
+    init_source = run_dir / "parent.pt"
     if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
         with checkpoint.as_directory() as folder:
             shutil.copy(Path(folder) / CHECKPOINT_NAME, checkpoint_path(run_dir))
+    elif (parent := config.get("init_checkpoints", {}).get(train_config.label())) is not None:
+        with parent.as_directory() as folder:  # read through the storage filesystem, wherever it lies
+            shutil.copy(Path(folder) / CHECKPOINT_NAME, init_source)
     writer = SummaryWriter(TENSORBOARD_DIR)
 
     def report(row: dict, checkpoint_file: Path) -> None:
@@ -88,7 +92,8 @@ def train_trial(config: dict[str, Any]) -> None:
             tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:
-        train(train_config, run_dir, data, device=device, progress=False, on_epoch_end=report)
+        train(train_config, run_dir, data, device=device, progress=False, on_epoch_end=report,
+              init_source=init_source if init_source.exists() else None)
     finally:
         writer.close()
         shutil.rmtree(run_dir, ignore_errors=True)

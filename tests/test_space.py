@@ -26,6 +26,14 @@ def test_shipped_spaces_expand_to_the_papers_configurations():
     assert sorted(t.beta for t in rainforth.trials if t.objective == "ciwae") == [0.05, 0.5]
     assert [(t.m, t.k) for t in rainforth.trials if t.objective == "piwae"] == [(8, 8)]
     assert [t.estimator for t in rainforth.trials if t.objective == "iwae"] == ["dreg"]
+    assert all(t.snr_every == 10 for t in rainforth.trials)
+
+    table2 = load_space("burda2016_table2")
+    assert [t.label() for t in table2.trials] == ["vae_L1_M1_K1_s0", "iwae_L1_M1_K50_s0"]
+    assert [t.label() for t in table2.continued] == ["iwae_L1_M1_K50_s0_from_vae_L1_M1_K1_s0",
+                                                     "vae_L1_M1_K1_s0_from_iwae_L1_M1_K50_s0"]
+    assert all((t.passes, t.lr, t.schedule, t.init_optimizer) == (2187, 1e-4, "constant", False)
+               for t in table2.continued)
 
 
 def write(tmp_path, text: str):
@@ -51,6 +59,15 @@ GOOD = {"experiments": [{"objective": "iwae", "k": [1, 5]}], "training": {"passe
     ({"seeds": "0"}, ["seeds", "list of integers"]),
     ({"resources": {"cpus_per_trial": 0}}, ["resources.cpus_per_trial", "> 0"]),
     ({"evaluation": {"best": "median"}}, ["evaluation.best", "median", "each, top"]),
+    ({"training": {"init_from": "/elsewhere"}}, ["training.init_from", "unknown key"]),
+    ({"continue": {"switch": [{"from": {"objective": "vae"}, "to": {"k": 50}}]}},
+     ["continue.switch[0].from", "{'objective': 'vae'} matches no first-stage trial", "iwae_L1_M1_K1_s0"]),
+    ({"continue": {"switch": [{"from": {"k": 1}, "to": {"objective": "rws"}}]}},
+     ["continue.switch[0]", "rws", "iwae"]),
+    ({"continue": {"switch": [{"from": {"k": 1}, "to": {"kk": 5}}]}}, ["continue.switch[0].to.kk", "unknown key"]),
+    ({"continue": {"training": {"init_optimizer": True}, "switch": []}},
+     ["continue.training.init_optimizer", "unknown key"]),
+    ({"continue": {"to": {}}}, ["continue", "switch"]),
 ])
 def test_bad_files_name_the_file_key_value_and_fix(tmp_path, change, expected):
     path = write(tmp_path, yaml.safe_dump({**GOOD, **change}))
@@ -63,7 +80,7 @@ def test_bad_files_name_the_file_key_value_and_fix(tmp_path, change, expected):
 
 
 def test_unknown_space_name_lists_the_shipped_ones():
-    with pytest.raises(SpaceError, match="burda2016, quick, rainforth2018"):
+    with pytest.raises(SpaceError, match="burda2016, burda2016_table2, quick, rainforth2018"):
         load_space("burda2017")
 
 

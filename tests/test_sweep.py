@@ -20,7 +20,8 @@ from ray import tune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
-from iwae_model.checkpoint import load_checkpoint
+from iwae_model import TrainConfig, likelihood
+from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import ClusterError, check_gpus
 from sweep.evaluate import write_spec
 from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
@@ -358,6 +359,56 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
     for trial in set(trial_dirs(sweep_dir)) - set(begun):
         assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=8)
 
+
+
+# Burda's Table 2 in small: each first-stage trial continues under the other objective.
+TWO_STAGE = {**TINY, "name": "two_stage", "continue": {
+    "training": {"passes": 6, "train_images": 2000, "lr": 1e-4, "schedule": "constant"},
+    "switch": [{"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}},
+               {"from": {"objective": "iwae"}, "to": {"objective": "vae", "k": 1}}]}}
+
+
+def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retraining_stage_1(mnist_dir, mnist, tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TWO_STAGE))
+    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
+               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "store" / "two_stage"
+    try:
+        wait_for_checkpoint(driver, sweep_dir / "stage2", "checkpoint_000001")  # stage 1 done, stage 2 midway
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first_stage = {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")}
+    assert sum(path.name == "checkpoint.pt" for path in first_stage) >= 2
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Stage 1 was not trained again: not a file of its trials was written or added.
+    assert {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")} == first_stage
+    rows = {r["trial_name"]: r for r in read_results(str(sweep_dir)).to_pylist()}
+    assert sorted(rows) == ["iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0",
+                            "vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0"]
+    for name, parent in (("iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0"),
+                         ("vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0")):
+        child = rows[name]
+        assert child["sweep_stage"] == 2 and rows[parent]["sweep_stage"] == 1 and child["parent_trial_name"] == parent
+        # It started from the checkpoint its parent's row was evaluated from (both the best by validation bound).
+        assert child["parent_checkpoint_uri"] == rows[parent]["checkpoint_uri"]
+        assert json.loads(child["config"])["init_from"] == rows[parent]["checkpoint_uri"]
+        checkpoints = sorted(Path(child["checkpoint_uri"]).parent.glob("checkpoint_*"))
+        state = load_checkpoint(checkpoints[-1])
+        assert_complete_history(checkpoints[-1], passes=6)
+        assert {row["lr"] for row in state["history"]} == {1e-4}
+        # Its first pass (100 steps at lr 1e-4) starts where the parent's weights are on the child's
+        # objective, hundreds of nats from where a fresh model starts.
+        objective = TrainConfig.from_dict(json.loads(child["config"])).build_objective()
+        parent_model, _, _ = load_model(Path(rows[parent]["checkpoint_uri"]), "cpu")
+        start = likelihood.bound(parent_model, mnist.fixed("valid"), objective).mean().item()
+        fresh = likelihood.bound(TrainConfig(k=3).build_model().eval(), mnist.fixed("valid"), objective).mean().item()
+        assert abs(state["history"][0]["valid_bound"] - start) < 0.1 * abs(fresh - start)
+    assert "Table 2: second stage continued from the first stage's best checkpoint" in resumed.stdout
+    assert "| vae_L1_M1_K1_s0 | " in resumed.stdout and "| iwae_L1_M1_K3_s0 | " in resumed.stdout
 
 
 @pytest.fixture

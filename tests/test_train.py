@@ -9,7 +9,7 @@ from conftest import small_mnist
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
-from iwae_model.train import NonFiniteLoss, stage_boundaries, stage_lr, train
+from iwae_model.train import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
 
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
 METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "test_bound", "test_nll",
@@ -177,3 +177,49 @@ def test_compiled_training_computes_the_same_run(tiny_data, tmp_path, changes):
         # Same draws, same maths; fused kernels round differently in the last bits.
         assert b["train_bound"] == pytest.approx(a["train_bound"], rel=1e-4)
         assert b["valid_bound"] == pytest.approx(a["valid_bound"], rel=1e-4)
+
+
+def optimizer_steps(state: dict) -> set[float]:
+    return {float(s["step"]) for s in state["optimizer"]["state"].values()}
+
+
+def test_a_continued_run_starts_from_its_parents_weights_with_a_fresh_optimizer(tiny_data, uninterrupted, tmp_path):
+    parent_dir = uninterrupted[0]
+    parent = load_checkpoint(parent_dir)
+    # lr 1e-12: one pass moves no weight by more than ~1e-10, so the start is visible at the end.
+    child = dict(TINY, objective="vae", k=1, passes=1, lr=1e-12, schedule="constant", init_from=str(parent_dir),
+                 init_label="iwae_L1_M1_K5_s3")
+    history = train(TrainConfig(**child), tmp_path / "fresh_adam", tiny_data, progress=False)
+    state = load_checkpoint(tmp_path / "fresh_adam")
+    for name, value in parent["model"].items():
+        assert torch.allclose(state["model"][name], value, rtol=0, atol=1e-9), name
+    assert optimizer_steps(state) == {10.0} and history[0]["lr"] == 1e-12  # Adam from step 0; lr held constant
+    train(TrainConfig(**child, init_optimizer=True), tmp_path / "kept_adam", tiny_data, progress=False)
+    assert optimizer_steps(load_checkpoint(tmp_path / "kept_adam")) == {40.0}  # the parent's 30 steps, then 10
+    assert TrainConfig(**child).label() == "vae_L1_M1_K1_s3_from_iwae_L1_M1_K5_s3"
+
+
+def test_a_continued_run_resumes_bit_identical_without_reloading_its_parent(tiny_data, uninterrupted, tmp_path):
+    child = TrainConfig(**dict(TINY, objective="vae", k=1, lr=1e-4, schedule="constant",
+                               init_from=str(uninterrupted[0])))
+    train(child, tmp_path / "straight", tiny_data, progress=False)
+
+    def crash_after_first_pass(row, checkpoint):
+        if row["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(child, tmp_path / "resumed", tiny_data, progress=False, on_epoch_end=crash_after_first_pass)
+    train(child, tmp_path / "resumed", tiny_data, progress=False, init_source=tmp_path / "gone")  # never read
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, uninterrupted, tmp_path, mnist_dir):
+    with pytest.raises(InitError, match=r"\(iwae_L1_M1_K5_s3: layers=1.*another architecture than this run.s \(layers=2"):
+        train(TrainConfig(**dict(TINY, layers=2, init_from=str(uninterrupted[0]))), tmp_path, tiny_data, progress=False)
+    with pytest.raises(ValueError, match="need init_from"):
+        TrainConfig(init_label="vae_L1_M1_K1_s0")
+    cli = subprocess.run([sys.executable, "-m", "iwae_model.train", "--out", str(tmp_path / "x"), "--init-from",
+                          str(tmp_path / "nowhere"), "--data-dir", str(mnist_dir)], capture_output=True, text=True)
+    assert cli.returncode == 2 and "nowhere" in cli.stderr and "no checkpoint there" in cli.stderr
+    assert "Traceback" not in cli.stderr
