@@ -148,6 +148,10 @@ def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainC
     return trials, checkpoints
 
 
+def count(space: SweepSpace) -> str:
+    return f"{len(space.trials)} trials" + (f" and {len(space.continued)} continued" if space.continued else "")
+
+
 def run_sweep(
     space: SweepSpace,
     storage: str,
@@ -179,9 +183,9 @@ def run_sweep(
         started, data_dir = read_spec(experiment, filesystem)
         if (started.trials, started.continued) != (space.trials, space.continued):
             raise SpaceError(
-                f"--resume: the sweep in {experiment} was started from {started.source} ({len(started.trials)} + "
-                f"{len(started.continued)} trials); {space.source} defines other trials ({len(space.trials)} + "
-                f"{len(space.continued)}). Resume with --space {started.source}, or start a new sweep with --name")
+                f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
+                f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
+                f"start a new sweep with --name")
         space = replace(started, resources=space.resources)
     else:
         write_spec(experiment, filesystem, space, data_dir)

@@ -239,7 +239,7 @@ def test_a_damaged_sweep_folder_is_named_with_the_fix(finished_sweep, tmp_path, 
 def test_resuming_with_another_space_is_refused(finished_sweep, mnist_dir):
     sweep_dir, _, _ = finished_sweep
     other = parse_space({**TINY, "name": "tiny", "experiments": [{"objective": "iwae", "k": 7}]}, "other.yaml")
-    with pytest.raises(SpaceError, match=r"started from <tiny> \(2 trials\); other.yaml defines other trials \(1\)"):
+    with pytest.raises(SpaceError, match=r"started from <tiny> \(2 trials\); other.yaml defines other trials \(1 trials\)"):
         run_sweep(other, str(sweep_dir.parent), str(mnist_dir), resume=True)
 
 
@@ -250,12 +250,13 @@ def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mni
     assert len(rows) == 2 and not failed and "its trials start again" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("space", ["quick", "burda2016", "rainforth2018"])
+@pytest.mark.parametrize("space", ["quick", "burda2016", "burda2016_table2", "rainforth2018"])
 def test_dry_run_plans_every_shipped_space_and_writes_nothing(tmp_path, space):
     out = subprocess.run([sys.executable, "-m", "sweep.run", "--space", space, "--dry-run", "--storage",
                           str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for trial in load_space(space).trials:
+    loaded = load_space(space)
+    for trial in [*loaded.trials, *loaded.continued]:
         assert trial.label() in out.stdout
     assert "Estimated wall time:" in out.stdout and "An estimate, calibrated" in out.stdout
     assert not (tmp_path / "store").exists()
