@@ -12,17 +12,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from pyarrow import fs as pafs
 from ray import tune
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import iwae_model
@@ -175,7 +179,31 @@ def run_evaluation(
                 f"{grid.experiment_path}/{PER_IMAGE_FILE}", grid.filesystem)
     path = f"{grid.experiment_path}/{RESULTS_FILE}"
     write_results(rows, path, grid.filesystem)
+    checkpoints = dict(selected)
+    for row, per_image in evaluated:
+        write_evaluation_events(row, per_image, checkpoints[row["trial_id"]])
     return path, rows
+
+
+def write_evaluation_events(row: dict[str, Any], per_image: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+    """The evaluation's figures in the trial's TensorBoard: scalars (evaluation/test_nll, ess_mean,
+    pareto_k_above_0_7, ...) and histograms of the per-image NLL, ESS and Pareto k̂, at the
+    checkpoint's pass, in `tb_evaluation/<evaluation id>` beside the trial's checkpoints. Written
+    locally, then copied through the storage filesystem (TensorBoard cannot write to S3)."""
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    with tempfile.TemporaryDirectory() as folder:
+        with SummaryWriter(folder) as writer:
+            for name in ("test_nll", "test_bound", "ess_mean", "ess_median", "pareto_k_above_0_7", "pareto_k_max"):
+                if row[name] is not None and math.isfinite(row[name]):
+                    writer.add_scalar(f"evaluation/{name}", row[name], row["epochs"])
+            for name in ("nll", "ess", "pareto_k"):
+                values = per_image[name][np.isfinite(per_image[name])]
+                if len(values):
+                    writer.add_histogram(f"evaluation/{name}_per_image", values, row["epochs"])
+        destination = f"{trial_dir}/tb_evaluation/{row['evaluation_id']}"
+        checkpoint.filesystem.create_dir(destination, recursive=True)
+        pafs.copy_files(folder, destination, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=checkpoint.filesystem)
 
 
 class SweepFolderError(ValueError):

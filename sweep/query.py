@@ -79,20 +79,19 @@ def table2(frame: pd.DataFrame) -> str:
     lines = ["Table 2: second stage continued from the first stage's best checkpoint",
              "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |", "|---|---|---|---|---|---|---|"]
 
-    def au(row: pd.Series) -> str:
-        return "+".join(map(str, row["active_units"]))
+    def nll_au(row: pd.Series) -> str:
+        star = "" if row["comparable_to_papers"] else "*"
+        return f"{row['test_nll']:.2f}{star} | {'+'.join(map(str, row['active_units']))}"
 
     for _, child in continued.sort_values("trial_name").iterrows():
         parent = by_name.get(child["parent_trial_name"])
-        first = (f"{parent['test_nll']:.2f} | {au(parent)}" if parent is not None
-                 else "(not in these results) | ")
+        first = nll_au(parent) if parent is not None else "(not in these results) | "
         paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
                       for p in published()[TABLE_2] if parent is not None and child["layers"] == 1
                       and all(parent[k] == v for k, v in p["first"].items())
                       and all(child[k] == v for k, v in p["second"].items())), "")
-        star = "" if child["comparable_to_papers"] else "*"
         lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "
-                     f"{child['test_nll']:.2f}{star} | {au(child)} | {paper} |")
+                     f"{nll_au(child)} | {paper} |")
     return "\n".join(lines)
 
 
@@ -204,9 +203,10 @@ def print_results(rows: list[dict], path: str) -> None:
     print(tables(frame, summarise(frame)))
     print()
     best = frame.sort_values("test_nll").head(5)
+    width = max(28, *map(len, best["trial_name"]))
     print("Best configurations (test NLL, nats):")
     for _, row in best.iterrows():
-        print(f"  {row['trial_name']:<28} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
+        print(f"  {row['trial_name']:<{width}} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
               f"active units {'+'.join(map(str, row['active_units']))}")
     print(f"\nResults: {path} ({len(rows)} rows)")
 

@@ -156,6 +156,15 @@ def test_importance_sampling_health_and_snr_reach_parquet_and_tensorboard(finish
         scalars.Reload()
         for tag in ("snr/encoder_mean", "snr/encoder_median", "snr/decoder_mean", "snr/decoder_median"):
             assert [v.step for v in scalars.Scalars(tag)] == [PASSES], tag
+        record = next(r for r in records if trial.name.endswith(r["trial_id"]))
+        evaluation = EventAccumulator(str(trial / "tb_evaluation" / record["evaluation_id"]),
+                                      size_guidance={"histograms": 0})
+        evaluation.Reload()
+        for name in ("test_nll", "ess_mean", "pareto_k_above_0_7"):
+            (event,) = evaluation.Scalars(f"evaluation/{name}")
+            assert event.step == record["epochs"] and event.value == pytest.approx(record[name], rel=1e-6), name
+        (histogram,) = evaluation.Histograms("evaluation/ess_per_image")
+        assert histogram.histogram_value.num == 40 and histogram.histogram_value.max <= 50
 
 
 def test_query_compares_two_checkpoints_paired_and_against_a_baseline(finished_sweep, tmp_path):
@@ -440,6 +449,7 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     names = [info.path for info in s3.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert sum(name.endswith("/checkpoint.pt") for name in names) >= 2
     assert any("/tb/events.out.tfevents" in name for name in names)
+    assert sum("/tb_evaluation/" in name for name in names) == 2  # the evaluation's events, one file per trial
     table = read_results(s3_storage("sweeps/on_s3"))
     assert table.num_rows == 2 and table.schema.equals(SCHEMA)
 
