@@ -449,7 +449,7 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     names = [info.path for info in s3.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert sum(name.endswith("/checkpoint.pt") for name in names) >= 2
     assert any("/tb/events.out.tfevents" in name for name in names)
-    assert sum("/tb_evaluation/" in name for name in names) == 2  # the evaluation's events, one file per trial
+    assert sum("/tb_evaluation/" in name and "tfevents" in name for name in names) == 2  # one file per trial
     table = read_results(s3_storage("sweeps/on_s3"))
     assert table.num_rows == 2 and table.schema.equals(SCHEMA)
 
