@@ -389,13 +389,17 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    first_stage = {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")}
+    def training_files() -> dict[Path, int]:  # the evaluation adds tb_evaluation/ beside them
+        return {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")
+                if "tb_evaluation" not in path.parts}
+
+    first_stage = training_files()
     assert sum(path.name == "checkpoint.pt" for path in first_stage) >= 2
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Stage 1 was not trained again: not a file of its trials was written or added.
-    assert {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")} == first_stage
+    assert training_files() == first_stage
     rows = {r["trial_name"]: r for r in read_results(str(sweep_dir)).to_pylist()}
     assert sorted(rows) == ["iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0",
                             "vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0"]
@@ -419,6 +423,12 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
         assert abs(state["history"][0]["valid_bound"] - start) < 0.1 * abs(fresh - start)
     assert "Table 2: second stage continued from the first stage's best checkpoint" in resumed.stdout
     assert "| vae_L1_M1_K1_s0 | " in resumed.stdout and "| iwae_L1_M1_K3_s0 | " in resumed.stdout
+    # Re-running the evaluation stage alone finds both stages' checkpoints.
+    again = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "20", "--images", "10"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    table = read_results(str(sweep_dir)).to_pylist()
+    assert sorted(r["trial_name"] for r in table) == sorted(rows) and {r["eval_k"] for r in table} == {20}
 
 
 @pytest.fixture
