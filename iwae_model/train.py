@@ -137,12 +137,12 @@ def load_initial_state(config: TrainConfig, source: str | os.PathLike, model: IW
     """Start from the parent run's final weights (and Adam state with `init_optimizer`)."""
     state = load_checkpoint(source, map_location=next(model.parameters()).device)
     parent = TrainConfig.from_dict(state["config"])
-    shape = ("layers", "latent_dims", "hidden_dims")
-    if any(getattr(parent, name) != getattr(config, name) for name in shape):
-        raise InitError(f"--init-from {config.init_from}: its model ({parent.label()}: "
-                        f"{', '.join(f'{n}={getattr(parent, n)}' for n in shape)}) has another architecture than this "
-                        f"run's ({', '.join(f'{n}={getattr(config, n)}' for n in shape)}); continue it with its own "
-                        f"layers and sizes")
+    # Compared as built, so that Burda's default sizes and the same sizes spelled out agree.
+    shape = [(m.latent_dims, m.hidden_dims) for m in (parent.build_model(), model)]
+    if shape[0] != shape[1]:
+        raise InitError(f"--init-from {config.init_from}: its model ({parent.label()}: latent sizes {shape[0][0]}, "
+                        f"hidden sizes {shape[0][1]}) has another architecture than this run's (latent sizes "
+                        f"{shape[1][0]}, hidden sizes {shape[1][1]}); continue it with its own layers and sizes")
     restore(state, source, model, optimizer if config.init_optimizer else None)
 
 

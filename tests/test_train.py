@@ -215,7 +215,7 @@ def test_a_continued_run_resumes_bit_identical_without_reloading_its_parent(tiny
 
 
 def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, uninterrupted, tmp_path, mnist_dir):
-    with pytest.raises(InitError, match=r"\(iwae_L1_M1_K5_s3: layers=1.*another architecture than this run.s \(layers=2"):
+    with pytest.raises(InitError, match=r"\(iwae_L1_M1_K5_s3: latent sizes \[50\].*than this run.s \(latent sizes \[100, 50\]"):
         train(TrainConfig(**dict(TINY, layers=2, init_from=str(uninterrupted[0]))), tmp_path, tiny_data, progress=False)
     with pytest.raises(ValueError, match="need init_from"):
         TrainConfig(init_label="vae_L1_M1_K1_s0")
