@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = summarise(frame, baseline)
         sys.stdout.write(render(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")
         if args.plot:
+            if summary.empty:
+                raise ValueError("--plot draws first-stage trials, and none of these rows is one")
             plot(summary, args.plot)
             print(f"plot written to {args.plot}", file=sys.stderr)
         if args.snr_plot:
