@@ -137,19 +137,20 @@ def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> 
 
 def run_evaluation(
     grids: list[tune.ResultGrid],
+    folder: str,
+    filesystem: pafs.FileSystem,
     space: SweepSpace,
     data_dir: str,
     eval_gpus: float | None = None,
     eval_actors: int | None = None,
 ) -> tuple[str, list[dict]]:
-    """Evaluate the selected checkpoints of every stage's grid (the first is the sweep's own) on
-    `eval_actors` actors; write and return the Parquet path (on its filesystem) and its rows."""
-    grid = grids[0]
+    """Evaluate the selected checkpoints of every stage's grid on `eval_actors` actors; write the
+    Parquet files into the sweep `folder` (on `filesystem`); return the results path and rows."""
     gpus = space.resources.eval_gpus if eval_gpus is None else eval_gpus
     actors = space.resources.eval_actors if eval_actors is None else eval_actors
     selected = select_checkpoints(grids, space.evaluation)
     if not selected:
-        raise NothingToEvaluate(f"{grid.experiment_path}: no finished trial with a checkpoint to evaluate")
+        raise NothingToEvaluate(f"{folder}: no finished trial with a checkpoint to evaluate")
     actors = min(actors, len(selected))
     # On CPU the actors share the cluster's cores (no more than one node has); on GPU one core
     # each feeds its GPU.
@@ -175,13 +176,13 @@ def run_evaluation(
     rows = [row for row, _ in evaluated]
     # The per-image file first: results.parquet names the evaluation_id its per-image rows carry,
     # so a crash between the two writes is detected by sweep.query rather than mixing evaluations.
-    write_table(per_image_table([per_image for _, per_image in evaluated]),
-                f"{grid.experiment_path}/{PER_IMAGE_FILE}", grid.filesystem)
-    path = f"{grid.experiment_path}/{RESULTS_FILE}"
-    write_results(rows, path, grid.filesystem)
+    write_table(per_image_table([per_image for _, per_image in evaluated]), f"{folder}/{PER_IMAGE_FILE}", filesystem)
+    path = f"{folder}/{RESULTS_FILE}"
+    write_results(rows, path, filesystem)
     checkpoints = dict(selected)
     for row, per_image in evaluated:
-        write_evaluation_events(row, per_image, checkpoints[row["trial_id"]])
+        if checkpoints[row["trial_id"]].path.startswith(f"{folder}/"):  # not into another sweep (--init-from-sweep)
+            write_evaluation_events(row, per_image, checkpoints[row["trial_id"]])
     return path, rows
 
 
@@ -261,10 +262,15 @@ def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderErro
 
 
 def load_grids(location: str) -> list[tune.ResultGrid]:
-    """A finished sweep's results, from a local path or a URI: the first stage's, then the
-    `continue` stage's if it ran."""
+    """A finished sweep's results, from a local path or a URI: the first stage's (another
+    sweep's, for one made with --init-from-sweep), then the `continue` stage's if it ran."""
     filesystem, path = filesystem_and_path(location)
-    grids = [saved_results(path, filesystem)]
+    spec = filesystem.get_file_info(f"{path}/{SPEC_FILE}").type == pafs.FileType.File
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem) and spec:
+        space, _ = read_spec(path, filesystem)
+        grids = [load_grids(space.init_from_sweep)[0] if space.init_from_sweep else saved_results(path, filesystem)]
+    else:
+        grids = [saved_results(path, filesystem)]
     if tune.Tuner.can_restore(f"{path}/{STAGE_2}", storage_filesystem=filesystem):
         grids.append(saved_results(f"{path}/{STAGE_2}", filesystem))
     return grids
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     try:
         grids = load_grids(args.sweep_dir)
-        space, data_dir = read_spec(grids[0].experiment_path, grids[0].filesystem)
+        filesystem, folder = filesystem_and_path(args.sweep_dir)
+        space, data_dir = read_spec(folder, filesystem)
     except SweepFolderError as error:
         parser.exit(1, f"error: {error}\n")
     evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
@@ -298,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
-        path, rows = run_evaluation(grids, space, data_dir, args.eval_gpus, args.eval_actors)
+        path, rows = run_evaluation(grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors)
     except (ClusterError, NothingToEvaluate, CheckpointError) as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)

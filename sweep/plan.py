@@ -79,7 +79,8 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     plans = []
     try:
         torch.set_num_threads(trial_threads)
-        for config in [*space.trials, *space.continued]:
+        trained = [] if space.init_from_sweep else space.trials  # --init-from-sweep: stage 1 exists
+        for config in [*trained, *space.continued]:
             # Only the model, objective and estimator set the cost: calibrate each once.
             key = replace(config, seed=0, lr=TrainConfig.lr, passes=1, schedule="compressed", train_images=None,
                           test_images=None, nll_every=0, snr_every=0, init_from=None, init_label=None,
@@ -109,7 +110,7 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         eval_seconds = makespan([images * per_image[t.layers] for t in chosen], space.resources.eval_actors)
     finally:
         torch.set_num_threads(threads)
-    first = len(space.trials)
+    first = len(trained)
     train_wall = makespan([p.seconds for p in plans[:first]], concurrent) + makespan([p.seconds for p in plans[first:]], concurrent)
     return SweepPlan(plans, concurrent, len(chosen), images, evaluation.k, eval_seconds, train_wall, str(device),
                      trial_threads)

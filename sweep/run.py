@@ -38,6 +38,7 @@ from .evaluate import (
     best_checkpoint,
     checkpoint_uri,
     read_spec,
+    load_grids,
     restore_tuner,
     run_evaluation,
     saved_results,
@@ -136,6 +137,11 @@ def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainC
     validation bound, as the evaluation picks it) recorded in init_from."""
     best = {trial_label(result): best_checkpoint(result) for result in first
             if result.error is None and result.checkpoint is not None}
+    missing = sorted({child.init_label for child in space.continued} - set(best))
+    if space.init_from_sweep and missing:
+        raise SpaceError(f"--init-from-sweep {space.init_from_sweep}: it has no finished trial labelled "
+                         f"{', '.join(missing)} to continue (it has {', '.join(sorted(best)) or 'none'}); the space's "
+                         f"experiments must name that sweep's trials")
     trials, checkpoints = [], {}
     for child in space.continued:
         if child.init_label not in best:
@@ -172,7 +178,8 @@ def run_sweep(
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
-    exists = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
+    exists = any(tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+                 for path in (experiment, f"{experiment}/{STAGE_2}"))
     begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
     if exists and not resume:
         raise SpaceError(f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
@@ -181,7 +188,8 @@ def run_sweep(
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
-        if (started.trials, started.continued) != (space.trials, space.continued):
+        if (started.trials, started.continued, started.init_from_sweep) != (space.trials, space.continued,
+                                                                             space.init_from_sweep):
             raise SpaceError(
                 f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
                 f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
@@ -190,7 +198,10 @@ def run_sweep(
     else:
         write_spec(experiment, filesystem, space, data_dir)
     options = (data_dir, resume, max_concurrent, asha, max_failures, callbacks)
-    grids = [fit_stage(space, space.trials, storage, space.name, *options)]
+    if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
+        grids = load_grids(space.init_from_sweep)[:1]
+    else:
+        grids = [fit_stage(space, space.trials, storage, space.name, *options)]
     if space.continued:
         trials, checkpoints = second_stage(space, grids[0])
         if trials:
@@ -198,7 +209,7 @@ def run_sweep(
     failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
-    path, rows = run_evaluation(grids, space, data_dir)
+    path, rows = run_evaluation(grids, experiment, filesystem, space, data_dir)
     return path, rows, [Path(result.path).name for result in failed]
 
 
@@ -253,6 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
     parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation actor)")
     parser.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint")
+    parser.add_argument("--init-from-sweep", metavar="SWEEP_DIR",
+                        help="with a space that has a `continue` section: take its first stage from this finished "
+                             "sweep (path or URI; the trials the space's experiments name) instead of training it, "
+                             "and train only the continued stage here")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the space and print every trial, the evaluation work and an estimated wall "
                              "time (from seconds of calibration on this machine); trains nothing, writes nothing")
@@ -274,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {key: getattr(args, key) for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
                      if getattr(args, key) is not None}
         space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        if args.init_from_sweep:
+            if not space.continued:
+                raise SpaceError(f"--init-from-sweep: {space.source} has no `continue` section, so there is nothing to "
+                                 f"continue; add one (see search_spaces/burda2016_table2.yaml)")
+            parent = args.init_from_sweep
+            space = replace(space, init_from_sweep=parent if "://" in parent else str(Path(parent).expanduser().resolve()))
         if args.dry_run:
             print(dry_run(space, args.address, args.max_concurrent))
             return

@@ -108,11 +108,14 @@ class SweepSpace:
     # Stage 2: trials that start from a stage-1 trial's best checkpoint; init_label names it,
     # init_from is STAGE_1 + that label until the sweep knows the checkpoint.
     continued: list[TrainConfig] = field(default_factory=list)
+    # sweep.run --init-from-sweep: stage 1 is that sweep's (finished) trials, not trained here.
+    init_from_sweep: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "source": self.source, "description": self.description,
             "trials": [t.to_dict() for t in self.trials], "continued": [t.to_dict() for t in self.continued],
+            "init_from_sweep": self.init_from_sweep,
             "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
             "checkpoints": dataclasses.asdict(self.checkpoints),
         }
@@ -123,7 +126,8 @@ class SweepSpace:
                    trials=[TrainConfig.from_dict(t) for t in d["trials"]],
                    evaluation=Evaluation(**d["evaluation"]), resources=Resources(**d["resources"]),
                    checkpoints=Checkpoints(**d["checkpoints"]),
-                   continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])])
+                   continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
+                   init_from_sweep=d.get("init_from_sweep"))
 
 
 def resolve_space_path(space: str) -> Path:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -429,6 +430,35 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
     assert again.returncode == 0, again.stderr[-3000:]
     table = read_results(str(sweep_dir)).to_pylist()
     assert sorted(r["trial_name"] for r in table) == sorted(rows) and {r["eval_k"] for r in table} == {20}
+
+
+def test_a_second_stage_continues_another_finished_sweep(finished_sweep, local_ray, mnist_dir, tmp_path):
+    parent_dir, _, _ = finished_sweep
+    untouched = {path: path.stat().st_mtime_ns for path in parent_dir.rglob("*")}
+    continued = {**TINY, "name": "continued", "continue": {
+        "training": {"passes": 2}, "switch": [{"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}}]}}
+    space = replace(parse_space(continued, "<continued>"), init_from_sweep=str(parent_dir))
+    _, rows, failed = run_sweep(space, str(tmp_path), str(mnist_dir))
+    by_name = {row["trial_name"]: row for row in rows}
+    assert not failed and sorted(by_name) == ["iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0",
+                                              "vae_L1_M1_K1_s0"]
+    child = by_name["iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0"]
+    assert child["parent_checkpoint_uri"] == by_name["vae_L1_M1_K1_s0"]["checkpoint_uri"]
+    assert child["parent_checkpoint_uri"].startswith(f"{parent_dir}/") and child["epochs"] == 2
+    # Stage 1 is read from the other sweep, never trained or written to here.
+    assert trial_dirs(tmp_path / "continued") == [] and len(trial_dirs(tmp_path / "continued" / "stage2")) == 1
+    assert {path: path.stat().st_mtime_ns for path in parent_dir.rglob("*")} == untouched
+    again = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(tmp_path / "continued"), "--k", "20",
+                            "--images", "10"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(read_results(str(tmp_path / "continued")).to_pylist()) == 3
+    unknown = replace(parse_space({**continued, "name": "unknown", "experiments": [{"objective": "vae", "k": 7}]},
+                                  "<unknown>"), init_from_sweep=str(parent_dir))
+    with pytest.raises(SpaceError, match="no finished trial labelled vae_L1_M1_K7_s0 to continue"):
+        run_sweep(unknown, str(tmp_path), str(mnist_dir))
+    cli = subprocess.run([sys.executable, "-m", "sweep.run", "--space", "quick", "--init-from-sweep", str(parent_dir),
+                          "--storage", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1 and "has no `continue` section" in cli.stderr and "Traceback" not in cli.stderr
 
 
 @pytest.fixture
