@@ -10,22 +10,38 @@ asked for it and has S seconds to bring it up.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import ray
+from ray._private import ray_constants
+
+# Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch (ray
+# 2.60, see shared/reference/ray_tune_facts.md section 10) is what keeps a local Ray on loopback.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class ClusterError(RuntimeError):
     pass
 
 
+def keep_local_ray_on_loopback() -> None:
+    """Every node of a Ray started from this process after this call (and its raylets and
+    workers) uses 127.0.0.1, not the external address. Only for a single-machine Ray: a real
+    cluster keeps Ray's normal addressing (and with the switch Ray's CLI refuses to join one)."""
+    os.environ[LOOPBACK_SWITCH] = "0"  # for the processes ray.init starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported ray
+
+
 def init_ray(address: str | None) -> None:
-    """Join `address` ("auto" for the cluster `ray up` made), or start a private local Ray."""
+    """Join `address` ("auto" for the cluster `ray up` made), or start a private local Ray on
+    127.0.0.1."""
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address)
     else:
+        keep_local_ray_on_loopback()
         ray.init(address="local", include_dashboard=False)
 
 

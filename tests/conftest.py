@@ -1,17 +1,16 @@
 import os
 from pathlib import Path
 
-# Every Ray process the tests start (in this process or in the CLIs they run, which inherit the
-# environment) stays on 127.0.0.1, never the machine's external address. Ray turns a plain
-# 127.0.0.1 into the external address; this internal switch is what keeps it (ray 2.60, see
-# the Ray facts in shared/reference, section 10). Set in this one place, before anything
-# imports ray; test_ray_stays_on_loopback checks that it still works.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
 import pytest
 import torch
 
 from iwae_model.data import MNIST, load_mnist
+from sweep.cluster import keep_local_ray_on_loopback
+
+# Every Ray process the tests start (in this process or in the CLIs they run, which inherit the
+# environment) stays on 127.0.0.1, never the machine's external address: the product's own
+# switch, checked by test_ray_stays_on_loopback and test_a_local_sweep_ray_is_on_loopback.
+keep_local_ray_on_loopback()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
-from sweep.cluster import ClusterError, check_gpus
+from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.evaluate import write_spec
 from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
 from sweep.run import dry_run, run_sweep
@@ -294,6 +294,17 @@ def test_dry_run_on_a_cluster_counts_the_cluster_s_cpus(local_ray):
 
 def test_ray_stays_on_loopback(local_ray):
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
+def test_a_local_sweep_ray_is_on_loopback():
+    # What python -m sweep.run and sweep.evaluate start without --address, in a process that
+    # has not inherited the tests' switch.
+    env = {key: value for key, value in os.environ.items() if key != LOOPBACK_SWITCH}
+    script = ("import ray; from sweep.cluster import init_ray; init_ray(None); "
+              "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['127.0.0.1']"
 
 
 def test_a_gpu_that_cannot_exist_fails_fast(local_ray):
