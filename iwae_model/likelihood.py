@@ -49,10 +49,11 @@ def eval_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(EVAL_SEED)
 
 
-def noise_stream(model: IWAEModel, k: int, device: torch.device, image_batch: int | None = None) -> str:
-    """A name for the q-noise an evaluation draws: equal names, equal noise per image."""
+def noise_stream(model: IWAEModel, k: int, device: torch.device) -> str:
+    """A name for the q-noise an evaluation with the default image batch draws: equal names,
+    equal noise per image."""
     latents = "+".join(map(str, model.latent_dims))
-    return f"seed {EVAL_SEED}, k {k}, latents {latents}, {image_batch or default_image_batch(device)} images/batch, {device.type}"
+    return f"seed {EVAL_SEED}, k {k}, latents {latents}, {default_image_batch(device)} images/batch, {device.type}"
 
 
 @dataclass

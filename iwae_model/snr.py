@@ -36,22 +36,23 @@ def gradient_draws(
     x: torch.Tensor,
     draws: int,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[draws, P_phi]` and `[draws, P_theta]`: the estimator's gradient of the summed batch
-    objective with respect to every encoder and decoder component, one row per draw.
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per parameter `[draws, numel]`: the estimator's gradient of the summed batch objective,
+    one row per draw (the encoder's from the encoder loss, the decoder's from the decoder loss).
 
     A loop over draws, not samples: each draw needs its own backward pass. Parameters' .grad are
     left untouched, so this can run in the middle of training."""
     encoder, decoder = model.encoder_parameters(), model.decoder_parameters()
-    rows: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    rows: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in (*encoder, *decoder)}
     for _ in range(draws):
         noise = model.draw_noise(objective.num_samples, x.shape[0], generator)
         log_w = model.log_weights(x, noise=noise, stop_q_params=estimator.stop_q_params)
         losses = estimator.surrogate(objective, log_w)
-        for params, loss, out in ((decoder, losses.decoder_loss, rows[1]), (encoder, losses.encoder_loss, rows[0])):
+        for params, loss in ((decoder, losses.decoder_loss), (encoder, losses.encoder_loss)):
             grads = torch.autograd.grad(loss, params, retain_graph=params is decoder, allow_unused=True)
-            out.append(torch.cat([(torch.zeros_like(p) if g is None else -g).flatten() for p, g in zip(params, grads)]))
-    return torch.stack(rows[0]), torch.stack(rows[1])
+            for p, g in zip(params, grads):
+                rows[p].append((torch.zeros_like(p) if g is None else -g).flatten())
+    return {p: torch.stack(r) for p, r in rows.items()}
 
 
 def component_snr(grads: torch.Tensor) -> torch.Tensor:
@@ -77,20 +78,10 @@ def gradient_snr(
     if draws < 2:
         raise ValueError(f"draws={draws}: the SNR needs at least 2 gradient draws (100 or more for stable figures)")
     generator = generator or torch.Generator(device=x.device).manual_seed(0)
-    encoder_grads, decoder_grads = gradient_draws(model, objective, estimator, x, draws, generator)
-    # Column ranges of each group within the encoder / decoder rows, in parameter order.
-    offsets = {}
-    for side, params in (("encoder", model.encoder_parameters()), ("decoder", model.decoder_parameters())):
-        start = 0
-        for p in params:
-            offsets[id(p)] = (side, start, start + p.numel())
-            start += p.numel()
+    grads = gradient_draws(model, objective, estimator, x, draws, generator)
     figures = {}
     for name, params in parameter_groups(model).items():
-        side = offsets[id(params[0])][0]
-        grads = encoder_grads if side == "encoder" else decoder_grads
-        columns = torch.cat([torch.arange(*offsets[id(p)][1:], device=grads.device) for p in params])
-        snr = component_snr(grads[:, columns])
+        snr = component_snr(torch.cat([grads[p] for p in params], dim=1))
         figures[f"{name}_mean"] = float(snr.mean())
         figures[f"{name}_median"] = float(snr.median())
     return figures

@@ -209,7 +209,8 @@ def train(
     surrogate = build_surrogate(model, objective, estimator, config.compile)
     valid_x = data.fixed("valid")
     test_x = data.fixed("test")[:config.test_images]
-    snr_x = data.training_batch(train_x[:config.snr_images], torch.Generator(device=device).manual_seed(SNR_SEED))
+    snr_x = (data.training_batch(train_x[:config.snr_images], torch.Generator(device=device).manual_seed(SNR_SEED))
+             if config.snr_every else None)
     bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     while epoch < config.passes:

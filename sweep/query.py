@@ -76,6 +76,7 @@ def table2(frame: pd.DataFrame) -> str:
     if continued.empty:
         return ""
     by_name = {row["trial_name"]: row for _, row in frame.iterrows()}
+    pairs = published()[TABLE_2]
     lines = ["Table 2: second stage continued from the first stage's best checkpoint",
              "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |", "|---|---|---|---|---|---|---|"]
 
@@ -87,7 +88,7 @@ def table2(frame: pd.DataFrame) -> str:
         parent = by_name.get(child["parent_trial_name"])
         first = nll_au(parent) if parent is not None else "(not in these results) | "
         paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
-                      for p in published()[TABLE_2] if parent is not None and child["layers"] == 1
+                      for p in pairs if parent is not None and child["layers"] == 1
                       and all(parent[k] == v for k, v in p["first"].items())
                       and all(child[k] == v for k, v in p["second"].items())), "")
         lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "

@@ -224,11 +224,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
             raise fail(where, "expected a mapping such as {objective: iwae, k: [5, 50]}")
         for point in _expand(grid, where, mk_product, fail):
             for seed in seeds:
-                values = {**training, **point, "seed": seed}
-                try:
-                    config = TrainConfig(**values)
-                except (ValueError, TypeError) as error:
-                    raise fail(where, f"{point}: {error}") from None
+                config = _config({**training, **point, "seed": seed}, where, point, fail)
                 if config not in trials:
                     trials.append(config)
     continued = _continued(raw.get("continue"), trials, fail)
@@ -270,15 +266,19 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
             if labels.count(parent.label()) > 1:
                 raise fail(f"{where}.from", f"first-stage trials share the label {parent.label()!r} (they differ only "
                                             f"in a training setting), so a second stage cannot name its parent")
-            values = {**parent.to_dict(), **training, **switch["to"], "init_from": STAGE_1 + parent.label(),
-                      "init_label": parent.label()}
-            try:
-                child = TrainConfig(**values)
-            except (ValueError, TypeError) as error:
-                raise fail(where, f"{switch['to']}: {error}") from None
+            child = _config({**parent.to_dict(), **training, **switch["to"], "init_from": STAGE_1 + parent.label(),
+                             "init_label": parent.label()}, where, switch["to"], fail)
             if child not in continued:
                 continued.append(child)
     return continued
+
+
+def _config(values: dict, where: str, shown: dict, fail) -> TrainConfig:
+    """The TrainConfig of `values`, or an error naming `where` and the settings `shown` there."""
+    try:
+        return TrainConfig(**values)
+    except (ValueError, TypeError) as error:
+        raise fail(where, f"{shown}: {error}") from None
 
 
 def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:

@@ -350,22 +350,29 @@ def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, se
         time.sleep(0.2)
 
 
+def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path, stage: str) -> tuple[list[str], Path]:
+    """Start `python -m sweep.run` on `space` and SIGKILL it (and the local Ray it started) once a
+    trial in `<sweep>/<stage>` has written its first checkpoint; return the command and the sweep folder."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
+               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "store" / space["name"]
+    try:
+        wait_for_checkpoint(driver, sweep_dir / stage, "checkpoint_000001")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    return command, sweep_dir
+
+
 @pytest.mark.parametrize("tune_state", ["saved", "not saved yet"])
 def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_state):
     # "not saved yet": Ray Tune writes tuner.pkl at once but its experiment state only at its
     # first sync; a driver killed before that (seen in one of five runs) left a folder whose
     # restore made a trial with an empty config, and the resumed sweep crashed.
     space = {**TINY, "name": "driver", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
-               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sweep_dir = tmp_path / "store" / "driver"
-    try:
-        wait_for_checkpoint(driver, sweep_dir, "checkpoint_000001")  # mid-sweep, with work to lose
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        driver.wait()
+    command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, mnist_dir, "")  # mid-sweep, with work to lose
     assert not (sweep_dir / "results").exists()
     if tune_state == "not saved yet":
         for path in [*sweep_dir.glob("basic-variant-state-*.json"), *sweep_dir.glob("experiment_state-*.json")]:
@@ -391,16 +398,7 @@ TWO_STAGE = {**TINY, "name": "two_stage", "continue": {
 
 
 def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retraining_stage_1(mnist_dir, mnist, tmp_path):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(TWO_STAGE))
-    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
-               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sweep_dir = tmp_path / "store" / "two_stage"
-    try:
-        wait_for_checkpoint(driver, sweep_dir / "stage2", "checkpoint_000001")  # stage 1 done, stage 2 midway
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    command, sweep_dir = kill_sweep_at_first_checkpoint(TWO_STAGE, tmp_path, mnist_dir, "stage2")  # stage 2 midway
     def training_files() -> dict[Path, int]:  # the evaluation adds tb_evaluation/ beside them
         return {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")
                 if "tb_evaluation" not in path.parts}
