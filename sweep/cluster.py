@@ -11,18 +11,85 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
+import uuid
+from pathlib import Path
+from typing import Any
 
 import ray
-from ray._private import ray_constants
+from pyarrow import fs as pafs
+from ray._private import ray_constants, services
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 # Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch (ray
 # 2.60, see shared/reference/ray_tune_facts.md section 10) is what keeps a local Ray on loopback.
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+STORAGE_MARKER = ".iwae_storage_check"  # in the sweep folder: a random token every node must read back
 
 
 class ClusterError(RuntimeError):
     pass
+
+
+class StorageNotShared(ClusterError):
+    pass
+
+
+def this_node() -> dict[str, Any]:
+    """The Ray node this process runs on, as results and TensorBoard record it."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname()}
+
+
+def storage_marker(experiment: str, filesystem: pafs.FileSystem) -> dict[str, str] | None:
+    """The sweep folder's marker on a local-path storage (made once, kept for resumes), which
+    every node must see; None on object storage, which every node reaches by its URI."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        return None
+    path = Path(experiment) / STORAGE_MARKER
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    return {"path": str(path), "token": path.read_text()}
+
+
+def verify_storage_marker(marker: dict[str, str]) -> None:
+    """On a node: raise StorageNotShared unless this node reads the driver's marker."""
+    try:
+        seen = Path(marker["path"]).read_text()
+    except OSError:
+        seen = None
+    if seen != marker["token"]:
+        node = this_node()
+        folder = str(Path(marker["path"]).parent.parent)
+        raise StorageNotShared(
+            f"--storage {folder} is a local folder, and node {node['hostname']} ({node['node_ip']}, Ray node "
+            f"{node['node_id']}) does not see the sweep's marker {marker['path']} that the driver wrote: the nodes do "
+            f"not share that folder, so each trial's checkpoints would stay on the disk of the node that ran it. Use "
+            f"object storage every node reaches (--storage s3://BUCKET/sweeps or gs://BUCKET/sweeps), or a folder "
+            f"every node mounts at the same path (NFS, EFS)")
+
+
+@ray.remote(num_cpus=0)
+def _verify_on_node(marker: dict[str, str]) -> None:
+    verify_storage_marker(marker)
+
+
+def check_storage_shared(marker: dict[str, str] | None) -> None:
+    """Before any trial starts: every node up now reads `marker`. Nodes the autoscaler adds
+    later check it when a trial starts there (the trainable calls verify_storage_marker)."""
+    if marker is None:
+        return
+    nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    checks = [_verify_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(marker)
+              for node in nodes]
+    try:
+        ray.get(checks)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, StorageNotShared):
+            raise error.cause from None
+        raise
 
 
 def keep_local_ray_on_loopback() -> None:
@@ -33,16 +100,30 @@ def keep_local_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported ray
 
 
+def on_loopback(address: str) -> bool:
+    """Whether the cluster at `address` ("auto": the one `ray start` last made here) is a
+    single-machine one on 127.0.0.1, such as `python -m sweep.local_cluster up` makes."""
+    resolved = services.get_ray_address_from_environment(address, None) or ""
+    return resolved.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
+
+
 def init_ray(address: str | None) -> None:
-    """Join `address` ("auto" for the cluster `ray up` made), or start a private local Ray on
-    127.0.0.1."""
+    """Join `address` ("auto" for the cluster `ray up` or `sweep.local_cluster up` made), or
+    start a private local Ray on 127.0.0.1."""
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address)
-    else:
+    if not address:
         keep_local_ray_on_loopback()
         ray.init(address="local", include_dashboard=False)
+        return
+    try:
+        if on_loopback(address):  # a driver on the external address finds no raylet of a loopback cluster
+            keep_local_ray_on_loopback()
+        ray.init(address=address)
+    except ConnectionError as error:
+        raise ClusterError(f"--address {address}: no Ray cluster to join ({str(error).splitlines()[0]}). Start one "
+                           f"(`ray up cluster.yaml` and run this on its head, or `python -m sweep.local_cluster up` "
+                           f"for the rehearsal), or leave out --address for a local Ray") from None
 
 
 def check_gpus(gpus_per_trial: float, eval_gpus: float, wait_s: float = 0) -> None:
@@ -54,14 +135,17 @@ def check_gpus(gpus_per_trial: float, eval_gpus: float, wait_s: float = 0) -> No
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[{"GPU": needed}])
-        deadline = time.monotonic() + wait_s
-        while have < needed and time.monotonic() < deadline:
-            time.sleep(5)  # polling the autoscaler's progress; nothing to wait on instead
-            have = ray.cluster_resources().get("GPU", 0)
+        try:
+            deadline = time.monotonic() + wait_s
+            while have < needed and time.monotonic() < deadline:
+                time.sleep(1)  # polling the autoscaler's progress; nothing to wait on instead
+                have = ray.cluster_resources().get("GPU", 0)
+        finally:  # the request would otherwise hold a GPU node up for ever; the trials' own demand takes over
+            request_resources(bundles=[])
     if have < needed:
         raise ClusterError(
             f"the sweep asks for {gpus_per_trial} GPU(s) per trial and {eval_gpus} per evaluation actor, "
             f"but the Ray cluster has {have:g} GPU(s)"
             + (f" after waiting {wait_s:g} s" if wait_s else "")
-            + ". Set --gpus-per-trial 0 and --eval-gpus 0 to run on CPU, or on an autoscaling cluster pass "
-              "--wait-for-gpus SECONDS so GPU workers can start.")
+            + ". Set --gpus-per-trial 0 and --eval-gpus 0 to run on CPU; on an autoscaling cluster check that its "
+              "config has a GPU node type, or give the workers longer to start with --wait-for-gpus SECONDS.")

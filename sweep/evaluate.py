@@ -34,11 +34,11 @@ from iwae_model import MNIST, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
 from iwae_model.evaluate import evaluate_model
 
-from .cluster import ClusterError, check_gpus, init_ray
+from .cluster import ClusterError, check_gpus, init_ray, this_node
 from .query import print_results
 from .results import PER_IMAGE_FILE, RESULTS_FILE, filesystem_and_path, per_image_table, write_results, write_table
 from .space import Evaluation, SweepSpace
-from .trainable import train_trial
+from .trainable import NODES_FILE, read_nodes, train_trial
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
 STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder
@@ -79,7 +79,8 @@ class Evaluator:
         with job["checkpoint"].as_directory() as folder:  # on object storage: downloaded to /tmp
             try:
                 model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
-            except CheckpointError as error:  # name the file where the user can find it, not the /tmp copy
+                nodes = read_nodes(Path(folder) / NODES_FILE)
+            except (CheckpointError, ValueError) as error:  # name the file where the user finds it, not the /tmp copy
                 raise CheckpointError(str(error).replace(folder, job["uri"])) from None
         if config.binarization not in self.data:
             self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
@@ -111,6 +112,9 @@ class Evaluator:
             "snr": json.dumps(snr) if snr else None,
             "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
             "parent_checkpoint_uri": config.init_from,
+            **{f"train_{key}": nodes[-1][key] if nodes else None for key in ("device", "node_id", "node_ip", "hostname")},
+            "train_nodes": json.dumps(nodes) if nodes else None,
+            **{f"eval_{key}": value for key, value in this_node().items()},
         }
         per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
                      "checkpoint_uri": job["uri"], "image": result.per_image["image"],

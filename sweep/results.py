@@ -6,8 +6,9 @@ Load them without this package:
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 2 (`iwae_sweep.schema_version` in the file's metadata); version 1
-files (before the importance-sampling and SNR columns) are read with those columns null:
+results.parquet, schema version 3 (`iwae_sweep.schema_version` in the file's metadata); older
+files are read with the columns they lack null (version 1: from ess_mean on; version 2: from
+train_device on):
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
   objective, m, k, beta, layers, estimator, seed, passes, schedule, binarization, train_images
                                      the trial's configuration (train_images null: all 59,600)
@@ -32,6 +33,12 @@ files (before the importance-sampling and SNR columns) are read with those colum
   snr                                every SNR figure of that pass as JSON (per stochastic layer for 2 layers)
   sweep_stage                        1, or 2 for a trial of the space's `continue` stage (Burda's Table 2)
   parent_trial_name, parent_checkpoint_uri   a stage-2 trial's parent and the checkpoint it started from
+  train_device, train_node_id, train_node_ip, train_hostname
+                                     where the evaluated checkpoint was trained: its last run's device (cpu
+                                     where Ray gave a GPU torch could not use) and Ray node
+  train_nodes                        every run of the trial up to that checkpoint as JSON: node, device, Ray
+                                     GPU ids, started_at (Unix time), first_epoch (a restart after a crash or node loss adds one)
+  eval_node_id, eval_node_ip, eval_hostname   the Ray node that ran the evaluation
 
 per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
@@ -50,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESULTS_FILE = "results/results.parquet"
 PER_IMAGE_FILE = "results/per_image.parquet"
 PER_IMAGE_SCHEMA_VERSION = 1
@@ -74,10 +81,14 @@ SCHEMA = pa.schema(
         ("snr_encoder_mean", pa.float64()), ("snr_encoder_median", pa.float64()),
         ("snr_decoder_mean", pa.float64()), ("snr_decoder_median", pa.float64()), ("snr", pa.string()),
         ("sweep_stage", pa.int64()), ("parent_trial_name", pa.string()), ("parent_checkpoint_uri", pa.string()),
+        ("train_device", pa.string()), ("train_node_id", pa.string()), ("train_node_ip", pa.string()),
+        ("train_hostname", pa.string()), ("train_nodes", pa.string()),
+        ("eval_node_id", pa.string()), ("eval_node_ip", pa.string()), ("eval_hostname", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
-VERSION_1_COLUMNS = SCHEMA.names[:SCHEMA.names.index("ess_mean")]
+# The columns each older schema version has (a prefix of today's).
+OLDER_COLUMNS = {1: SCHEMA.names[:SCHEMA.names.index("ess_mean")], 2: SCHEMA.names[:SCHEMA.names.index("train_device")]}
 
 PER_IMAGE_SCHEMA = pa.schema(
     [
@@ -126,11 +137,13 @@ def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
 
 def read_results(location: str) -> pa.Table:
     """A sweep folder's results, or a Parquet file, local or on object storage."""
-    table, version = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION, (1,))
-    if version == 1:  # the columns added since are unknown for it: null
-        _require_columns(location, table, VERSION_1_COLUMNS, 1)
-        table = table.select(VERSION_1_COLUMNS)
-        for name in SCHEMA.names[len(VERSION_1_COLUMNS):]:
+    table, version = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION,
+                                     tuple(OLDER_COLUMNS))
+    if version in OLDER_COLUMNS:  # the columns added since are unknown for it: null
+        columns = OLDER_COLUMNS[version]
+        _require_columns(location, table, columns, version)
+        table = table.select(columns)
+        for name in SCHEMA.names[len(columns):]:
             table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
         return table.replace_schema_metadata(SCHEMA.metadata)
     _require_columns(location, table, SCHEMA.names, SCHEMA_VERSION)

@@ -28,7 +28,7 @@ from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
-from .cluster import ClusterError, check_gpus, init_ray
+from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
 from .evaluate import (
     METRIC,
     SPEC_FILE,
@@ -71,7 +71,8 @@ def trainable(space: SweepSpace):
 
 def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str,
                 max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-                init_checkpoints: dict[str, tune.Checkpoint] | None = None) -> tune.Tuner:
+                init_checkpoints: dict[str, tune.Checkpoint] | None = None,
+                marker: dict[str, str] | None = None) -> tune.Tuner:
     passes = max(t.passes for t in trials)
     filesystem, storage_path = filesystem_and_path(storage)
     return tune.Tuner(
@@ -83,6 +84,8 @@ def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name
             # Stage 2: each trial's parent checkpoint by the trial's label (objects, not paths, so
             # that they are read through the sweep's storage filesystem on any node).
             "init_checkpoints": init_checkpoints or {},
+            # A local-path storage's marker, checked by each trial on the node it lands on.
+            "storage_marker": marker,
         },
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", max_concurrent_trials=max_concurrent or None,
@@ -104,7 +107,8 @@ def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name
 
 def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str, resume: bool,
               max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-              init_checkpoints: dict[str, tune.Checkpoint] | None = None) -> tune.ResultGrid:
+              init_checkpoints: dict[str, tune.Checkpoint] | None = None,
+              marker: dict[str, str] | None = None) -> tune.ResultGrid:
     """Train (or resume) one stage's trials as the Tune experiment `storage`/`name`; raise
     SweepInterrupted unless every trial finished or failed for good."""
     filesystem, storage_path = filesystem_and_path(storage)
@@ -118,7 +122,7 @@ def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: 
                   f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
                   f"begun are not used and can be deleted", file=sys.stderr)
         tuner = build_tuner(space, trials, storage, name, data_dir, max_concurrent, asha, max_failures, callbacks,
-                            init_checkpoints)
+                            init_checkpoints, marker)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
@@ -175,7 +179,6 @@ def run_sweep(
     `callbacks`: extra Ray Tune callbacks (used when a stage starts, not on resume). On resume
     the trials, evaluation settings and data folder are the ones the sweep was started with
     (its iwae_sweep.json); only `space.resources` is taken anew."""
-    check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
     exists = any(tune.Tuner.can_restore(path, storage_filesystem=filesystem)
@@ -195,17 +198,21 @@ def run_sweep(
                 f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
                 f"start a new sweep with --name")
         space = replace(started, resources=space.resources)
-    else:
+    marker = storage_marker(experiment, filesystem)
+    check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
+    check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
+    if not resume:
         write_spec(experiment, filesystem, space, data_dir)
     options = (data_dir, resume, max_concurrent, asha, max_failures, callbacks)
     if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
         grids = load_grids(space.init_from_sweep)[:1]
     else:
-        grids = [fit_stage(space, space.trials, storage, space.name, *options)]
+        grids = [fit_stage(space, space.trials, storage, space.name, *options, marker=marker)]
     if space.continued:
         trials, checkpoints = second_stage(space, grids[0])
         if trials:
-            grids.append(fit_stage(space, trials, stage_storage(storage, space.name), STAGE_2, *options, init_checkpoints=checkpoints))
+            grids.append(fit_stage(space, trials, stage_storage(storage, space.name), STAGE_2, *options,
+                                   init_checkpoints=checkpoints, marker=marker))
     failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
@@ -271,11 +278,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the space and print every trial, the evaluation work and an estimated wall "
                              "time (from seconds of calibration on this machine); trains nothing, writes nothing")
-    parser.add_argument("--wait-for-gpus", type=float, default=0, metavar="SECONDS",
-                        help="on an autoscaling cluster, ask for the GPUs and wait this long for them (default: fail at once)")
+    parser.add_argument("--wait-for-gpus", type=float, metavar="SECONDS",
+                        help="when the cluster has fewer GPUs than a trial asks for, ask the autoscaler for them and "
+                             "wait this long before giving up (default: 600 with --address, where GPU workers start "
+                             "on demand; 0 on a local Ray)")
     args = parser.parse_args(argv)
-    if args.max_concurrent < 0 or args.max_failures < 0:
-        parser.error("--max-concurrent and --max-failures must be >= 0")
+    if args.max_concurrent < 0 or args.max_failures < 0 or (args.wait_for_gpus or 0) < 0:
+        parser.error("--max-concurrent, --max-failures and --wait-for-gpus must be >= 0")
+    if args.wait_for_gpus is None:
+        args.wait_for_gpus = 600 if args.address else 0
     return args
 
 

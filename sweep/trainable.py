@@ -8,23 +8,30 @@ result.json, is the scientific record: the Parquet results are built from it.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
 from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
+from iwae_model.data import MNISTError
 from iwae_model.train import train
+
+from .cluster import this_node, verify_storage_marker
 
 IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
 IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
 TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
+NODES_FILE = "nodes.json"  # in each checkpoint: every node the trial ran on, from which pass, on which device
 
 
 def trial_metrics(row: dict) -> dict[str, float | int]:
@@ -55,21 +62,48 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
     writer.flush()
 
 
+def read_nodes(path: Path) -> list[dict]:
+    """A checkpoint's node record ([] for checkpoints made before it existed)."""
+    if not path.is_file():
+        return []
+    try:
+        nodes = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        nodes = None
+    if not isinstance(nodes, list) or not all(isinstance(node, dict) for node in nodes):
+        raise ValueError(f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
+                         f"only records where the trial ran, the checkpoint itself is not affected")
+    return nodes
+
+
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
-    "checkpoint_every": passes, "init_checkpoints": {trial label: parent checkpoint} (stage 2)}."""
+    "checkpoint_every": passes, "init_checkpoints": {trial label: parent checkpoint} (stage 2),
+    "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
     # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    if config.get("storage_marker"):  # this node may have joined after the driver checked the others
+        verify_storage_marker(config["storage_marker"])
     train_config = TrainConfig.from_dict(config["train"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-    # A node without the files downloads them (checksums verified), so workers need no shared disk.
-    data = load_mnist(config["data_dir"], device, train_config.binarization, download=True)
+    # Ray sets CUDA_VISIBLE_DEVICES; a GPU Ray gave but torch cannot use (a rehearsal's advertised
+    # GPU, a broken driver) means CPU, and the node record says so.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    here = {**this_node(), "device": str(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "started_at": time.time()}
+    try:  # a node without the files downloads them (checksums verified), so workers need no shared disk
+        data = load_mnist(config["data_dir"], device, train_config.binarization, download=True)
+    except MNISTError as error:
+        raise MNISTError(f"on node {here['hostname']} ({here['node_ip']}): {error}. Every node needs MNIST at "
+                         f"{config['data_dir']} or internet access to download it: put it on a shared mount at that "
+                         f"path, or copy it there in the cluster's setup_commands") from None
     # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
     run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
     init_source = run_dir / "parent.pt"
+    nodes: list[dict] = []
     if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
         with checkpoint.as_directory() as folder:
             shutil.copy(Path(folder) / CHECKPOINT_NAME, checkpoint_path(run_dir))
+            nodes = read_nodes(Path(folder) / NODES_FILE)
     elif (parent := config.get("init_checkpoints", {}).get(train_config.label())) is not None:
         with parent.as_directory() as folder:  # read through the storage filesystem, wherever it lies
             shutil.copy(Path(folder) / CHECKPOINT_NAME, init_source)
@@ -78,6 +112,12 @@ def train_trial(config: dict[str, Any]) -> None:
     def report(row: dict, checkpoint_file: Path) -> None:
         epoch = row["epoch"]
         last = epoch == train_config.passes
+        if "first_epoch" not in here:  # this run's first pass: where it runs, in the record and TensorBoard
+            here["first_epoch"] = epoch
+            nodes.append(here)
+            writer.add_text("run/node", f"passes from {epoch} on {here['hostname']} ({here['node_ip']}, Ray node "
+                                        f"{here['node_id']}), device {here['device']}, Ray GPU ids "
+                                        f"{here['ray_gpu_ids'] or 'none'}", epoch)
         for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
             writer.add_scalar(f"snr/{name}", value, epoch)
         if epoch % max(1, train_config.passes // IMAGE_SNAPSHOTS) == 0 or last:
@@ -89,6 +129,7 @@ def train_trial(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             shutil.copy(checkpoint_file, Path(folder) / CHECKPOINT_NAME)
             shutil.copy(run_dir / "metrics.jsonl", Path(folder) / "metrics.jsonl")
+            (Path(folder) / NODES_FILE).write_text(json.dumps(nodes))
             tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
 
     try:

@@ -12,7 +12,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from sweep.compare import CompareError, difference, image_nll, select_one
-from sweep.results import SCHEMA, VERSION_1_COLUMNS, per_image_table, read_results, write_results, write_table
+from sweep.results import OLDER_COLUMNS, SCHEMA, per_image_table, read_results, write_results, write_table
 
 
 def test_paired_and_unpaired_standard_errors():
@@ -51,12 +51,16 @@ def test_results_and_per_image_from_different_evaluations_are_refused(tmp_path):
     assert "holds 0 of its 3 images for evaluation new" in out.stderr and "sweep.evaluate" in out.stderr
 
 
-def test_a_version_1_results_file_reads_with_the_new_columns_null(tmp_path):
+@pytest.mark.parametrize("version, first_new", [(1, "ess_mean"), (2, "train_device")])
+def test_an_older_results_file_reads_with_the_new_columns_null(tmp_path, version, first_new):
     path = tmp_path / "results.parquet"
-    version_1 = pa.Table.from_pylist(rows(None), schema=SCHEMA).select(VERSION_1_COLUMNS)
-    pq.write_table(version_1.replace_schema_metadata({"iwae_sweep.schema_version": "1"}), path)
+    older = pa.Table.from_pylist(rows("x" if version > 1 else None), schema=SCHEMA).select(OLDER_COLUMNS[version])
+    pq.write_table(older.replace_schema_metadata({"iwae_sweep.schema_version": str(version)}), path)
     table = read_results(str(path))
-    assert table.schema.equals(SCHEMA, check_metadata=True) and table.column("ess_mean").null_count == 2
-    frame = table.to_pandas()
-    with pytest.raises(CompareError, match="written before per-image records"):
-        image_nll(frame, select_one(frame, "iwae_L1_M1_K1_s0", "A"))
+    assert table.schema.equals(SCHEMA, check_metadata=True)
+    assert table.column(first_new).null_count == 2 and table.column("eval_hostname").null_count == 2
+    assert table.column("test_nll").to_pylist() == [91.0, 92.0]
+    if version == 1:
+        frame = table.to_pandas()
+        with pytest.raises(CompareError, match="written before per-image records"):
+            image_nll(frame, select_one(frame, "iwae_L1_M1_K1_s0", "A"))

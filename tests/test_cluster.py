@@ -1,0 +1,212 @@
+"""The cluster path on one machine: Ray's fake multi-node autoscaler (cluster.local.yaml, started by
+`python -m sweep.local_cluster`) runs real raylets as nodes that advertise a GPU, scales them
+from zero on demand and replaces lost ones. The sweep joins it with --address auto, as on AWS."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from conftest import TINY_SPACE
+from sweep.cluster import init_ray
+from sweep.local_cluster import session_processes
+from sweep.results import read_results
+from sweep.trainable import NODES_FILE
+from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
+
+WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers the workers it starts: ff...f00001, ff...f00002, ...
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def cluster_up(env: dict | None = None) -> int:
+    """The rehearsal cluster, as the README starts it; returns its process session."""
+    started = cli("sweep.local_cluster", "up", env=env)
+    assert started.returncode == 0, started.stderr[-3000:]
+    state = json.loads((Path(started.stdout.split("head log: ")[1].split(")")[0]).parent / "state.json").read_text())
+    return state["session"]
+
+
+def cluster_down(session: int) -> None:
+    pids = session_processes(session)
+    stopped = cli("sweep.local_cluster", "down")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped its" in stopped.stdout
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]]
+    assert not alive and not session_processes(session), f"left behind: {alive}"
+
+
+def space_file(tmp_path: Path, name: str, **training) -> Path:
+    space = {**TINY_SPACE, "name": name, "training": {**TINY_SPACE["training"], **training}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def sweep_command(space: Path, storage: Path, mnist_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sweep.run", "--address", "auto", "--space", str(space), "--storage", str(storage),
+            "--data-dir", str(mnist_dir), "--gpus-per-trial", "0.5", "--eval-gpus", "0.5", *extra]
+
+
+def nodes_of(checkpoint: Path) -> list[dict]:
+    return json.loads((checkpoint / NODES_FILE).read_text())
+
+
+def alive_nodes() -> list[dict]:
+    return [node for node in ray.nodes() if node["Alive"]]
+
+
+def head_node_id() -> str:
+    return next(node["NodeID"] for node in ray.nodes() if "node:__internal_head__" in node["Resources"])
+
+
+def epochs_in(checkpoint: Path) -> int:
+    return len((checkpoint / "metrics.jsonl").read_text().splitlines())
+
+
+def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_down_clean(mnist_dir, tmp_path):
+    session = cluster_up()
+    try:
+        init_ray("auto")
+        head = head_node_id()
+        assert [node["NodeID"] for node in alive_nodes()] == [head]  # no worker before the sweep
+        assert ray.cluster_resources().get("GPU", 0) == 0
+        run = subprocess.run(sweep_command(space_file(tmp_path, "rehearsal"), tmp_path, mnist_dir),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "Adding 1 node(s) of type gpu_worker" in run.stdout + run.stderr
+        table = read_results(str(tmp_path / "rehearsal"))
+        assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
+        workers = set(table.column("train_node_id").to_pylist()) | set(table.column("eval_node_id").to_pylist())
+        assert head not in workers and all(node.startswith(WORKER_ID_PREFIX) for node in workers)
+        # Ray gave each trial an advertised GPU that torch cannot use: it trained on CPU and says so.
+        for nodes in map(json.loads, table.column("train_nodes").to_pylist()):
+            assert [(n["device"], n["ray_gpu_ids"], n["first_epoch"]) for n in nodes] == [("cpu", ["0"], 1)]
+        assert set(table.column("train_device").to_pylist()) == {"cpu"}
+        # The node is in the trial's TensorBoard run too.
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        for trial in trial_dirs(tmp_path / "rehearsal"):
+            events = EventAccumulator(str(trial / "tb"), size_guidance={"tensors": 0}).Reload()
+            text = events.Tensors("run/node/text_summary")[0].tensor_proto.string_val[0].decode()
+            assert "device cpu" in text and "Ray node fffff" in text
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+        # Idle workers leave after cluster.local.yaml's 12 s (polled: the autoscaler's state is
+        # all there is to wait on).
+        deadline = time.monotonic() + 120
+        while len(alive_nodes()) > 1:
+            assert time.monotonic() < deadline, f"workers still up: {alive_nodes()}"
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+        cluster_down(session)
+
+
+# Failure detection in seconds instead of a minute: the GCS declares a silent raylet dead after
+# 3 missed 1 s health checks, and the autoscaler replaces a node 5 s after its last heartbeat.
+FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                "RAY_health_check_timeout_ms": "1000", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    session = cluster_up(FAST_FAILURE)
+    init_ray("auto")
+    yield session
+    ray.shutdown()
+    cluster_down(session)
+
+
+def kill_node_of(trial: Path) -> str:
+    """SIGKILL the raylet of the fake node running `trial`, and every process it started (the
+    trial's worker among them); return the node's id."""
+    worker = json.loads((trial / "result.json").read_text().splitlines()[-1])["pid"]
+    raylet = int(Path(f"/proc/{worker}/stat").read_text().split(")")[1].split()[1])
+    assert "raylet" in Path(f"/proc/{raylet}/cmdline").read_text()
+    node_id = nodes_of(sorted(trial.glob("checkpoint_*"))[-1])[-1]["node_id"]
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
+                and int((p / "stat").read_text().split(")")[1].split()[1]) == raylet]
+    for pid in [raylet, *children]:
+        os.kill(pid, signal.SIGKILL)
+    return node_id
+
+
+def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluster, mnist_dir, tmp_path):
+    # Three trials on at most two workers; each pass some seconds, so the kill lands mid-pass.
+    space = space_file(tmp_path, "node_loss", passes=6, train_images=6000)
+    space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()),
+                                     "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3]}]}))
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
+    timeline = [(time.time(), "sweep started")]
+    wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000001")
+    victim = next(t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*")))
+    lost = kill_node_of(victim)
+    passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
+    timeline.append((time.time(), f"killed node ...{lost[-5:]} (raylet and its processes) while {victim.name} "
+                                  f"ran pass {passes_before + 1}"))
+    assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    timeline.append((time.time(), "sweep finished, results written"))
+
+    assert "Failure # 1" in (victim / "error.txt").read_text()
+    last = sorted(victim.glob("checkpoint_*"))[-1]
+    assert_complete_history(last, passes=6)  # every pass exactly once
+    runs = nodes_of(last)
+    assert [run["node_id"] for run in runs][0] == lost and runs[-1]["node_id"] != lost
+    assert 1 < runs[-1]["first_epoch"] <= passes_before + 1  # from its checkpoint, not from scratch
+    table = read_results(str(tmp_path / "node_loss"))
+    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K2_s0", "iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
+    assert set(table.column("epochs").to_pylist()) == {6}
+    # The autoscaler gave up the lost node and started new ones in its place (the fake
+    # provider numbers them on: a node id past the two first workers' is a replacement).
+    nodes = {node["NodeID"]: node["Alive"] for node in ray.nodes() if node["NodeID"].startswith(WORKER_ID_PREFIX)}
+    assert nodes[lost] is False
+    assert max(nodes) > WORKER_ID_PREFIX + "00002", nodes
+    timeline.append((runs[-1]["started_at"], f"{victim.name} restarted on node ...{runs[-1]['node_id'][-5:]} from "
+                                              f"its pass-{runs[-1]['first_epoch'] - 1} checkpoint"))
+    for moment, event in sorted(timeline):  # the node-loss timeline (pytest -s shows it)
+        print(f"{moment - timeline[0][0]:6.1f} s  {event}")
+
+
+def test_a_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_run_twice(cluster, mnist_dir, tmp_path):
+    command = sweep_command(space_file(tmp_path, "driver_loss", passes=6, train_images=4000), tmp_path, mnist_dir)
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_checkpoint(driver, tmp_path / "driver_loss", "checkpoint_000001")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the cluster is in its own session
+        driver.wait()
+    assert not (tmp_path / "driver_loss" / "results").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = read_results(str(tmp_path / "driver_loss"))
+    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
+    assert table.column("epochs").to_pylist() == [6, 6]
+    for trial in trial_dirs(tmp_path / "driver_loss"):
+        last = sorted(trial.glob("checkpoint_*"))[-1]
+        assert_complete_history(last, passes=6)  # nothing run twice, nothing skipped
+        assert all(run["node_id"].startswith(WORKER_ID_PREFIX) for run in nodes_of(last))
+
+
+def test_a_local_storage_the_nodes_do_not_share_is_refused_before_any_trial(cluster, mnist_dir, tmp_path):
+    # "Not shared", honestly: the driver runs in its own mount namespace with a private tmpfs
+    # over the storage folder, so the folder it writes is not the one the nodes see -- as a
+    # head's local disk is not a worker's. (unshare -rm: an unprivileged user namespace.)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    command = sweep_command(space_file(tmp_path, "unshared"), storage, mnist_dir)
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs tmpfs "{storage}" && exec "$@"', "sh",
+                          *command], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "does not see the sweep's marker" in run.stderr and "s3://" in run.stderr and "NFS" in run.stderr
+    assert list(storage.iterdir()) == []  # nothing reached the nodes' folder
+    assert "pass 1/" not in run.stdout + run.stderr
