@@ -37,6 +37,7 @@ DEFAULT_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+MIRRORS_VARIABLE = "IWAE_MNIST_MIRRORS"  # comma-separated URLs that replace the public mirrors (a private network's)
 N_VALIDATION = 400  # Burda holds out the *last* 400 training images (datasets.py, no shuffle)
 TEST_BINARIZATION_SEED = 123  # Burda's evaluation seed: one draw per test image, shared by all k samples
 STATIC_BINARIZATION_SEED = 0
@@ -121,10 +122,11 @@ def read_mnist_file(
     name: str,
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
-    mirrors: tuple[str, ...] = DEFAULT_MIRRORS,
+    mirrors: tuple[str, ...] | None = None,
     timeout: float = 10.0,
 ) -> np.ndarray:
-    """One verified MNIST IDX file as a uint8 array (images `[N, 28, 28]`, labels `[N]`)."""
+    """One verified MNIST IDX file as a uint8 array (images `[N, 28, 28]`, labels `[N]`).
+    `mirrors`: where to download from (default: $IWAE_MNIST_MIRRORS, else the public ones)."""
     folder = default_data_dir(data_dir)
     raw = _read_local(name, folder)
     if raw is None:
@@ -133,6 +135,8 @@ def read_mnist_file(
                 f"'{name}' (or '{name}.gz') is not in {folder}. Put the four MNIST IDX files "
                 f"there, or point --data-dir / IWAE_DATA_DIR at a folder that has them."
             )
+        if mirrors is None:
+            mirrors = tuple(filter(None, os.environ.get(MIRRORS_VARIABLE, "").split(","))) or DEFAULT_MIRRORS
         raw = _download(name, folder, mirrors, timeout)
     return _parse_idx(raw, name)
 
@@ -186,7 +190,7 @@ def load_mnist(
     device: torch.device | str = "cpu",
     binarization: Binarization = "dynamic",
     download: bool = True,
-    mirrors: tuple[str, ...] = DEFAULT_MIRRORS,
+    mirrors: tuple[str, ...] | None = None,
 ) -> MNIST:
     """Burda's split: train = first 59,600 training images, valid = last 400, test = 10,000.
 

@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
-from iwae_model.data import MNISTError
+from iwae_model.data import MIRRORS_VARIABLE, MNISTError
 from iwae_model.train import train
 
 from .cluster import this_node, verify_storage_marker
@@ -62,6 +62,19 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
     writer.flush()
 
 
+def load_node_data(data_dir: str, device: torch.device, binarization: str) -> MNIST:
+    """MNIST on the node this runs on: a node without the files downloads them (checksums
+    verified), so workers need no shared disk; one that cannot is named in the error."""
+    try:
+        return load_mnist(data_dir, device, binarization, download=True)
+    except MNISTError as error:
+        node = this_node()
+        raise MNISTError(f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
+                         f"node needs MNIST at {data_dir} or a way to download it: put it on a mount every node shares "
+                         f"at that path, copy it there in the cluster's setup_commands, or set {MIRRORS_VARIABLE} to "
+                         f"a mirror the nodes reach (e.g. your bucket's https URL)") from None
+
+
 def read_nodes(path: Path) -> list[dict]:
     """A checkpoint's node record ([] for checkpoints made before it existed)."""
     if not path.is_file():
@@ -90,12 +103,7 @@ def train_trial(config: dict[str, Any]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     here = {**this_node(), "device": str(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "started_at": time.time()}
-    try:  # a node without the files downloads them (checksums verified), so workers need no shared disk
-        data = load_mnist(config["data_dir"], device, train_config.binarization, download=True)
-    except MNISTError as error:
-        raise MNISTError(f"on node {here['hostname']} ({here['node_ip']}): {error}. Every node needs MNIST at "
-                         f"{config['data_dir']} or internet access to download it: put it on a shared mount at that "
-                         f"path, or copy it there in the cluster's setup_commands") from None
+    data = load_node_data(config["data_dir"], device, train_config.binarization)
     # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
     run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
     init_source = run_dir / "parent.pt"

@@ -18,7 +18,8 @@ from conftest import TINY_SPACE
 from sweep.cluster import init_ray
 from sweep.local_cluster import session_processes
 from sweep.results import read_results
-from sweep.trainable import NODES_FILE
+from iwae_model.data import MNISTError
+from sweep.trainable import NODES_FILE, load_node_data
 from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
 WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers the workers it starts: ff...f00001, ff...f00002, ...
@@ -210,3 +211,16 @@ def test_a_local_storage_the_nodes_do_not_share_is_refused_before_any_trial(clus
     assert "does not see the sweep's marker" in run.stderr and "s3://" in run.stderr and "NFS" in run.stderr
     assert list(storage.iterdir()) == []  # nothing reached the nodes' folder
     assert "pass 1/" not in run.stdout + run.stderr
+
+
+def test_a_node_without_mnist_or_network_is_named_in_the_error(cluster, tmp_path):
+    # No network, honestly: the only mirror the node may use is a port on which nothing listens.
+    load = ray.remote(num_cpus=1, num_gpus=1)(load_node_data).options(  # a GPU: it runs on a gpu_worker node
+        runtime_env={"env_vars": {"IWAE_MNIST_MIRRORS": "http://127.0.0.1:9/"}})
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(load.remote(str(tmp_path / "no_mnist"), "cpu", "dynamic"), timeout=120)
+    error = raised.value.cause
+    assert isinstance(error, MNISTError), raised.value
+    assert f"Ray node {WORKER_ID_PREFIX}" in str(error) and "http://127.0.0.1:9/" in str(error)
+    assert "could not be downloaded" in str(error) and "IWAE_MNIST_MIRRORS" in str(error)
+    assert "setup_commands" in str(error) and str(tmp_path / "no_mnist") in str(error)

@@ -139,3 +139,11 @@ def test_static_binarization_is_labelled_and_fixed(mnist_dir):
     assert set(data.train[:100].unique().tolist()) == {0.0, 1.0}
     with pytest.raises(ValueError, match="binarization='fixed'"):
         load_mnist(mnist_dir, binarization="fixed", download=False)
+
+
+def test_the_mirrors_variable_replaces_the_public_mirrors(tmp_path, mirror, monkeypatch):
+    monkeypatch.setenv("IWAE_MNIST_MIRRORS", f"{mirror['bad']},{mirror['good']}")
+    assert load_mnist(tmp_path / "cache").test.shape == (10000, 784)
+    monkeypatch.setenv("IWAE_MNIST_MIRRORS", mirror["bad"])
+    with pytest.raises(MNISTError, match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/t10k.*sha256"):
+        read_mnist_file("t10k-labels-idx1-ubyte", tmp_path / "other")
