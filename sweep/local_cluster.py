@@ -3,8 +3,9 @@ cluster.local.yaml, on 127.0.0.1.
 
     python -m sweep.local_cluster up        # the head; gpu_worker nodes come when trials ask
     python -m sweep.run --address auto --space quick --gpus-per-trial 0.5 --eval-gpus 0.5
-    python -m sweep.local_cluster status    # Ray's `ray status`, and the processes it started
-    python -m sweep.local_cluster down      # stops every one of them
+    python -m sweep.local_cluster status    # Ray's `ray status`, the nodes and their raylet PIDs
+    python -m sweep.local_cluster kill-node 00001   # lose a worker node mid-trial
+    python -m sweep.local_cluster down      # stops every process it started
 
 `up` runs Ray's own `ray start --head --autoscaling-config=... --block` (as Ray's fake-provider
 example does) in a new process session. Every process of the rehearsal -- the head's, and each
@@ -38,9 +39,9 @@ class LocalClusterError(RuntimeError):
     pass
 
 
-def session_processes(session: int) -> list[int]:
-    """PIDs of the live processes in process session `session` (the rehearsal's, by its leader)."""
-    pids = []
+def process_table() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, session)} of this machine's live processes (zombies left out)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -49,9 +50,47 @@ def session_processes(session: int) -> list[int]:
         except OSError:  # ended while we looked
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session
-        if int(fields[3]) == session and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def session_processes(session: int) -> list[int]:
+    """PIDs of the live processes in process session `session` (the rehearsal's, by its leader)."""
+    return [pid for pid, (_, sid) in process_table().items() if sid == session]
+
+
+def raylets(session: int) -> dict[str, int]:
+    """{Ray node id: its raylet's PID} of the rehearsal's nodes."""
+    found = {}
+    for pid in session_processes(session):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        node = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--node_id=")), None)
+        if Path(args[0]).name == "raylet" and node:
+            found[node] = pid
+    return found
+
+
+def kill_node(node_id: str) -> list[int]:
+    """Lose a node as a machine is lost: SIGKILL its raylet and every process the raylet started
+    (its workers, the trials among them), with no chance to clean up. Returns their PIDs."""
+    state = read_state()
+    nodes = raylets(state["session"]) if state else {}
+    matches = [node for node in nodes if node == node_id or node.endswith(node_id)]
+    if len(matches) != 1:
+        raise LocalClusterError(f"node {node_id!r}: {'no' if not matches else 'more than one'} node of the local "
+                                f"cluster matches; its nodes: {', '.join(nodes) or 'none'}")
+    raylet = nodes[matches[0]]
+    victims = [raylet, *(pid for pid, (parent, _) in process_table().items() if parent == raylet)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return victims
 
 
 def read_state() -> dict | None:
@@ -127,8 +166,10 @@ def status() -> str:
     # Ray's CLI finds the cluster `ray start` recorded and sends its token only in token mode.
     report = subprocess.run([str(Path(sys.executable).with_name("ray")), "status"],
                             env={**cluster_environment(), "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
+    nodes = "\n".join(f"  node {node}  raylet PID {pid}" for node, pid in sorted(raylets(state["session"]).items()))
     return (f"{report.stdout}{report.stderr}\nlocal cluster at {state['address']}: "
-            f"{len(session_processes(state['session']))} processes in session {state['session']}; head log {state['log']}")
+            f"{len(session_processes(state['session']))} processes in session {state['session']}; head log "
+            f"{state['log']}\n{nodes}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
         description="Rehearse the cluster on this machine: a Ray head with Ray's fake multi-node autoscaler on "
                     "127.0.0.1:6379, which starts gpu_worker 'nodes' (real Ray processes advertising a GPU) on demand "
                     "and stops them when idle. Then run sweeps with --address auto.")
-    parser.add_argument("action", choices=("up", "down", "status"))
+    parser.add_argument("action", choices=("up", "down", "status", "kill-node"),
+                        help="kill-node NODE_ID: lose that node as if its machine died (its raylet and processes "
+                             "SIGKILLed); the autoscaler replaces it")
+    parser.add_argument("node", nargs="?", help="with kill-node: the node's id, or its last digits (see status)")
     parser.add_argument("--config", type=Path, default=CONFIG, help=f"the autoscaler config for up (default {CONFIG.name})")
     args = parser.parse_args(argv)
     try:
@@ -148,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"  ray status\n  python -m sweep.local_cluster down")
         elif args.action == "down":
             print(f"local cluster down: stopped its {down()} process(es)")
+        elif args.action == "kill-node":
+            if not args.node:
+                parser.error("kill-node needs the node's id (python -m sweep.local_cluster status lists them)")
+            print(f"killed node {args.node}: processes {kill_node(args.node)}")
         else:
             print(status())
     except LocalClusterError as error:

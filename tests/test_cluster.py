@@ -15,7 +15,7 @@ import ray
 import yaml
 
 from conftest import TINY_SPACE
-from sweep.cluster import init_ray
+from sweep.cluster import init_ray, on_loopback
 from sweep.local_cluster import session_processes
 from sweep.results import read_results
 from iwae_model.data import MNISTError
@@ -75,6 +75,12 @@ def epochs_in(checkpoint: Path) -> int:
     return len((checkpoint / "metrics.jsonl").read_text().splitlines())
 
 
+def test_only_a_cluster_on_127_0_0_1_is_joined_over_loopback():
+    # A real cluster's driver keeps Ray's normal addressing; the rehearsal's joins on loopback.
+    assert on_loopback("127.0.0.1:6379") and on_loopback("localhost:6379")
+    assert not on_loopback("10.0.3.17:6379") and not on_loopback("ray-head.internal:6379")
+
+
 def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_down_clean(mnist_dir, tmp_path):
     session = cluster_up()
     try:
@@ -127,46 +133,39 @@ def cluster():
     cluster_down(session)
 
 
-def kill_node_of(trial: Path) -> str:
-    """SIGKILL the raylet of the fake node running `trial`, and every process it started (the
-    trial's worker among them); return the node's id."""
-    worker = json.loads((trial / "result.json").read_text().splitlines()[-1])["pid"]
-    raylet = int(Path(f"/proc/{worker}/stat").read_text().split(")")[1].split()[1])
-    assert "raylet" in Path(f"/proc/{raylet}/cmdline").read_text()
-    node_id = nodes_of(sorted(trial.glob("checkpoint_*"))[-1])[-1]["node_id"]
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "stat").exists()
-                and int((p / "stat").read_text().split(")")[1].split()[1]) == raylet]
-    for pid in [raylet, *children]:
-        os.kill(pid, signal.SIGKILL)
-    return node_id
+PASSES_LOST = 6
 
 
 def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluster, mnist_dir, tmp_path):
-    # Three trials on at most two workers; each pass some seconds, so the kill lands mid-pass.
-    space = space_file(tmp_path, "node_loss", passes=6, train_images=6000)
+    # Four trials on at most two workers, each pass some seconds: the kill lands mid-pass, and
+    # trials still wait for a node when the autoscaler gives up the lost one, so it starts another.
+    space = space_file(tmp_path, "node_loss", passes=PASSES_LOST, train_images=6000)
     space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()),
-                                     "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3]}]}))
+                                     "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3, 4]}]}))
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
     timeline = [(time.time(), "sweep started")]
     wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000001")
     victim = next(t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*")))
-    lost = kill_node_of(victim)
+    lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
+    killed = cli("sweep.local_cluster", "kill-node", lost)
+    assert killed.returncode == 0, killed.stderr
     passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
-    timeline.append((time.time(), f"killed node ...{lost[-5:]} (raylet and its processes) while {victim.name} "
+    timeline.append((time.time(), f"killed node ...{lost[-5:]} (its raylet and what it started) while {victim.name} "
                                   f"ran pass {passes_before + 1}"))
     assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     timeline.append((time.time(), "sweep finished, results written"))
 
     assert "Failure # 1" in (victim / "error.txt").read_text()
     last = sorted(victim.glob("checkpoint_*"))[-1]
-    assert_complete_history(last, passes=6)  # every pass exactly once
+    assert_complete_history(last, passes=PASSES_LOST)  # every pass exactly once
     runs = nodes_of(last)
     assert [run["node_id"] for run in runs][0] == lost and runs[-1]["node_id"] != lost
     assert 1 < runs[-1]["first_epoch"] <= passes_before + 1  # from its checkpoint, not from scratch
     table = read_results(str(tmp_path / "node_loss"))
-    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K2_s0", "iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
-    assert set(table.column("epochs").to_pylist()) == {6}
+    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K2_s0", "iwae_L1_M1_K3_s0",
+                                                             "iwae_L1_M1_K4_s0", "vae_L1_M1_K1_s0"]
+    assert set(table.column("epochs").to_pylist()) == {PASSES_LOST}
     # The autoscaler gave up the lost node and started new ones in its place (the fake
     # provider numbers them on: a node id past the two first workers' is a replacement).
     nodes = {node["NodeID"]: node["Alive"] for node in ray.nodes() if node["NodeID"].startswith(WORKER_ID_PREFIX)}
