@@ -1,4 +1,5 @@
-"""Connecting to Ray and checking that the GPUs a sweep asks for can exist.
+"""Connecting to Ray, and checking before any trial starts that the GPUs a sweep asks for can
+exist and that every node sees a local-path storage.
 
 GPUs per trial and per evaluation actor are settings, not detection: on an autoscaling
 cluster with no GPU worker up yet Ray reports 0 GPUs, and a request for a GPU that never

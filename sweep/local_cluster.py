@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             state = up(args.config.resolve())
             print(f"local cluster up at {state['address']} (head log: {state['log']}); workers start when trials ask "
                   f"for GPUs.\n  python -m sweep.run --address auto --gpus-per-trial 0.5 --eval-gpus 0.5\n"
-                  f"  ray status\n  python -m sweep.local_cluster down")
+                  f"  python -m sweep.local_cluster status\n  python -m sweep.local_cluster down")
         elif args.action == "down":
             print(f"local cluster down: stopped its {down()} process(es)")
         elif args.action == "kill-node":

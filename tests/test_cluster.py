@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_SPACE
 from sweep.cluster import init_ray, on_loopback
@@ -100,9 +101,11 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         for nodes in map(json.loads, table.column("train_nodes").to_pylist()):
             assert [(n["device"], n["ray_gpu_ids"], n["first_epoch"]) for n in nodes] == [("cpu", ["0"], 1)]
         assert set(table.column("train_device").to_pylist()) == {"cpu"}
-        # The node is in the trial's TensorBoard run too.
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         for trial in trial_dirs(tmp_path / "rehearsal"):
+            # What the driver ships to a worker per trial is its small configuration (the data
+            # are read on the node): Tune keeps that pickle in the trial folder.
+            assert (trial / "params.pkl").stat().st_size < 20_000
+            # The node is in the trial's TensorBoard run too.
             events = EventAccumulator(str(trial / "tb"), size_guidance={"tensors": 0}).Reload()
             text = events.Tensors("run/node/text_summary")[0].tensor_proto.string_val[0].decode()
             assert "device cpu" in text and "Ray node fffff" in text

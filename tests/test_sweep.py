@@ -231,6 +231,8 @@ SWEEP_DAMAGE = {  # name: (what is done to a copy of a finished sweep, words the
     "no spec": (lambda d: (d / "iwae_sweep.json").unlink(), ["no iwae_sweep.json", "sweep.run"]),
     "experiment state not JSON": (lambda d: [f.write_text("{") for f in d.glob("experiment_state-*.json")],
                                   ["cannot read this sweep's experiment state", "restore the folder"]),
+    "node record not JSON": (lambda d: [f.write_text("[{") for f in d.glob("*/checkpoint_*/nodes.json")],
+                             ["nodes.json: damaged", "delete it"]),
 }
 
 
