@@ -179,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                     "127.0.0.1:6379, which starts gpu_worker 'nodes' (real Ray processes advertising a GPU) on demand "
                     "and stops them when idle. Then run sweeps with --address auto.")
     parser.add_argument("action", choices=("up", "down", "status", "kill-node"),
-                        help="kill-node NODE_ID: lose that node as if its machine died (its raylet and processes "
-                             "SIGKILLed); the autoscaler replaces it")
+                        help="up: start the head (workers come on demand); status: Ray's status and each node's "
+                             "raylet PID; kill-node NODE_ID: lose that node as if its machine died (its raylet and "
+                             "processes SIGKILLed), the autoscaler replaces it; down: stop every process up started")
     parser.add_argument("node", nargs="?", help="with kill-node: the node's id, or its last digits (see status)")
     parser.add_argument("--config", type=Path, default=CONFIG, help=f"the autoscaler config for up (default {CONFIG.name})")
     args = parser.parse_args(argv)
