@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from iwae_model import TrainConfig
-from iwae_model.checkpoint import CheckpointError
+from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
@@ -62,6 +62,36 @@ def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool
     the state only at its first sync)."""
     listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
     return any(info.base_name.startswith("experiment_state-") for info in listing)
+
+
+def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) -> list[str]:
+    """Make a killed driver's saved state restorable again; return the trials it mended.
+
+    Ray Tune deletes a trial's older checkpoint (checkpoints.keep) when a newer one arrives and
+    saves its experiment state a moment later. A driver killed in between leaves a state that
+    names the deleted checkpoint, and restoring that trial fails for good. Its newest intact
+    checkpoint is put under the missing name: each checkpoint holds the run's whole history, so
+    the trial continues from its newest pass, with nothing lost and nothing run twice."""
+    mended = []
+    for result in saved_results(experiment, filesystem):
+        named = result.checkpoint
+        if named is None or filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
+            continue
+        trial_dir = named.path.rstrip("/").rsplit("/", 1)[0]
+        survivors = sorted((info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_dir))
+                            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")),
+                           reverse=True)
+        for survivor in survivors:
+            try:
+                with tune.Checkpoint(survivor, filesystem).as_directory() as folder:
+                    load_checkpoint(folder)
+            except CheckpointError:  # half written when the driver died
+                continue
+            filesystem.create_dir(named.path, recursive=True)
+            pafs.copy_files(survivor, named.path, source_filesystem=filesystem, destination_filesystem=filesystem)
+            mended.append(f"{trial_label(result)} (from {survivor.rsplit('/', 1)[1]})")
+            break
+    return mended
 
 
 def trainable(space: SweepSpace):
@@ -114,6 +144,9 @@ def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: 
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{name}"
     if resume and experiment_state_saved(experiment, filesystem):
+        if mended := recover_deleted_checkpoints(experiment, filesystem):
+            print(f"note: the sweep stopped between Ray Tune deleting an old checkpoint and saving its state; "
+                  f"{', '.join(mended)} continue from their newest checkpoint", file=sys.stderr)
         tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
     else:
         if resume and filesystem.get_file_info(experiment).type == pafs.FileType.Directory:

@@ -23,7 +23,7 @@ from iwae_model.data import MNISTError
 from sweep.trainable import NODES_FILE, load_node_data
 from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
-WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers the workers it starts: ff...f00001, ff...f00002, ...
+WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers its nodes: ff...f00000 the head, then each worker it starts
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -197,7 +197,7 @@ def test_a_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_run_twice(c
     for trial in trial_dirs(tmp_path / "driver_loss"):
         last = sorted(trial.glob("checkpoint_*"))[-1]
         assert_complete_history(last, passes=6)  # nothing run twice, nothing skipped
-        assert all(run["node_id"].startswith(WORKER_ID_PREFIX) for run in nodes_of(last))
+        assert head_node_id() not in {run["node_id"] for run in nodes_of(last)}  # the head has no GPU
 
 
 def test_a_local_storage_the_nodes_do_not_share_is_refused_before_any_trial(cluster, mnist_dir, tmp_path):
