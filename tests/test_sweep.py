@@ -388,7 +388,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
     # first sync; a driver killed before that (seen in one of five runs) left a folder whose
     # restore made a trial with an empty config, and the resumed sweep crashed.
     # "names a deleted checkpoint": killed between Tune deleting a checkpoint (checkpoints.keep)
-    # and saving its state (seen in 3 of 11 runs of the cluster test): restoring failed for good.
+    # and saving its state (seen in 3 of 12 runs of the cluster test): restoring failed for good.
     space = {**TINY, "name": "driver", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
     command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, mnist_dir, "")  # mid-sweep, with work to lose
     assert not (sweep_dir / "results").exists()
