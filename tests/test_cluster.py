@@ -16,10 +16,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_SPACE
-from sweep.cluster import init_ray, on_loopback
-from sweep.local_cluster import session_processes
-from sweep.results import read_results
 from iwae_model.data import MNISTError
+from sweep.cluster import init_ray, on_loopback
+from sweep.local_cluster import process_table, read_state, session_processes
+from sweep.results import read_results
 from sweep.trainable import NODES_FILE, load_node_data
 from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
@@ -35,8 +35,7 @@ def cluster_up(env: dict | None = None) -> int:
     """The rehearsal cluster, as the README starts it; returns its process session."""
     started = cli("sweep.local_cluster", "up", env=env)
     assert started.returncode == 0, started.stderr[-3000:]
-    state = json.loads((Path(started.stdout.split("head log: ")[1].split(")")[0]).parent / "state.json").read_text())
-    return state["session"]
+    return read_state()["session"]
 
 
 def cluster_down(session: int) -> None:
@@ -44,7 +43,7 @@ def cluster_down(session: int) -> None:
     stopped = cli("sweep.local_cluster", "down")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped its" in stopped.stdout
-    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]]
+    alive = [pid for pid in pids if pid in process_table()]  # zombies left out: they are only PID entries
     assert not alive and not session_processes(session), f"left behind: {alive}"
 
 
@@ -121,8 +120,9 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         cluster_down(session)
 
 
-# Failure detection in seconds instead of a minute: the GCS declares a silent raylet dead after
-# 3 missed 1 s health checks, and the autoscaler replaces a node 5 s after its last heartbeat.
+# Failure detection in seconds instead of half a minute: the GCS declares a silent raylet dead
+# after 3 missed 1 s health checks (Ray's default: 5 of 3 s), the autoscaler counts a node
+# without heartbeat for 5 s as lost (default 30 s).
 FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
                 "RAY_health_check_timeout_ms": "1000", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
 
@@ -145,25 +145,25 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
     space = space_file(tmp_path, "node_loss", passes=PASSES_LOST, train_images=6000)
     space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()),
                                      "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3, 4]}]}))
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
-    timeline = [(time.time(), "sweep started")]
-    wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000001")
-    victim = next(t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*")))
-    lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
-    killed = cli("sweep.local_cluster", "kill-node", lost)
-    assert killed.returncode == 0, killed.stderr
-    passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
-    timeline.append((time.time(), f"killed node ...{lost[-5:]} (its raylet and what it started) while {victim.name} "
-                                  f"ran pass {passes_before + 1}"))
-    assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
+        timeline = [(time.time(), "sweep started")]
+        wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000001")
+        victim = next(t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*")))
+        lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
+        killed = cli("sweep.local_cluster", "kill-node", lost)
+        assert killed.returncode == 0, killed.stderr
+        passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
+        timeline.append((time.time(), f"killed node ...{lost[-5:]} (its raylet and what it started) while "
+                                      f"{victim.name} ran pass {passes_before + 1}"))
+        assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     timeline.append((time.time(), "sweep finished, results written"))
 
     assert "Failure # 1" in (victim / "error.txt").read_text()
     last = sorted(victim.glob("checkpoint_*"))[-1]
     assert_complete_history(last, passes=PASSES_LOST)  # every pass exactly once
     runs = nodes_of(last)
-    assert [run["node_id"] for run in runs][0] == lost and runs[-1]["node_id"] != lost
+    assert runs[0]["node_id"] == lost and runs[-1]["node_id"] != lost
     assert 1 < runs[-1]["first_epoch"] <= passes_before + 1  # from its checkpoint, not from scratch
     table = read_results(str(tmp_path / "node_loss"))
     assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K2_s0", "iwae_L1_M1_K3_s0",
