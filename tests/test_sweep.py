@@ -375,8 +375,9 @@ def delete_checkpoints_the_state_names(sweep_dir: Path) -> None:
         if result.checkpoint is None:
             continue
         named = Path(result.checkpoint.path)
-        newest = sorted(named.parent.glob("checkpoint_*"))[-1]
-        if newest == named:  # the newer checkpoint Tune had just registered
+        if not named.exists():  # the kill itself fell in that instant
+            continue
+        if sorted(named.parent.glob("checkpoint_*"))[-1] == named:  # the newer one Tune had just registered
             number = int(named.name.split("_")[1]) + 1
             shutil.copytree(named, named.parent / f"checkpoint_{number:06d}")
         shutil.rmtree(named)
