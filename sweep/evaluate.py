@@ -72,6 +72,7 @@ class Evaluator:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data_dir = data_dir
+        self.node = {f"eval_{key}": value for key, value in this_node().items()}  # an actor stays on its node
         self.data: dict[str, MNIST] = {}
 
     def evaluate(self, job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -114,7 +115,7 @@ class Evaluator:
             "parent_checkpoint_uri": config.init_from,
             **{f"train_{key}": nodes[-1][key] if nodes else None for key in ("device", "node_id", "node_ip", "hostname")},
             "train_nodes": json.dumps(nodes) if nodes else None,
-            **{f"eval_{key}": value for key, value in this_node().items()},
+            **self.node,
         }
         per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
                      "checkpoint_uri": job["uri"], "image": result.per_image["image"],
