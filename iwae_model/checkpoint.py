@@ -10,14 +10,18 @@ sweeps, and a full pickle there could run code on load.
   optimizer      optimizer.state_dict(), as torch saves it
   epoch          passes completed (at least 1: a checkpoint is written after each pass)
   step           optimizer steps completed
-  rng            {"generator": training generator state, "torch": global CPU state, "cuda": [...]}
-                 (uint8 tensors)
+  rng            {"generator": the training generator's state (uint8 tensor), "device": its device
+                 type, "cpu" or "cuda"}: training draws from that generator alone
   history        the per-epoch metrics rows (the same rows as metrics.jsonl), one per pass
   train_seconds  wall-clock seconds spent in training steps so far
 
 Every way a file can fail to be such a checkpoint (missing, empty, truncated, not torch's
 format, carrying code, another format version, a field of the wrong type, weights that do not
 fit the configuration) raises CheckpointError naming the file, the field and the fix.
+
+Format 1 also kept torch's global CPU and CUDA RNG states, which training never draws from after
+the model is built; it still loads (its generator's device told by the state's layout: a CUDA
+generator's is 16 bytes, a CPU one's 5,056).
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import torch
 from .config import TrainConfig
 from .models import IWAEModel
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+CUDA_GENERATOR_STATE_BYTES = 16  # a Philox seed and offset
 CHECKPOINT_NAME = "checkpoint.pt"
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "config": dict, "model": dict, "optimizer": dict, "epoch": int, "step": int, "rng": dict, "history": list,
@@ -108,10 +114,11 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
                               f"'model', ... of a run); pass a run directory written by python -m iwae_model.train")
     version = state["format"]
     is_int = isinstance(version, int) and not isinstance(version, bool)
-    if not (is_int and version == CHECKPOINT_FORMAT):
+    if not (is_int and version in READABLE_FORMATS):
         newer = is_int and version > CHECKPOINT_FORMAT
         fix = "upgrade iwae-sweep to read it" if newer else "load it with the iwae-sweep version that wrote it, or retrain"
-        raise CheckpointError(f"{path}: checkpoint format {version!r}, this version reads format {CHECKPOINT_FORMAT}: {fix}")
+        raise CheckpointError(f"{path}: checkpoint format {version!r}, this version reads formats "
+                              f"{', '.join(map(str, READABLE_FORMATS))}: {fix}")
     for field, kind in FIELDS.items():
         if field not in state:
             raise bad(field, "missing")
@@ -120,10 +127,17 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
     for name, value in state["model"].items():
         if not isinstance(value, torch.Tensor):
             raise bad(f"model.{name}", f"a {type(value).__name__}, expected a tensor")
-    for name in ("generator", "torch"):
+    for name in ("generator", "torch") if version == 1 else ("generator",):
         value = state["rng"].get(name)
         if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
             raise bad(f"rng.{name}", "expected a uint8 tensor (a torch RNG state)")
+    if version == 1:  # read as format 2: the generator's device from its state's layout
+        generator = state["rng"]["generator"]
+        state["rng"] = {"generator": generator,
+                        "device": "cuda" if generator.numel() == CUDA_GENERATOR_STATE_BYTES else "cpu"}
+    if state["rng"].get("device") not in ("cpu", "cuda"):
+        raise bad("rng.device", f"{state['rng'].get('device')!r}, expected 'cpu' or 'cuda' (the training "
+                                f"generator's device)")
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as error:
@@ -142,10 +156,7 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"generator": generator.get_state(), "device": generator.device.type}
 
 
 def restore(
@@ -155,20 +166,17 @@ def restore(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Load a checked checkpoint's weights (and optimizer and RNG states) into these objects."""
+    """Load a checked checkpoint's weights (and optimizer and generator states) into these
+    objects. The generator's state is loaded only if it was saved on the same device type (the
+    caller reseeds it otherwise: a CPU and a CUDA generator's states do not convert)."""
     def load_optimizer() -> None:
         optimizer.load_state_dict(state["optimizer"])
         _check_optimizer_shapes(optimizer)
 
-    def load_rng() -> None:
-        generator.set_state(state["rng"]["generator"].cpu())
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
-
     parts = [("model", lambda: model.load_state_dict(state["model"]))]
     parts += [("optimizer", load_optimizer)] if optimizer is not None else []
-    parts += [("rng", load_rng)] if generator is not None else []
+    if generator is not None and state["rng"]["device"] == generator.device.type:
+        parts += [("rng", lambda: generator.set_state(state["rng"]["generator"].cpu()))]
     for field, load in parts:
         try:
             load()

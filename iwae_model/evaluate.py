@@ -18,24 +18,11 @@ import numpy as np
 
 from .checkpoint import load_model
 from .data import MNIST, MNISTError, load_mnist
-from .device import resolve_device
-from .likelihood import (
-    ACTIVE_UNIT_IMAGES,
-    active_units,
-    bound,
-    eval_generator,
-    importance_sampling,
-    noise_stream,
-)
+from .device import device_record, pin_float32, resolve_device
 from .importance import PARETO_K_THRESHOLD
+from .likelihood import bound, burda_active_units, importance_sampling, noise_stream
 from .models import IWAEModel
 from .objectives import Objective
-
-
-def burda_active_units(model: IWAEModel, data: MNIST) -> list[int]:
-    """Active units as Burda measured them: on the first 500 training images, binarized once."""
-    images = data.training_batch(data.train[:ACTIVE_UNIT_IMAGES], eval_generator(data.train.device))
-    return active_units(model, images)
 
 
 @dataclass
@@ -49,6 +36,9 @@ class Evaluation:
     active_units: list[int]
     seconds: float
     device: str
+    float32: str  # the float32 precision of matmuls and convolutions (device.float32_precision)
+    gpu_name: str | None  # on CUDA, the GPU's name and compute capability
+    gpu_capability: str | None
     comparable_to_papers: bool  # the evaluation protocol: dynamic binarization, k >= 5000, all 10,000 test images
     ess_mean: float  # effective sample size of the k weights, mean over images
     ess_median: float
@@ -71,6 +61,7 @@ def evaluate_model(
     progress: bool = False,
 ) -> Evaluation:
     """The run's test-set figures, with Burda's fixed test binarization (seed 123)."""
+    pin_float32()
     start = time.perf_counter()
     x = data.fixed("test")[:images]
     device = x.device
@@ -83,12 +74,12 @@ def evaluate_model(
     return Evaluation(
         nll=float(-ll.mean()), nll_se=se, k=k, images=len(x),
         test_bound=float(test_bound.mean()), test_bound_name=repr(objective),
-        active_units=units, seconds=time.perf_counter() - start, device=str(device),
+        active_units=units, seconds=time.perf_counter() - start, **device_record(device),
         comparable_to_papers=data.binarization == "dynamic" and len(x) == len(data.test) and k >= 5000,
         ess_mean=float(ess.mean()), ess_median=float(np.median(ess)),
         pareto_k_above=float((fitted > PARETO_K_THRESHOLD).mean()) if len(fitted) else float("nan"),
         pareto_k_max=float(fitted.max()) if len(fitted) else float("nan"),
-        noise=noise_stream(model, k, device),
+        noise=noise_stream(model, k),
         per_image={"image": np.arange(len(x)), "log_likelihood": ll, "ess": ess, "pareto_k": pareto_k},
     )
 
@@ -134,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"active units per layer: {'+'.join(map(str, result.active_units))}")
     print(f"importance sampling: ESS mean {result.ess_mean:.1f}, median {result.ess_median:.1f} of k={result.k}; "
           f"{pareto_k_text(result)}")
-    print(f"{result.seconds:.1f} s on {result.device}")
+    on = f"{result.device} ({result.gpu_name}, compute capability {result.gpu_capability})" if result.gpu_name else result.device
+    print(f"{result.seconds:.1f} s on {on}, float32 {result.float32}")
 
 
 if __name__ == "__main__":

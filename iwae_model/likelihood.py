@@ -10,10 +10,14 @@ makes a chunked estimate equal an unchunked one. Peak for k=5000 with the defaul
 2048 * (2 * 784 + 6 * 200) * 4 B = 23 MB of activations. The diagnostics add the 213 largest
 log-weights of each image of the batch (27 KB).
 
-Common noise: the q-noise comes from one generator seeded with EVAL_SEED, drawn batch after
-batch, so two models with the same latent sizes, evaluated with the same k, image batch and
-device type, see the same noise for every image (`noise_stream` names that): a difference of
-their estimates is then free of most of the Monte-Carlo noise, not only of the images' spread.
+Common noise, on any device: the q-noise of image i and sample s depends on (EVAL_SEED, i, s)
+only. It is drawn on the CPU, one generator per block of NOISE_BLOCK images seeded from
+(EVAL_SEED, block), and copied to the model's device: a CUDA generator's output depends on the
+GPU's number of multiprocessors, so an A10G, an H100 and a MIG slice would each draw other
+noise. Two models with the same latent sizes evaluated with the same k therefore see the same
+noise for every image, on any device, image batch and chunking (`noise_stream` names it): a
+difference of their estimates is then free of most of the Monte-Carlo noise, not only of the
+images' spread. The bounds and the active units draw theirs the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import math
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data import MNIST, binarize_once
 from .importance import effective_sample_size, pareto_k_hat, pareto_tail_size
 from .models import IWAEModel
 from .objectives import Objective
@@ -39,21 +45,46 @@ def default_chunk_rows(device: torch.device) -> int:
     return 131072 if device.type == "cuda" else 2048
 
 
+NOISE_BLOCK = 16  # images per independently seeded block of evaluation noise
+
+
 def default_image_batch(device: torch.device) -> int:
-    return 100 if device.type == "cuda" else 16
+    # Whole noise blocks, so that no block is drawn for two batches.
+    return 7 * NOISE_BLOCK if device.type == "cuda" else NOISE_BLOCK
 
 
-def eval_generator(device: torch.device) -> torch.Generator:
-    """A fresh generator with the evaluation seed: every evaluation of every model draws the
-    same q-noise, so differences between models are not Monte-Carlo noise."""
-    return torch.Generator(device=device).manual_seed(EVAL_SEED)
+def eval_generator() -> torch.Generator:
+    """A fresh CPU generator with the evaluation seed (the active units' draws)."""
+    return torch.Generator().manual_seed(EVAL_SEED)
 
 
-def noise_stream(model: IWAEModel, k: int, device: torch.device) -> str:
-    """A name for the q-noise an evaluation with the default image batch draws: equal names,
-    equal noise per image."""
+def block_seed(block: int) -> int:
+    """The seed of block `block` of the evaluation noise: a function of (EVAL_SEED, block) only."""
+    return int(np.random.SeedSequence([EVAL_SEED, block]).generate_state(1)[0])
+
+
+def evaluation_noise(model: IWAEModel, k: int, start: int, stop: int) -> list[torch.Tensor]:
+    """The standard-normal q-noise of k samples for images start..stop-1, one `[k, stop - start,
+    d]` tensor per stochastic layer on the model's device: whole blocks of NOISE_BLOCK images
+    drawn on the CPU (only the asked-for images kept), so image i's noise is the same whichever
+    batch it is evaluated in."""
+    weight = model.decoder.out.weight
+    first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
+    generator = torch.Generator()
+    blocks: list[list[torch.Tensor]] = [[] for _ in model.latent_dims]
+    for block in range(first, last + 1):
+        generator.manual_seed(block_seed(block))
+        for layer, d in zip(blocks, model.latent_dims):
+            layer.append(torch.randn((k, NOISE_BLOCK, d), generator=generator, dtype=weight.dtype))
+    offset = start - first * NOISE_BLOCK
+    return [(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))[:, offset:offset + stop - start]
+            .to(weight.device, non_blocking=True) for parts in blocks]
+
+
+def noise_stream(model: IWAEModel, k: int) -> str:
+    """A name for the q-noise an evaluation draws: equal names, equal noise per image."""
     latents = "+".join(map(str, model.latent_dims))
-    return f"seed {EVAL_SEED}, k {k}, latents {latents}, {default_image_batch(device)} images/batch, {device.type}"
+    return f"seed {EVAL_SEED}, k {k}, latents {latents}, drawn per {NOISE_BLOCK}-image block on the CPU"
 
 
 @dataclass
@@ -70,7 +101,6 @@ def importance_sampling(
     model: IWAEModel,
     x: torch.Tensor,
     k: int = 5000,
-    generator: torch.Generator | None = None,
     image_batch: int | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
@@ -85,15 +115,13 @@ def importance_sampling(
     device = x.device
     image_batch = image_batch or default_image_batch(device)
     chunk_rows = chunk_rows or default_chunk_rows(device)
-    if generator is None:
-        generator = eval_generator(device)
     keep = pareto_tail_size(k) + 1
     estimates, ess, pareto_k = [], [], []
     for start in tqdm(range(0, len(x), image_batch), desc=f"log p(x), k={k}", unit="batch",
                       disable=not progress, file=sys.stderr):
         xb = x[start:start + image_batch]
         first_layer = model.encoders[0](xb)
-        noise = model.draw_noise(k, len(xb), generator)
+        noise = evaluation_noise(model, k, start, start + len(xb))
         samples_per_chunk = max(1, chunk_rows // len(xb))
         log_sums, log_square_sums, largest = [], [], xb.new_empty((0, len(xb)), dtype=torch.float64)
         for s in range(0, k, samples_per_chunk):
@@ -117,30 +145,22 @@ def log_likelihood(
     model: IWAEModel,
     x: torch.Tensor,
     k: int = 5000,
-    generator: torch.Generator | None = None,
     image_batch: int | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """log p(x) estimated as log 1/k sum_i w_i per image, float64 `[N]` (no diagnostics)."""
-    return importance_sampling(model, x, k, generator, image_batch, chunk_rows, progress, diagnostics=False).log_likelihood
+    return importance_sampling(model, x, k, image_batch, chunk_rows, progress, diagnostics=False).log_likelihood
 
 
 @torch.no_grad()
-def bound(
-    model: IWAEModel,
-    x: torch.Tensor,
-    objective: Objective,
-    generator: torch.Generator | None = None,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
+def bound(model: IWAEModel, x: torch.Tensor, objective: Objective, chunk_rows: int | None = None) -> torch.Tensor:
     """The objective's bound per image (e.g. the test IWAE_{M,K} bound), float64 `[N]`."""
     chunk_rows = chunk_rows or default_chunk_rows(x.device)
-    if generator is None:
-        generator = eval_generator(x.device)
     batch = max(1, chunk_rows // objective.num_samples)
     return torch.cat([
-        objective.bound(model.log_weights(x[s:s + batch], objective.num_samples, generator)).double()
+        objective.bound(model.log_weights(
+            x[s:s + batch], noise=evaluation_noise(model, objective.num_samples, s, min(s + batch, len(x))))).double()
         for s in range(0, len(x), batch)
     ])
 
@@ -154,8 +174,13 @@ def active_units(
 ) -> list[int]:
     """Burda's active units per stochastic layer: units whose posterior mean varies across
     the images x (Burda: the first 500 training images, one binarization) with variance
-    above `threshold`; a layer above the first is conditioned on one sample of the one below."""
-    if generator is None:
-        generator = eval_generator(x.device)
-    means = model.posterior_means(x, generator)
+    above `threshold`; a layer above the first is conditioned on one sample of the one below,
+    drawn from `generator` (default: the CPU evaluation generator, so any device counts alike)."""
+    means = model.posterior_means(x, generator or eval_generator())
     return [int((mean.double().var(dim=0, unbiased=False) > threshold).sum()) for mean in means]
+
+
+def burda_active_units(model: IWAEModel, data: MNIST) -> list[int]:
+    """Active units as Burda measured them: on the first 500 training images, binarized once
+    with the evaluation seed (on the CPU, so the bits do not depend on the device)."""
+    return active_units(model, binarize_once(data.train[:ACTIVE_UNIT_IMAGES], EVAL_SEED))

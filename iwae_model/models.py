@@ -190,16 +190,17 @@ class IWAEModel(nn.Module):
         latents, log_q = self.sample_q(x, k, generator, noise, stop_q_params, first_layer)
         return self.log_joint(x, latents) - log_q
 
-    def posterior_means(self, x: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def posterior_means(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """E_q[h_l | h_{l-1}] per layer `[B, d_l]`, each layer above the first conditioned on one
-        sample of the layer below (Burda's get_units_variances)."""
+        sample of the layer below (Burda's get_units_variances), its noise drawn on the
+        generator's device and moved to the model's."""
         means = []
         h = x
         for encoder in self.encoders:
             mean, log_std = encoder(h)
             means.append(mean)
-            h = mean + torch.exp(log_std) * torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+            h = mean + torch.exp(log_std) * eps.to(mean.device)
         return means
 
     @torch.no_grad()

@@ -22,8 +22,13 @@ JSON object per pass with these fields:
   images_per_s   training images per second during the pass
   snr            gradient SNR summaries (every --snr-every passes, else null): encoder_mean,
                  encoder_median, decoder_mean, decoder_median (and per layer for 2 layers)
+  generator_reseeded  true for the first pass of a run resumed on another device type (see below)
 Running the same command again resumes from the checkpoint and ends bit-identical to a run
-that never stopped (same seed, same device).
+that never stopped (same seed, same device type). Resumed on the other device type (a
+checkpoint written on a GPU, continued on a CPU, or the reverse), it continues from the same
+weights, optimizer state and position, but the training generator's state cannot carry over:
+it is seeded from (seed, step) instead, the pass's row says `generator_reseeded`, and from that
+pass on the run is not bit-identical to one that never moved.
 """
 
 from __future__ import annotations
@@ -36,16 +41,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import likelihood
+from .likelihood import burda_active_units
 from .checkpoint import CheckpointError, checkpoint_path, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import FULL_SCHEDULE_PASSES, SCHEDULES, TrainConfig
 from .data import MNIST, MNISTError, load_mnist
-from .device import resolve_device
-from .evaluate import burda_active_units
+from .device import pin_float32, resolve_device
 from .models import IWAEModel
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, Surrogate
 from .snr import gradient_snr
@@ -104,7 +110,13 @@ def build_surrogate(model: IWAEModel, objective: Objective, estimator: GradientE
         log_w = model.log_weights(x, noise=noise, stop_q_params=estimator.stop_q_params)
         return estimator.surrogate(objective, log_w)
 
-    return torch.compile(surrogate, dynamic=False) if compile else surrogate
+    if not compile:
+        return surrogate
+    if next(model.parameters()).device.type == "cuda":
+        # Inductor otherwise picks among kernel variants by timing them when it compiles: a
+        # resumed run could pick others, and sum in another order.
+        torch._inductor.config.deterministic = True
+    return torch.compile(surrogate, dynamic=False)
 
 
 def train_step(
@@ -146,6 +158,12 @@ def load_initial_state(config: TrainConfig, source: str | os.PathLike, model: IW
     restore(state, source, model, optimizer if config.init_optimizer else None)
 
 
+def continuation_seed(seed: int, step: int) -> int:
+    """The training generator's seed for a run resumed on another device type after `step`
+    steps: a function of (seed, step) only, so such a resume is reproducible."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+
+
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history (atomically), so a resumed run never
     shows rows of a pass that was lost in a crash."""
@@ -172,6 +190,7 @@ def train(
     `on_epoch_end(metrics_row, checkpoint_path)` is called after each pass's checkpoint is on
     disk (the Ray trainable reports from there). A run with `config.init_from` starts from that
     run's checkpoint, read from `init_source` when given (a local copy of a remote one)."""
+    pin_float32()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -189,6 +208,7 @@ def train(
     history: list[dict] = []
     epoch = step = 0
     train_seconds = 0.0
+    reseeded = False
 
     if checkpoint_path(run_dir).exists():
         state = load_checkpoint(run_dir, map_location=device)
@@ -201,6 +221,13 @@ def train(
                 f"use another --out, or delete {checkpoint_path(run_dir)} to start over")
         restore(state, checkpoint_path(run_dir), model, optimizer, generator)
         epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
+        if state["rng"]["device"] != device.type:
+            generator.manual_seed(continuation_seed(config.seed, step))
+            reseeded = True
+            print(f"{config.label()}: resumed on {device.type} from a checkpoint written on {state['rng']['device']}: "
+                  f"same weights, optimizer and position, the training generator seeded from (seed {config.seed}, "
+                  f"step {step}); from pass {epoch + 1} on this run is not bit-identical to one that never moved",
+                  file=sys.stderr, flush=True)
         write_metrics(run_dir, history)
     elif config.init_from is not None:
         load_initial_state(config, init_source or config.init_from, model, optimizer)
@@ -260,7 +287,9 @@ def train(
             # Its own generator: measuring the SNR never changes the training run.
             "snr": gradient_snr(model, objective, estimator, snr_x, config.snr_draws,
                                 torch.Generator(device=device).manual_seed(SNR_SEED)) if snr_due else None,
+            "generator_reseeded": reseeded,
         }
+        reseeded = False
         history.append(row)
         save_checkpoint(checkpoint_path(run_dir), {
             "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,5 +1,6 @@
-"""Connecting to Ray, and checking before any trial starts that the GPUs a sweep asks for can
-exist and that every node sees a local-path storage.
+"""Connecting to Ray, the device each trial and evaluation actor computes on, and checking
+before any trial starts that the GPUs a sweep asks for can exist and that every node sees a
+local-path storage.
 
 GPUs per trial and per evaluation actor are settings, not detection: on an autoscaling
 cluster with no GPU worker up yet Ray reports 0 GPUs, and a request for a GPU that never
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from pyarrow import fs as pafs
 from ray._private import ray_constants, services
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -27,6 +29,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 # 2.60, see shared/reference/ray_tune_facts.md section 10) is what keeps a local Ray on loopback.
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STORAGE_MARKER = ".iwae_storage_check"  # in the sweep folder: a random token every node must read back
+# The node label with which cluster.local.yaml's rehearsal nodes say their GPUs are advertised only.
+ADVERTISED_GPUS_LABEL, ADVERTISED = "iwae-sweep/gpus", "advertised"
 
 
 class ClusterError(RuntimeError):
@@ -37,10 +41,46 @@ class StorageNotShared(ClusterError):
     pass
 
 
+class GPUUnusable(ClusterError):
+    pass
+
+
 def this_node() -> dict[str, Any]:
     """The Ray node this process runs on, as results and TensorBoard record it."""
     return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname()}
+
+
+def choose_device(gpu_ids: list[str], cuda_usable: bool, advertised_only: bool, node: dict[str, Any]) -> torch.device:
+    """The device of a trial or an evaluation actor, from the GPUs Ray assigned it and whether
+    torch can use CUDA. No GPU assigned: the CPU, even where torch sees one (Ray does not hide the
+    GPUs from a process that asked for none, and did not count this one on them). Assigned and
+    usable: CUDA (Ray's CUDA_VISIBLE_DEVICES makes the first assigned GPU cuda:0). Assigned but
+    unusable: GPUUnusable, rather than days of training on the CPU -- except on a rehearsal node,
+    whose GPUs are advertised only (`advertised_only`): the CPU."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    if cuda_usable:
+        return torch.device("cuda", 0)
+    if advertised_only:
+        return torch.device("cpu")
+    raise GPUUnusable(
+        f"Ray gave this process GPU(s) {', '.join(map(str, gpu_ids))} on node {node['hostname']} ({node['node_ip']}, "
+        f"Ray node {node['node_id']}), but torch {torch.__version__} there cannot use CUDA (torch.version.cuda: "
+        f"{torch.version.cuda or 'None, a CPU-only build'}). Install torch's CUDA build of the same version on that "
+        f"node's image, or check its NVIDIA driver (nvidia-smi must list the GPU); or run on CPU with "
+        f"--gpus-per-trial 0 --eval-gpus 0")
+
+
+def gpus_advertised_only() -> bool:
+    """Whether the calling Ray worker's node is a rehearsal node, whose GPUs are advertised only."""
+    return ray.get_runtime_context().get_node_labels().get(ADVERTISED_GPUS_LABEL) == ADVERTISED
+
+
+def ray_device() -> torch.device:
+    """`choose_device` for the calling Ray worker."""
+    return choose_device([str(gpu) for gpu in ray.get_gpu_ids()], torch.cuda.is_available(), gpus_advertised_only(),
+                         this_node())
 
 
 def storage_marker(experiment: str, filesystem: pafs.FileSystem) -> dict[str, str] | None:

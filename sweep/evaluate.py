@@ -32,9 +32,11 @@ from tqdm import tqdm
 import iwae_model
 from iwae_model import MNIST, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
+from iwae_model.data import MNISTError
+from iwae_model.device import pin_float32
 from iwae_model.evaluate import evaluate_model
 
-from .cluster import ClusterError, check_gpus, init_ray, this_node
+from .cluster import ClusterError, GPUUnusable, check_gpus, init_ray, ray_device, this_node
 from .query import print_results
 from .results import PER_IMAGE_FILE, RESULTS_FILE, filesystem_and_path, per_image_table, write_results, write_table
 from .space import Evaluation, SweepSpace
@@ -70,13 +72,15 @@ class Evaluator:
 
     def __init__(self, data_dir: str, threads: int):
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        pin_float32()
         self.data_dir = data_dir
         self.node = {f"eval_{key}": value for key, value in this_node().items()}  # an actor stays on its node
+        self.device: torch.device | None = None  # chosen by the first job, whose error Ray reports without a traceback
         self.data: dict[str, MNIST] = {}
 
     def evaluate(self, job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(results row, per-image columns) of one checkpoint."""
+        self.device = self.device or ray_device()
         with job["checkpoint"].as_directory() as folder:  # on object storage: downloaded to /tmp
             try:
                 model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
@@ -101,7 +105,9 @@ class Evaluator:
             "test_bound": result.test_bound, "test_bound_name": result.test_bound_name,
             "train_bound": last["train_bound"], "valid_bound": last["valid_bound"],
             "active_units": result.active_units, "epochs": state["epoch"], "train_seconds": state["train_seconds"],
-            "eval_seconds": result.seconds, "device": result.device, "checkpoint_uri": job["uri"],
+            "eval_seconds": result.seconds, "device": result.device, "eval_float32": result.float32,
+            "eval_gpu_name": result.gpu_name, "eval_gpu_capability": result.gpu_capability,
+            "checkpoint_uri": job["uri"],
             "project_version": iwae_model.__version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
             "config": json.dumps(config.to_dict()),
@@ -113,8 +119,11 @@ class Evaluator:
             "snr": json.dumps(snr) if snr else None,
             "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
             "parent_checkpoint_uri": config.init_from,
-            **{f"train_{key}": nodes[-1][key] if nodes else None for key in ("device", "node_id", "node_ip", "hostname")},
+            **{f"train_{key}": nodes[-1].get(key) if nodes else None
+               for key in ("device", "node_id", "node_ip", "hostname", "float32", "gpu_name", "gpu_capability")},
             "train_nodes": json.dumps(nodes) if nodes else None,
+            "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
+                                          None),
             **self.node,
         }
         per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
@@ -174,7 +183,7 @@ def run_evaluation(
         evaluated = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
                               total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
     except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, CheckpointError):  # without Ray's traceback around it
+        if isinstance(error.cause, (CheckpointError, GPUUnusable, MNISTError)):  # without Ray's traceback around it
             raise error.cause from None
         raise
     evaluated.sort(key=lambda pair: pair[0]["trial_name"])
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
         path, rows = run_evaluation(grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors)
-    except (ClusterError, NothingToEvaluate, CheckpointError) as error:
+    except (ClusterError, NothingToEvaluate, CheckpointError, MNISTError) as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)
     print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")

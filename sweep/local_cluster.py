@@ -5,7 +5,7 @@ cluster.local.yaml, on 127.0.0.1.
     python -m sweep.run --address auto --space quick --gpus-per-trial 0.5 --eval-gpus 0.5
     python -m sweep.local_cluster status    # Ray's `ray status`, the nodes and their raylet PIDs
     python -m sweep.local_cluster kill-node 00001   # lose a worker node mid-trial
-    python -m sweep.local_cluster down      # stops every process it started
+    python -m sweep.local_cluster down      # stops every process it started, and forgets the address
 
 `up` runs Ray's own `ray start --head --autoscaling-config=... --block` (as Ray's fake-provider
 example does) in a new process session. Every process of the rehearsal -- the head's, and each
@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ray._common.utils import get_ray_address_file
 
 from .cluster import LOOPBACK_SWITCH
 
@@ -155,8 +157,21 @@ def down() -> int:
             time.sleep(0.2)
     if left := session_processes(session):
         raise LocalClusterError(f"processes {left} of the local cluster survived SIGKILL")
+    forget_address()
     (STATE_DIR / "state.json").unlink()
     return len(started)
+
+
+def forget_address() -> None:
+    """Remove the head's `ray start` record of "the current cluster" (what `ray stop` removes), if it
+    still names the rehearsal: left behind, it makes the user's next plain `ray.init()` try to join
+    the stopped head for minutes instead of starting a Ray of its own."""
+    path = Path(get_ray_address_file(None))
+    try:
+        if path.read_text().strip() == ADDRESS:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def status() -> str:

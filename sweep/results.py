@@ -6,9 +6,9 @@ Load them without this package:
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 3 (`iwae_sweep.schema_version` in the file's metadata); older
+results.parquet, schema version 4 (`iwae_sweep.schema_version` in the file's metadata); older
 files are read with the columns they lack null (version 1: from ess_mean on; version 2: from
-train_device on):
+train_device on; version 3: from eval_float32 on):
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
   objective, m, k, beta, layers, estimator, seed, passes, schedule, binarization, train_images
                                      the trial's configuration (train_images null: all 59,600)
@@ -39,6 +39,12 @@ train_device on):
   train_nodes                        every run of the trial up to that checkpoint as JSON: node, device, Ray
                                      GPU ids, started_at (Unix time), first_epoch (a restart after a crash or node loss adds one)
   eval_node_id, eval_node_ip, eval_hostname   the Ray node that ran the evaluation
+  eval_float32, train_float32        float32 precision of matmuls and convolutions there: ieee (no TF32)
+  eval_gpu_name, eval_gpu_capability, train_gpu_name, train_gpu_capability
+                                     on CUDA, the GPU's name and compute capability (null on CPU)
+  generator_reseeded_at              the first pass trained after a resume on another device type (its
+                                     generator seeded from (seed, step)): from it on the run is not
+                                     bit-identical to one that never moved; null: never
 
 per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
@@ -57,7 +63,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RESULTS_FILE = "results/results.parquet"
 PER_IMAGE_FILE = "results/per_image.parquet"
 PER_IMAGE_SCHEMA_VERSION = 1
@@ -84,11 +90,15 @@ SCHEMA = pa.schema(
         ("train_device", pa.string()), ("train_node_id", pa.string()), ("train_node_ip", pa.string()),
         ("train_hostname", pa.string()), ("train_nodes", pa.string()),
         ("eval_node_id", pa.string()), ("eval_node_ip", pa.string()), ("eval_hostname", pa.string()),
+        ("eval_float32", pa.string()), ("eval_gpu_name", pa.string()), ("eval_gpu_capability", pa.string()),
+        ("train_float32", pa.string()), ("train_gpu_name", pa.string()), ("train_gpu_capability", pa.string()),
+        ("generator_reseeded_at", pa.int64()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
 # The columns each older schema version has (a prefix of today's).
-OLDER_COLUMNS = {1: SCHEMA.names[:SCHEMA.names.index("ess_mean")], 2: SCHEMA.names[:SCHEMA.names.index("train_device")]}
+OLDER_COLUMNS = {1: SCHEMA.names[:SCHEMA.names.index("ess_mean")], 2: SCHEMA.names[:SCHEMA.names.index("train_device")],
+                 3: SCHEMA.names[:SCHEMA.names.index("eval_float32")]}
 
 PER_IMAGE_SCHEMA = pa.schema(
     [

@@ -24,9 +24,10 @@ from torch.utils.tensorboard import SummaryWriter
 from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
 from iwae_model.data import MIRRORS_VARIABLE, MNISTError
+from iwae_model.device import device_record, pin_float32
 from iwae_model.train import train
 
-from .cluster import this_node, verify_storage_marker
+from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
 
 IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
 IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
@@ -98,11 +99,10 @@ def train_trial(config: dict[str, Any]) -> None:
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
         verify_storage_marker(config["storage_marker"])
     train_config = TrainConfig.from_dict(config["train"])
-    # Ray sets CUDA_VISIBLE_DEVICES; a GPU Ray gave but torch cannot use (a rehearsal's advertised
-    # GPU, a broken driver) means CPU, and the node record says so.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    here = {**this_node(), "device": str(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
-            "started_at": time.time()}
+    pin_float32()
+    device = ray_device()
+    here = {**this_node(), **device_record(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "gpus_advertised_only": gpus_advertised_only(), "started_at": time.time()}
     data = load_node_data(config["data_dir"], device, train_config.binarization)
     # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
     run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
@@ -121,11 +121,14 @@ def train_trial(config: dict[str, Any]) -> None:
         epoch = row["epoch"]
         last = epoch == train_config.passes
         if "first_epoch" not in here:  # this run's first pass: where it runs, in the record and TensorBoard
-            here["first_epoch"] = epoch
+            here.update(first_epoch=epoch, generator_reseeded=row["generator_reseeded"])
             nodes.append(here)
+            gpu = f" ({here['gpu_name']}, compute capability {here['gpu_capability']})" if here["gpu_name"] else ""
+            reseeded = ", generator reseeded: not bit-identical from here on" if here["generator_reseeded"] else ""
             writer.add_text("run/node", f"passes from {epoch} on {here['hostname']} ({here['node_ip']}, Ray node "
-                                        f"{here['node_id']}), device {here['device']}, Ray GPU ids "
-                                        f"{here['ray_gpu_ids'] or 'none'}", epoch)
+                                        f"{here['node_id']}), device {here['device']}{gpu}, float32 "
+                                        f"{here['float32']}, Ray GPU ids {here['ray_gpu_ids'] or 'none'}{reseeded}",
+                            epoch)
         for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
             writer.add_scalar(f"snr/{name}", value, epoch)
         if epoch % max(1, train_config.passes // IMAGE_SNAPSHOTS) == 0 or last:

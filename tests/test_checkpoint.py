@@ -96,7 +96,7 @@ BAD_FILES = {  # name: (the file from the good state and bytes, words the error 
     "a tensor": (lambda state, raw: torch.zeros(3), ["not an iwae-sweep checkpoint", "Tensor"]),
     "a state_dict": (lambda state, raw: state["model"], ["not an iwae-sweep checkpoint", "decoder"]),
     "old format": (lambda state, raw: changed(state, ["format"], 0), ["format 0", "version that wrote it"]),
-    "newer format": (lambda state, raw: changed(state, ["format"], 2), ["format 2", "upgrade"]),
+    "newer format": (lambda state, raw: changed(state, ["format"], 3), ["format 3", "upgrade"]),
     "no config": (lambda state, raw: changed(state, ["config"], DELETE), ["'config'", "missing"]),
     "bad config": (lambda state, raw: changed(state, ["config", "k"], -3), ["'config'", "k=-3"]),
     "wrong weights": (lambda state, raw: changed(state, ["model", "decoder.out.bias"], torch.zeros(5)),
@@ -174,7 +174,7 @@ values = st.recursive(
 PLACES = [("format",), ("config",), ("model",), ("optimizer",), ("epoch",), ("step",), ("rng",), ("history",),
           ("train_seconds",), ("config", "k"), ("config", "latent_dims"), ("config", "objective"),
           ("config", "lr"), ("model", "decoder.out.weight"), ("optimizer", "state"), ("optimizer", "param_groups"),
-          ("rng", "generator"), ("rng", "torch"), ("history", 0), ("history", -1, "train_bound")]
+          ("rng", "generator"), ("rng", "device"), ("history", 0), ("history", -1, "train_bound")]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -8,7 +8,7 @@ from conftest import FLOAT32_REORDER_RTOL, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.evaluate import evaluate_model
-from iwae_model.likelihood import active_units, bound, eval_generator, log_likelihood
+from iwae_model.likelihood import active_units, bound, evaluation_noise, log_likelihood
 from iwae_model.objectives import build_objective
 from iwae_model.train import train
 
@@ -31,7 +31,7 @@ def test_chunked_estimate_equals_a_direct_logsumexp_over_the_same_samples():
     model = build_model(1)
     x = random_binary(4, 784)
     k = 500
-    noise = model.draw_noise(k, 4, eval_generator(x.device))
+    noise = evaluation_noise(model, k, 0, 4)
     with torch.no_grad():
         direct = torch.logsumexp(model.log_weights(x, noise=noise).double(), dim=0) - torch.log(torch.tensor(float(k), dtype=torch.float64))
     chunked = log_likelihood(model, x, k=k, image_batch=4, chunk_rows=40)
@@ -101,7 +101,7 @@ def test_cli_json_and_text(short_run, mnist_dir):
     assert row["config"]["k"] == 5 and row["comparable_to_papers"] is False
     assert 1 <= row["ess_median"] <= 100 and 1 <= row["ess_mean"] <= 100 and 0 <= row["pareto_k_above"] <= 1
     assert "per_image" not in row and row["noise"].startswith("seed 123, k 100, latents 50")
-    text = run_cli(run_dir, "--k", 100, "--images", 20, env_dir=mnist_dir)
+    text = run_cli(run_dir, "--k", 100, "--images", 20, "--device", "cpu", env_dir=mnist_dir)
     assert text.returncode == 0, text.stderr
     assert "test NLL" in text.stdout and "not comparable to the papers" in text.stdout
     assert f"ESS mean {row['ess_mean']:.1f}, median {row['ess_median']:.1f} of k=100" in text.stdout

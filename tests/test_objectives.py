@@ -93,10 +93,12 @@ def test_float32_is_exact_at_log_weights_near_minus_5000(log_w):
 
 
 def test_gradients_are_finite_at_extreme_log_weights():
-    log_w = (torch.randn(50, 4) * 200 - 5000).requires_grad_()
+    log_w = (torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 200 - 5000).requires_grad_()
     IWAE(50).bound(log_w).sum().backward()
     assert torch.isfinite(log_w.grad).all()
-    assert torch.allclose(log_w.grad.sum(0), torch.ones(4))  # softmax weights sum to one
+    # Softmax weights sum to one, up to float32 rounding at |log w| ~ 5000: half an ulp there is
+    # 2.4e-4, by which each log w - max log w may be off.
+    assert torch.allclose(log_w.grad.sum(0), torch.ones(4), rtol=0, atol=1e-3)
 
 
 def test_bounds_increase_with_k_in_expectation():
@@ -164,7 +166,7 @@ def test_iwae_5000_matches_the_exact_likelihood(layers):
     model = model.double()
     x = random_binary(20, 12, seed=5).double()
     fit_encoder(model, x)
-    estimate = log_likelihood(model, x, k=5000, generator=torch.Generator().manual_seed(0))
+    estimate = log_likelihood(model, x, k=5000)
     exact = exact_fn(model, x)
     assert estimate.dtype == torch.float64
     # The estimator is consistent and its downward bias is O(1/k): with q fitted, each image's
