@@ -54,16 +54,15 @@ def this_node() -> dict[str, Any]:
 def choose_device(gpu_ids: list[str], cuda_usable: bool, advertised_only: bool, node: dict[str, Any]) -> torch.device:
     """The device of a trial or an evaluation actor, from the GPUs Ray assigned it and whether
     torch can use CUDA. No GPU assigned: the CPU, even where torch sees one (Ray does not hide the
-    GPUs from a process that asked for none, and did not count this one on them). Assigned and
-    usable: CUDA (Ray's CUDA_VISIBLE_DEVICES makes the first assigned GPU cuda:0). Assigned but
-    unusable: GPUUnusable, rather than days of training on the CPU -- except on a rehearsal node,
-    whose GPUs are advertised only (`advertised_only`): the CPU."""
-    if not gpu_ids:
+    GPUs from a process that asked for none, and did not count this one on them). On a rehearsal
+    node, whose GPUs are advertised only (`advertised_only`): the CPU, also on a machine with a
+    real GPU, which the advertised ones do not stand for. Assigned and usable: CUDA (Ray's
+    CUDA_VISIBLE_DEVICES makes the first assigned GPU cuda:0). Assigned but unusable:
+    GPUUnusable, rather than days of training on the CPU."""
+    if not gpu_ids or advertised_only:
         return torch.device("cpu")
     if cuda_usable:
         return torch.device("cuda", 0)
-    if advertised_only:
-        return torch.device("cpu")
     raise GPUUnusable(
         f"Ray gave this process GPU(s) {', '.join(map(str, gpu_ids))} on node {node['hostname']} ({node['node_ip']}, "
         f"Ray node {node['node_id']}), but torch {torch.__version__} there cannot use CUDA (torch.version.cuda: "

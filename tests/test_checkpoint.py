@@ -126,8 +126,9 @@ def test_no_checkpoint_there(tmp_path):
 def test_the_clis_print_the_error_not_a_traceback(run_dir, tmp_path, mnist_dir):
     (tmp_path / "checkpoint.pt").write_text("garbage")
     commands = [
-        ["iwae_model.evaluate", str(tmp_path), "--data-dir", str(mnist_dir)],
-        ["iwae_model.train", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--train-images", "200"],
+        ["iwae_model.evaluate", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"],
+        ["iwae_model.train", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--train-images", "200",
+         "--device", "cpu"],
     ]
     for command in commands:
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)

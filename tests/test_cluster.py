@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from ray._common.utils import get_ray_address_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_SPACE
 from iwae_model.data import MNISTError
 from sweep.cluster import init_ray, on_loopback
-from sweep.local_cluster import process_table, read_state, session_processes
+from sweep.local_cluster import ADDRESS, process_table, read_state, session_processes
 from sweep.results import read_results
 from sweep.trainable import NODES_FILE, load_node_data
 from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
@@ -40,11 +41,19 @@ def cluster_up(env: dict | None = None) -> int:
 
 def cluster_down(session: int) -> None:
     pids = session_processes(session)
+    assert Path(get_ray_address_file(None)).read_text().strip() == ADDRESS  # what the head's `ray start` wrote
     stopped = cli("sweep.local_cluster", "down")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped its" in stopped.stdout
     alive = [pid for pid in pids if pid in process_table()]  # zombies left out: they are only PID entries
     assert not alive and not session_processes(session), f"left behind: {alive}"
+    # Nothing else left behind either: a plain ray.init() afterwards, as in the user's own notebook,
+    # starts a Ray of its own instead of trying to join the stopped head.
+    assert not Path(get_ray_address_file(None)).exists()
+    fresh = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False); "
+                            "print(ray._private.worker._global_node.head); ray.shutdown()"],
+                           capture_output=True, text=True, timeout=180)
+    assert fresh.returncode == 0 and fresh.stdout.split()[-1] == "True", fresh.stderr[-3000:]
 
 
 def space_file(tmp_path: Path, name: str, **training) -> Path:
@@ -96,10 +105,12 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
         workers = set(table.column("train_node_id").to_pylist()) | set(table.column("eval_node_id").to_pylist())
         assert head not in workers and all(node.startswith(WORKER_ID_PREFIX) for node in workers)
-        # Ray gave each trial an advertised GPU that torch cannot use: it trained on CPU and says so.
+        # Ray gave each trial a GPU its node advertises only (cluster.local.yaml's label): it trained
+        # on CPU and says so; so did the evaluation actor, given half of one.
         for nodes in map(json.loads, table.column("train_nodes").to_pylist()):
-            assert [(n["device"], n["ray_gpu_ids"], n["first_epoch"]) for n in nodes] == [("cpu", ["0"], 1)]
-        assert set(table.column("train_device").to_pylist()) == {"cpu"}
+            assert [(n["device"], n["ray_gpu_ids"], n["gpus_advertised_only"], n["first_epoch"], n["float32"])
+                    for n in nodes] == [("cpu", ["0"], True, 1, "ieee")]
+        assert set(table.column("train_device").to_pylist()) == {"cpu"} == set(table.column("device").to_pylist())
         for trial in trial_dirs(tmp_path / "rehearsal"):
             # What the driver ships to a worker per trial is its small configuration (the data
             # are read on the node): Tune keeps that pickle in the trial folder.

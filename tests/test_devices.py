@@ -36,8 +36,8 @@ CUDA_GENERATOR_STATE = torch.arange(16, dtype=torch.uint8)  # the layout of a CU
     ([], True, False, "cpu"),  # torch sees a GPU Ray did not give this process: not its to use
     ([], True, True, "cpu"),
     (["3"], True, False, "cuda:0"),  # Ray's CUDA_VISIBLE_DEVICES makes the assigned GPU cuda:0
-    (["0", "1"], True, True, "cuda:0"),
     (["0"], False, True, "cpu"),  # the rehearsal's advertised GPU
+    (["0", "1"], True, True, "cpu"),  # ... also where a real one is there, for which it does not stand
 ])
 def test_the_device_follows_what_ray_assigned(gpu_ids, cuda_usable, advertised_only, expected):
     assert choose_device(gpu_ids, cuda_usable, advertised_only, NODE) == torch.device(expected)
@@ -51,6 +51,10 @@ def test_an_assigned_gpu_torch_cannot_use_fails_naming_the_node_the_build_and_th
                                             "torch.version.cuda", "CUDA build", "nvidia-smi", "--gpus-per-trial 0"])
 
 
+# On a GPU host the GPU Ray advertises is the real one, which torch can use: not this case.
+needs_torch_without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="torch here can use CUDA")
+
+
 @pytest.fixture(scope="module")
 def ray_with_a_gpu_torch_cannot_use():
     """A local Ray that advertises one GPU on a node without the rehearsal's label: as a node whose
@@ -60,6 +64,7 @@ def ray_with_a_gpu_torch_cannot_use():
     ray.shutdown()
 
 
+@needs_torch_without_cuda
 def test_in_ray_a_process_given_no_gpu_computes_on_the_cpu_and_one_given_a_gpu_fails(ray_with_a_gpu_torch_cannot_use):
     assert ray.get(ray.remote(num_gpus=0)(ray_device).remote()) == torch.device("cpu")
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
@@ -68,6 +73,7 @@ def test_in_ray_a_process_given_no_gpu_computes_on_the_cpu_and_one_given_a_gpu_f
     assert f"Ray node {ray.get_runtime_context().get_node_id()}" in str(raised.value.cause)
 
 
+@needs_torch_without_cuda
 def test_a_trial_given_a_gpu_torch_cannot_use_fails_at_once(ray_with_a_gpu_torch_cannot_use, mnist_dir, tmp_path,
                                                            capfd):
     space = parse_space({**TINY_SPACE, "name": "unusable", "resources": {"gpus_per_trial": 1}}, "<unusable>")

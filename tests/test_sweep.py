@@ -29,6 +29,7 @@ from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
 from sweep.run import dry_run, run_sweep
 from sweep.plan import plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
+from sweep.trainable import NODES_FILE
 
 PASSES = TINY_PASSES
 TINY = TINY_SPACE
@@ -91,6 +92,12 @@ def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
         assert record["eval_k"] == 50 and record["eval_images"] == 40 and record["epochs"] == PASSES
         assert record["comparable_to_papers"] is False and record["sweep"] == "tiny"
         assert len(record["active_units"]) == 1 and Path(record["checkpoint_uri"]).is_dir()
+        # A sweep that asked for no GPU trains and evaluates on the CPU, in IEEE float32, never moved.
+        assert (record["device"], record["train_device"]) == ("cpu", "cpu")
+        assert (record["eval_float32"], record["train_float32"]) == ("ieee", "ieee")
+        assert [record[f"{part}_gpu_{what}"] for part in ("eval", "train") for what in ("name", "capability")] == \
+            [None] * 4
+        assert record["generator_reseeded_at"] is None
     assert table.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
     assert not list(path.parent.glob(".tmp-*"))  # the atomic write left nothing behind
 
@@ -383,7 +390,19 @@ def delete_checkpoints_the_state_names(sweep_dir: Path) -> None:
         shutil.rmtree(named)
 
 
-@pytest.mark.parametrize("tune_state", ["saved", "not saved yet", "names a deleted checkpoint"])
+def as_written_on_a_gpu(sweep_dir: Path) -> list[Path]:
+    """Every checkpoint of the sweep with its generator state in a CUDA generator's layout, as a
+    trial that ran on a GPU leaves it; returns the trials that have one."""
+    trials = []
+    for checkpoint in sweep_dir.glob("*/checkpoint_*/checkpoint.pt"):
+        state = torch.load(checkpoint, weights_only=True)
+        state["rng"] = {"generator": torch.arange(16, dtype=torch.uint8), "device": "cuda"}
+        torch.save(state, checkpoint)
+        trials.append(checkpoint.parent.parent)
+    return sorted(set(trials))
+
+
+@pytest.mark.parametrize("tune_state", ["saved", "not saved yet", "names a deleted checkpoint", "written on a GPU"])
 def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_state):
     # "not saved yet": Ray Tune writes tuner.pkl at once but its experiment state only at its
     # first sync; a driver killed before that (seen in one of five runs) left a folder whose
@@ -398,6 +417,7 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
             path.unlink()
     if tune_state == "names a deleted checkpoint":
         delete_checkpoints_the_state_names(sweep_dir)
+    moved = as_written_on_a_gpu(sweep_dir) if tune_state == "written on a GPU" else []
     begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -409,6 +429,19 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
     assert table.column("epochs").to_pylist() == [8, 8]
     for trial in set(trial_dirs(sweep_dir)) - set(begun):
         assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=8)
+    # Resumed on the CPU from a GPU's checkpoint: same weights and position, a reseeded generator,
+    # and the node record, Parquet and the trial's log say from which pass it is not bit-identical.
+    reseeded_at = dict(zip(table.column("trial_name").to_pylist(), table.column("generator_reseeded_at").to_pylist()))
+    assert bool(moved) == (tune_state == "written on a GPU")
+    for trial in moved:
+        last = sorted(trial.glob("checkpoint_*"))[-1]
+        runs = json.loads((last / NODES_FILE).read_text())
+        assert [run["generator_reseeded"] for run in runs] == [False, True]
+        label = TrainConfig.from_dict(load_checkpoint(last)["config"]).label()
+        assert reseeded_at[label] == runs[1]["first_epoch"]
+    assert resumed.stderr.count("resumed on cpu from a checkpoint written on cuda") == len(moved)
+    if tune_state != "written on a GPU":
+        assert set(reseeded_at.values()) == {None}
 
 
 

@@ -159,7 +159,7 @@ def test_train_cli_rejects_bad_settings_by_name(tmp_path, args, message):
 def test_train_cli_runs_on_real_mnist_and_prints_the_last_row(mnist_dir, tmp_path):
     result = run_cli("iwae_model.train", "--out", str(tmp_path / "run"), "--data-dir", str(mnist_dir),
                      "--train-images", "400", "--test-images", "20", "--passes", "2", "--no-progress",
-                     "--nll-every", "2", "--nll-k", "100", "--nll-images", "20")
+                     "--nll-every", "2", "--nll-k", "100", "--nll-images", "20", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["epoch"] == 2 and last["label"] == "iwae_L1_M1_K5_s0"
@@ -220,6 +220,7 @@ def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, 
     with pytest.raises(ValueError, match="need init_from"):
         TrainConfig(init_label="vae_L1_M1_K1_s0")
     cli = subprocess.run([sys.executable, "-m", "iwae_model.train", "--out", str(tmp_path / "x"), "--init-from",
-                          str(tmp_path / "nowhere"), "--data-dir", str(mnist_dir)], capture_output=True, text=True)
+                          str(tmp_path / "nowhere"), "--data-dir", str(mnist_dir), "--device", "cpu"],
+                         capture_output=True, text=True)
     assert cli.returncode == 2 and "nowhere" in cli.stderr and "no checkpoint there" in cli.stderr
     assert "Traceback" not in cli.stderr
