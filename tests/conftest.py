@@ -36,6 +36,15 @@ def small_mnist(mnist: MNIST, train: int = 200, test: int = 100) -> MNIST:
                  mnist.train_labels[:train], mnist.test_labels[:test], mnist.binarization)
 
 
+class Crash(Exception):
+    """Raised by a training callback: the run stops as a crash would, its checkpoint on disk."""
+
+
+def crash_after_first_pass(row: dict, checkpoint: Path) -> None:
+    if row["epoch"] == 1:
+        raise Crash
+
+
 def random_binary(batch: int, dim: int, seed: int = 0) -> torch.Tensor:
     return torch.bernoulli(torch.full((batch, dim), 0.3), generator=torch.Generator().manual_seed(seed))
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 import ray
 import torch
-from conftest import TINY_SPACE, random_binary, small_mnist
+from conftest import TINY_SPACE, Crash, crash_after_first_pass, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.checkpoint import load_checkpoint
@@ -33,15 +33,6 @@ TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
 # ulps: 1e-5 relative is 84 ulps, 0.006 nats at log p(x) = -600, where a wrong sample or noise
 # stream would move an estimate by nats.
 CROSS_DEVICE_RTOL = 1e-5
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after_first_pass(row, checkpoint):
-    if row["epoch"] == 1:
-        raise Crash
 
 
 @pytest.fixture(scope="module")

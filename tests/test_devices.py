@@ -6,7 +6,7 @@ rest on a GPU host."""
 import pytest
 import ray
 import torch
-from conftest import FLOAT32_REORDER_RTOL, TINY_SPACE, random_binary, small_mnist
+from conftest import FLOAT32_REORDER_RTOL, TINY_SPACE, Crash, crash_after_first_pass, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.checkpoint import load_checkpoint
@@ -95,15 +95,6 @@ def test_float32_is_pinned_to_ieee_and_read_back():
     finally:
         pin_float32()
     assert float32_precision(CUDA) == IEEE
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after_first_pass(row, checkpoint):
-    if row["epoch"] == 1:
-        raise Crash
 
 
 @pytest.fixture(scope="module")

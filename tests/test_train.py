@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_mnist
+from conftest import Crash, crash_after_first_pass, small_mnist
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
@@ -69,15 +69,7 @@ def test_metrics_jsonl_has_the_documented_fields(uninterrupted):
     assert rows[-1]["stage"] == 7 and rows[-1]["lr"] == pytest.approx(1e-4)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_a_run_stopped_and_resumed_ends_bit_identical(tiny_data, uninterrupted, tmp_path):
-    def crash_after_first_pass(row, checkpoint):
-        if row["epoch"] == 1:
-            raise Crash
-
     with pytest.raises(Crash):
         train(TrainConfig(**TINY), tmp_path, tiny_data, progress=False, on_epoch_end=crash_after_first_pass)
     assert load_checkpoint(tmp_path)["epoch"] == 1
@@ -203,11 +195,6 @@ def test_a_continued_run_resumes_bit_identical_without_reloading_its_parent(tiny
     child = TrainConfig(**dict(TINY, objective="vae", k=1, lr=1e-4, schedule="constant",
                                init_from=str(uninterrupted[0])))
     train(child, tmp_path / "straight", tiny_data, progress=False)
-
-    def crash_after_first_pass(row, checkpoint):
-        if row["epoch"] == 1:
-            raise Crash
-
     with pytest.raises(Crash):
         train(child, tmp_path / "resumed", tiny_data, progress=False, on_epoch_end=crash_after_first_pass)
     train(child, tmp_path / "resumed", tiny_data, progress=False, init_source=tmp_path / "gone")  # never read
