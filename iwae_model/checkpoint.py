@@ -59,11 +59,15 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], durable: bool = True) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename: a crash leaves the previous
-    checkpoint intact, never half of a new one."""
+    checkpoint intact, never half of a new one. Not `durable`: a plain write (a folder that is
+    handed to Ray and deleted)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not durable:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, path)
+        return
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
         tmp.flush()

@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,35 +145,190 @@ class InitError(ValueError):
     """--init-from names a run that cannot start this one; the message says why and the fix."""
 
 
-def load_initial_state(config: TrainConfig, source: str | os.PathLike, model: IWAEModel,
-                       optimizer: torch.optim.Optimizer) -> None:
-    """Start from the parent run's final weights (and Adam state with `init_optimizer`)."""
-    state = load_checkpoint(source, map_location=next(model.parameters()).device)
-    parent = TrainConfig.from_dict(state["config"])
-    # Compared as built, so that Burda's default sizes and the same sizes spelled out agree.
-    shape = [(m.latent_dims, m.hidden_dims) for m in (parent.build_model(), model)]
-    if shape[0] != shape[1]:
-        raise InitError(f"--init-from {config.init_from}: its model ({parent.label()}: latent sizes {shape[0][0]}, "
-                        f"hidden sizes {shape[0][1]}) has another architecture than this run's (latent sizes "
-                        f"{shape[1][0]}, hidden sizes {shape[1][1]}); continue it with its own layers and sizes")
-    restore(state, source, model, optimizer if config.init_optimizer else None)
-
-
 def continuation_seed(seed: int, step: int) -> int:
     """The training generator's seed for a run resumed on another device type after `step`
     steps: a function of (seed, step) only, so such a resume is reproducible."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
 
 
-def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    """Rewrite metrics.jsonl from the checkpoint's history (atomically), so a resumed run never
-    shows rows of a pass that was lost in a crash."""
+def write_metrics(run_dir: Path, history: list[dict], durable: bool = True) -> None:
+    """Rewrite metrics.jsonl from the checkpoint's history (atomically when `durable`), so a
+    resumed run never shows rows of a pass that was lost in a crash."""
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    if not durable:
+        (run_dir / "metrics.jsonl").write_text(text)
+        return
     tmp = run_dir / ".metrics.jsonl.tmp"
     with tmp.open("w") as out:
-        out.write("".join(json.dumps(row) + "\n" for row in history))
+        out.write(text)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+class TrainingRun:
+    """One training run's state -- model, optimizer, generator, per-pass history and position --
+    and its passes: `start` (fresh, or from a parent's final weights) or `resume` a checkpoint,
+    then `train_pass` and `measure` until `done`, `save` after each."""
+
+    def __init__(self, config: TrainConfig, data: MNIST, device: torch.device):
+        self.config, self.data, self.device = config, data, torch.device(device)
+        self.train_x = data.train[:config.train_images]
+        self.steps_per_epoch = len(self.train_x) // config.batch_size
+        self.boundaries = stage_boundaries(self.steps_per_epoch, config.passes, config.schedule)
+        self.objective, self.estimator = config.build_objective(), config.build_estimator()
+        torch.manual_seed(config.seed)
+        self.model = config.build_model(train_mean=self.train_x.mean(0).cpu()).to(self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.history: list[dict] = []
+        self.epoch = self.step = 0
+        self.train_seconds = 0.0
+        self.reseeded = False  # the next pass runs on a generator reseeded by a cross-device resume
+        self.surrogate = build_surrogate(self.model, self.objective, self.estimator, config.compile)
+        self.params = self.model.encoder_parameters(), self.model.decoder_parameters()
+        self.bound_sum = torch.zeros((), device=self.device)
+        self.epoch_seconds = 0.0
+
+    @classmethod
+    def start(cls, config: TrainConfig, data: MNIST, device: torch.device,
+              parent: dict[str, Any] | None = None) -> TrainingRun:
+        """A new run; with `parent` (a checked checkpoint state: Burda's Table 2), from its final
+        weights, and its Adam state with `init_optimizer`."""
+        run = cls(config, data, device)
+        if parent is not None:
+            run._continue_from(parent)
+        return run
+
+    @classmethod
+    def resume(cls, config: TrainConfig, data: MNIST, device: torch.device, state: dict[str, Any],
+               source: str | os.PathLike) -> TrainingRun:
+        """The run a checked checkpoint `state` (read from `source`) holds, at its position."""
+        # Through TrainConfig, so that a checkpoint from before a setting existed has its default.
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        if saved != config.to_dict():
+            differing = sorted(k for k, v in config.to_dict().items() if saved[k] != v)
+            raise ConfigMismatch(f"{source} holds a run with a different configuration (differs in {differing}); "
+                                 f"use another --out, or delete {source} to start over")
+        run = cls(config, data, device)
+        restore(state, source, run.model, run.optimizer, run.generator)
+        run.epoch, run.step, run.history = state["epoch"], state["step"], state["history"]
+        run.train_seconds = state["train_seconds"]
+        if state["rng"]["device"] != run.device.type:
+            run.generator.manual_seed(continuation_seed(config.seed, run.step))
+            run.reseeded = True
+            print(f"{config.label()}: resumed on {run.device.type} from a checkpoint written on "
+                  f"{state['rng']['device']}: same weights, optimizer and position, the training generator seeded "
+                  f"from (seed {config.seed}, step {run.step}); from pass {run.epoch + 1} on this run is not "
+                  f"bit-identical to one that never moved", file=sys.stderr, flush=True)
+        return run
+
+    def _continue_from(self, parent: dict[str, Any]) -> None:
+        config = TrainConfig.from_dict(parent["config"])
+        # Compared as built, so that Burda's default sizes and the same sizes spelled out agree.
+        shape = [(m.latent_dims, m.hidden_dims) for m in (config.build_model(), self.model)]
+        if shape[0] != shape[1]:
+            raise InitError(f"--init-from {self.config.init_from}: its model ({config.label()}: latent sizes "
+                            f"{shape[0][0]}, hidden sizes {shape[0][1]}) has another architecture than this run's "
+                            f"(latent sizes {shape[1][0]}, hidden sizes {shape[1][1]}); continue it with its own "
+                            f"layers and sizes")
+        restore(parent, self.config.init_from, self.model, self.optimizer if self.config.init_optimizer else None)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.passes
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.passes
+
+    def train_pass(self, bar: tqdm | None = None) -> None:
+        """One pass over the training images, in their file order, at the schedule's rates."""
+        config, optimizer = self.config, self.optimizer
+        self.model.train()
+        self.bound_sum = torch.zeros((), device=self.device)
+        epoch_start = time.perf_counter()
+        for b in range(self.steps_per_epoch):
+            lr = stage_lr(config.lr, stage_at(self.step, self.boundaries))
+            if optimizer.param_groups[0]["lr"] != lr:
+                optimizer.param_groups[0]["lr"] = lr
+            x = self.data.training_batch(self.train_x[b * config.batch_size:(b + 1) * config.batch_size],
+                                         self.generator)
+            self.bound_sum += train_step(self.model, optimizer, self.surrogate, self.objective.num_samples, x,
+                                         self.generator, self.params)
+            self.step += 1
+            if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == self.steps_per_epoch:
+                if not torch.isfinite(self.bound_sum):
+                    raise NonFiniteLoss(
+                        f"{config.label()}: the training objective became {self.bound_sum.item()} in pass "
+                        f"{self.epoch + 1} (step {self.step}, lr {lr:.3g}). The last good checkpoint (after pass "
+                        f"{self.epoch}) is kept; lower --lr or check the data before resuming.")
+                if bar is not None:
+                    bar.update((b + 1) % NONFINITE_CHECK_EVERY or NONFINITE_CHECK_EVERY)
+                    bar.set_postfix(bound=f"{self.bound_sum.item() / ((b + 1) * config.batch_size):.2f}",
+                                    lr=f"{lr:.2g}")
+        self.epoch_seconds = time.perf_counter() - epoch_start
+        self.train_seconds += self.epoch_seconds
+        self.epoch += 1
+
+    def measure(self) -> dict[str, Any]:
+        """The pass just trained as a metrics row (appended to the history)."""
+        config, model, epoch, data = self.config, self.model, self.epoch, self.data
+        model.eval()
+        test_due = epoch % config.eval_every == 0 or epoch == config.passes
+        nll_due = config.nll_every and (epoch % config.nll_every == 0 or epoch == config.passes)
+        snr_due = config.snr_every and (epoch % config.snr_every == 0 or epoch == config.passes)
+        test_x = data.fixed("test")[:config.test_images]
+        # Each estimate draws the evaluation's own noise: the same every pass, and the same
+        # figures as python -m iwae_model.evaluate on the same images.
+        row = {
+            "epoch": epoch,
+            "step": self.step,
+            "stage": stage_at(self.step - 1, self.boundaries),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_bound": self.bound_sum.item() / (self.steps_per_epoch * config.batch_size),
+            "valid_bound": likelihood.bound(model, data.fixed("valid"), self.objective).mean().item(),
+            "test_bound": likelihood.bound(model, test_x, self.objective).mean().item() if test_due else None,
+            "test_nll": -likelihood.log_likelihood(
+                model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,
+            "active_units": burda_active_units(model, data),
+            "train_seconds": self.train_seconds,
+            "images_per_s": self.steps_per_epoch * config.batch_size / self.epoch_seconds,
+            "snr": self._snr() if snr_due else None,
+            "generator_reseeded": self.reseeded,
+        }
+        self.reseeded = False
+        self.history.append(row)
+        return row
+
+    def _snr(self) -> dict[str, float]:
+        # Its own generators: measuring the SNR never changes the training run.
+        config = self.config
+        x = self.data.training_batch(self.train_x[:config.snr_images],
+                                     torch.Generator(device=self.device).manual_seed(SNR_SEED))
+        return gradient_snr(self.model, self.objective, self.estimator, x, config.snr_draws,
+                            torch.Generator(device=self.device).manual_seed(SNR_SEED))
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (the fields of iwae_model.checkpoint)."""
+        return {"config": self.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "rng": rng_state(self.generator), "history": self.history, "train_seconds": self.train_seconds}
+
+    def save(self, folder: str | os.PathLike, durable: bool = True) -> None:
+        """`checkpoint.pt` and `metrics.jsonl` in `folder`; `durable`: each written whole or not at all."""
+        save_checkpoint(checkpoint_path(folder), self.checkpoint(), durable)
+        write_metrics(Path(folder), self.history, durable)
+
+
+def open_run(config: TrainConfig, run_dir: Path, data: MNIST, device: torch.device) -> TrainingRun:
+    """The run in `run_dir`: resumed from its checkpoint, or started (from `config.init_from`'s
+    final weights for a continued run)."""
+    if checkpoint_path(run_dir).exists():
+        return TrainingRun.resume(config, data, device, load_checkpoint(run_dir, map_location=device),
+                                  checkpoint_path(run_dir))
+    parent = load_checkpoint(config.init_from, map_location=device) if config.init_from is not None else None
+    return TrainingRun.start(config, data, device, parent)
 
 
 def train(
@@ -182,125 +338,27 @@ def train(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    on_epoch_end: Callable[[dict, Path], None] | None = None,
-    init_source: str | os.PathLike | None = None,
+    on_epoch_end: Callable[[TrainingRun], None] | None = None,
 ) -> list[dict]:
-    """Train (or resume) the run in `run_dir`; return its per-pass metrics.
-
-    `on_epoch_end(metrics_row, checkpoint_path)` is called after each pass's checkpoint is on
-    disk (the Ray trainable reports from there). A run with `config.init_from` starts from that
-    run's checkpoint, read from `init_source` when given (a local copy of a remote one)."""
+    """Train (or resume) the run in `run_dir`; return its per-pass metrics. `on_epoch_end(run)`
+    is called with the live run after each pass's checkpoint is on disk."""
     pin_float32()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     data = data or load_mnist(data_dir, device, config.binarization)
-    train_x = data.train[:config.train_images]
-    steps_per_epoch = len(train_x) // config.batch_size
-    total_steps = steps_per_epoch * config.passes
-    boundaries = stage_boundaries(steps_per_epoch, config.passes, config.schedule)
-    objective, estimator = config.build_objective(), config.build_estimator()
-
-    torch.manual_seed(config.seed)
-    model = config.build_model(train_mean=train_x.mean(0).cpu()).to(device)
-    optimizer = build_optimizer(model, config)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    history: list[dict] = []
-    epoch = step = 0
-    train_seconds = 0.0
-    reseeded = False
-
-    if checkpoint_path(run_dir).exists():
-        state = load_checkpoint(run_dir, map_location=device)
-        # Through TrainConfig, so that a checkpoint from before a setting existed has its default.
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        if saved != config.to_dict():
-            differing = sorted(k for k, v in config.to_dict().items() if saved[k] != v)
-            raise ConfigMismatch(
-                f"{run_dir} holds a run with a different configuration (differs in {differing}); "
-                f"use another --out, or delete {checkpoint_path(run_dir)} to start over")
-        restore(state, checkpoint_path(run_dir), model, optimizer, generator)
-        epoch, step, history, train_seconds = state["epoch"], state["step"], state["history"], state["train_seconds"]
-        if state["rng"]["device"] != device.type:
-            generator.manual_seed(continuation_seed(config.seed, step))
-            reseeded = True
-            print(f"{config.label()}: resumed on {device.type} from a checkpoint written on {state['rng']['device']}: "
-                  f"same weights, optimizer and position, the training generator seeded from (seed {config.seed}, "
-                  f"step {step}); from pass {epoch + 1} on this run is not bit-identical to one that never moved",
-                  file=sys.stderr, flush=True)
-        write_metrics(run_dir, history)
-    elif config.init_from is not None:
-        load_initial_state(config, init_source or config.init_from, model, optimizer)
-
-    params = model.encoder_parameters(), model.decoder_parameters()
-    surrogate = build_surrogate(model, objective, estimator, config.compile)
-    valid_x = data.fixed("valid")
-    test_x = data.fixed("test")[:config.test_images]
-    snr_x = (data.training_batch(train_x[:config.snr_images], torch.Generator(device=device).manual_seed(SNR_SEED))
-             if config.snr_every else None)
-    bar = tqdm(total=total_steps, initial=step, desc=config.label(), unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    while epoch < config.passes:
-        model.train()
-        bound_sum = torch.zeros((), device=device)
-        epoch_start = time.perf_counter()
-        for b in range(steps_per_epoch):
-            stage = stage_at(step, boundaries)
-            lr = stage_lr(config.lr, stage)
-            if optimizer.param_groups[0]["lr"] != lr:
-                optimizer.param_groups[0]["lr"] = lr
-            x = data.training_batch(train_x[b * config.batch_size:(b + 1) * config.batch_size], generator)
-            bound_sum += train_step(model, optimizer, surrogate, objective.num_samples, x, generator, params)
-            step += 1
-            if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == steps_per_epoch:
-                if not torch.isfinite(bound_sum):
-                    bar.close()
-                    raise NonFiniteLoss(
-                        f"{config.label()}: the training objective became {bound_sum.item()} in pass {epoch + 1} "
-                        f"(step {step}, lr {lr:.3g}). The last good checkpoint (after pass {epoch}) is kept in "
-                        f"{run_dir}; lower --lr or check the data before resuming.")
-                bar.update((b + 1) % NONFINITE_CHECK_EVERY or NONFINITE_CHECK_EVERY)
-                bar.set_postfix(bound=f"{bound_sum.item() / ((b + 1) * config.batch_size):.2f}", lr=f"{lr:.2g}")
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        epoch += 1
-
-        model.eval()
-        test_due = epoch % config.eval_every == 0 or epoch == config.passes
-        nll_due = config.nll_every and (epoch % config.nll_every == 0 or epoch == config.passes)
-        snr_due = config.snr_every and (epoch % config.snr_every == 0 or epoch == config.passes)
-        # Each estimate draws from a fresh evaluation generator: the same noise every pass,
-        # and the same figures as python -m iwae_model.evaluate on the same images.
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "stage": stage_at(step - 1, boundaries),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_bound": bound_sum.item() / (steps_per_epoch * config.batch_size),
-            "valid_bound": likelihood.bound(model, valid_x, objective).mean().item(),
-            "test_bound": likelihood.bound(model, test_x, objective).mean().item() if test_due else None,
-            "test_nll": -likelihood.log_likelihood(
-                model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,
-            "active_units": burda_active_units(model, data),
-            "train_seconds": train_seconds,
-            "images_per_s": steps_per_epoch * config.batch_size / epoch_seconds,
-            # Its own generator: measuring the SNR never changes the training run.
-            "snr": gradient_snr(model, objective, estimator, snr_x, config.snr_draws,
-                                torch.Generator(device=device).manual_seed(SNR_SEED)) if snr_due else None,
-            "generator_reseeded": reseeded,
-        }
-        reseeded = False
-        history.append(row)
-        save_checkpoint(checkpoint_path(run_dir), {
-            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "rng": rng_state(generator), "history": history,
-            "train_seconds": train_seconds,
-        })
-        write_metrics(run_dir, history)
-        if on_epoch_end is not None:
-            on_epoch_end(row, checkpoint_path(run_dir))
-    bar.close()
-    return history
+    run = open_run(config, run_dir, data, device)
+    if run.epoch:  # resumed: no row of a pass lost in a crash stays in metrics.jsonl
+        write_metrics(run_dir, run.history)
+    with tqdm(total=run.total_steps, initial=run.step, desc=config.label(), unit="step", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        while not run.done:
+            run.train_pass(bar)
+            run.measure()
+            run.save(run_dir)
+            if on_epoch_end is not None:
+                on_epoch_end(run)
+    return run.history
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:

@@ -101,7 +101,7 @@ def trainable(space: SweepSpace):
 
 def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str,
                 max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-                init_checkpoints: dict[str, tune.Checkpoint] | None = None,
+                parents: dict[str, tune.Checkpoint] | None = None,
                 marker: dict[str, str] | None = None) -> tune.Tuner:
     passes = max(t.passes for t in trials)
     filesystem, storage_path = filesystem_and_path(storage)
@@ -111,9 +111,9 @@ def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name
             "train": tune.grid_search([t.to_dict() for t in trials]),
             "data_dir": data_dir,
             "checkpoint_every": space.checkpoints.every,
-            # Stage 2: each trial's parent checkpoint by the trial's label (objects, not paths, so
-            # that they are read through the sweep's storage filesystem on any node).
-            "init_checkpoints": init_checkpoints or {},
+            # Stage 2: each trial its own parent's checkpoint (an object, not a path, so that it is
+            # read through the sweep's storage filesystem on any node).
+            "init_checkpoint": tune.sample_from(lambda spec: parents[trial_label(spec)]) if parents else None,
             # A local-path storage's marker, checked by each trial on the node it lands on.
             "storage_marker": marker,
         },
@@ -137,7 +137,7 @@ def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name
 
 def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str, resume: bool,
               max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-              init_checkpoints: dict[str, tune.Checkpoint] | None = None,
+              parents: dict[str, tune.Checkpoint] | None = None,
               marker: dict[str, str] | None = None) -> tune.ResultGrid:
     """Train (or resume) one stage's trials as the Tune experiment `storage`/`name`; raise
     SweepInterrupted unless every trial finished or failed for good."""
@@ -155,7 +155,7 @@ def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: 
                   f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
                   f"begun are not used and can be deleted", file=sys.stderr)
         tuner = build_tuner(space, trials, storage, name, data_dir, max_concurrent, asha, max_failures, callbacks,
-                            init_checkpoints, marker)
+                            parents, marker)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
@@ -245,7 +245,7 @@ def run_sweep(
         trials, checkpoints = second_stage(space, grids[0])
         if trials:
             grids.append(fit_stage(space, trials, stage_storage(storage, space.name), STAGE_2, *options,
-                                   init_checkpoints=checkpoints, marker=marker))
+                                   parents=checkpoints, marker=marker))
     failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)

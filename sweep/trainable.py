@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,10 @@ from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
 from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
-from iwae_model.checkpoint import CHECKPOINT_NAME, checkpoint_path, load_model
+from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import MIRRORS_VARIABLE, MNISTError
 from iwae_model.device import device_record, pin_float32
-from iwae_model.train import train
+from iwae_model.train import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
 
@@ -92,8 +91,8 @@ def read_nodes(path: Path) -> list[dict]:
 
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
-    "checkpoint_every": passes, "init_checkpoints": {trial label: parent checkpoint} (stage 2),
-    "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
+    "checkpoint_every": passes, "init_checkpoint": the parent's checkpoint of a stage-2 trial (else
+    None), "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
     # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
@@ -104,48 +103,49 @@ def train_trial(config: dict[str, Any]) -> None:
     here = {**this_node(), **device_record(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "gpus_advertised_only": gpus_advertised_only(), "started_at": time.time()}
     data = load_node_data(config["data_dir"], device, train_config.binarization)
-    # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts).
-    run_dir = Path(tempfile.mkdtemp(prefix="iwae_run_"))
-    init_source = run_dir / "parent.pt"
     nodes: list[dict] = []
     if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
-        with checkpoint.as_directory() as folder:
-            shutil.copy(Path(folder) / CHECKPOINT_NAME, checkpoint_path(run_dir))
+        with checkpoint.as_directory() as folder:  # read through the storage filesystem, wherever it lies
+            run = TrainingRun.resume(train_config, data, device, load_checkpoint(folder, device), folder)
             nodes = read_nodes(Path(folder) / NODES_FILE)
-    elif (parent := config.get("init_checkpoints", {}).get(train_config.label())) is not None:
-        with parent.as_directory() as folder:  # read through the storage filesystem, wherever it lies
-            shutil.copy(Path(folder) / CHECKPOINT_NAME, init_source)
-    writer = SummaryWriter(TENSORBOARD_DIR)
+    elif (parent := config.get("init_checkpoint")) is not None:
+        with parent.as_directory() as folder:
+            run = TrainingRun.start(train_config, data, device, load_checkpoint(folder, device))
+    else:
+        run = TrainingRun.start(train_config, data, device)
+    with SummaryWriter(TENSORBOARD_DIR) as writer:
+        while not run.done:
+            run.train_pass()
+            row = run.measure()
+            if "first_epoch" not in here:  # this run's first pass: where it runs, in the record and TensorBoard
+                here.update(first_epoch=run.epoch, generator_reseeded=row["generator_reseeded"])
+                nodes.append(here)
+                writer.add_text("run/node", node_text(here), run.epoch)
+            report(run, row, nodes, writer, config["checkpoint_every"])
 
-    def report(row: dict, checkpoint_file: Path) -> None:
-        epoch = row["epoch"]
-        last = epoch == train_config.passes
-        if "first_epoch" not in here:  # this run's first pass: where it runs, in the record and TensorBoard
-            here.update(first_epoch=epoch, generator_reseeded=row["generator_reseeded"])
-            nodes.append(here)
-            gpu = f" ({here['gpu_name']}, compute capability {here['gpu_capability']})" if here["gpu_name"] else ""
-            reseeded = ", generator reseeded: not bit-identical from here on" if here["generator_reseeded"] else ""
-            writer.add_text("run/node", f"passes from {epoch} on {here['hostname']} ({here['node_ip']}, Ray node "
-                                        f"{here['node_id']}), device {here['device']}{gpu}, float32 "
-                                        f"{here['float32']}, Ray GPU ids {here['ray_gpu_ids'] or 'none'}{reseeded}",
-                            epoch)
-        for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
-            writer.add_scalar(f"snr/{name}", value, epoch)
-        if epoch % max(1, train_config.passes // IMAGE_SNAPSHOTS) == 0 or last:
-            model, _, _ = load_model(checkpoint_file, device)
-            write_images(writer, model, data, epoch)
-        if epoch % config["checkpoint_every"] and not last:
-            tune.report(trial_metrics(row))
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            shutil.copy(checkpoint_file, Path(folder) / CHECKPOINT_NAME)
-            shutil.copy(run_dir / "metrics.jsonl", Path(folder) / "metrics.jsonl")
-            (Path(folder) / NODES_FILE).write_text(json.dumps(nodes))
-            tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
 
-    try:
-        train(train_config, run_dir, data, device=device, progress=False, on_epoch_end=report,
-              init_source=init_source if init_source.exists() else None)
-    finally:
-        writer.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+def node_text(here: dict[str, Any]) -> str:
+    gpu = f" ({here['gpu_name']}, compute capability {here['gpu_capability']})" if here["gpu_name"] else ""
+    reseeded = ", generator reseeded: not bit-identical from here on" if here["generator_reseeded"] else ""
+    return (f"passes from {here['first_epoch']} on {here['hostname']} ({here['node_ip']}, Ray node {here['node_id']}), "
+            f"device {here['device']}{gpu}, float32 {here['float32']}, Ray GPU ids {here['ray_gpu_ids'] or 'none'}"
+            f"{reseeded}")
+
+
+def report(run: TrainingRun, row: dict, nodes: list[dict], writer: SummaryWriter, checkpoint_every: int) -> None:
+    """The pass to Ray (with a checkpoint every `checkpoint_every` passes and at the last) and to
+    the trial's TensorBoard (SNR scalars, image grids spread over the run)."""
+    epoch, last = run.epoch, run.done
+    for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
+        writer.add_scalar(f"snr/{name}", value, epoch)
+    if epoch % max(1, run.config.passes // IMAGE_SNAPSHOTS) == 0 or last:
+        write_images(writer, run.model, run.data, epoch)
+    if epoch % checkpoint_every and not last:
+        tune.report(trial_metrics(row))
+        return
+    # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts); Ray copies
+    # the folder before it is deleted, so it needs no fsync.
+    with tempfile.TemporaryDirectory(prefix="iwae_checkpoint_") as folder:
+        run.save(folder, durable=False)
+        (Path(folder) / NODES_FILE).write_text(json.dumps(nodes))
+        tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))

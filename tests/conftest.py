@@ -40,8 +40,8 @@ class Crash(Exception):
     """Raised by a training callback: the run stops as a crash would, its checkpoint on disk."""
 
 
-def crash_after_first_pass(row: dict, checkpoint: Path) -> None:
-    if row["epoch"] == 1:
+def crash_after_first_pass(run) -> None:
+    if run.epoch == 1:
         raise Crash
 
 

@@ -350,10 +350,10 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_p
 
 
 def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240) -> None:
-    """Until some trial of the running sweep has written checkpoint `name` (polled: the files
-    are all there is to wait on)."""
+    """Until some trial of the running sweep has written checkpoint `name`, every file of it (polled:
+    the files are all there is to wait on; Ray copies them into place one by one)."""
     deadline = time.monotonic() + seconds
-    while not list(sweep_dir.glob(f"*/{name}")):
+    while not list(sweep_dir.glob(f"*/{name}/{NODES_FILE}")) or not list(sweep_dir.glob(f"*/{name}/checkpoint.pt")):
         assert driver.poll() is None, "the sweep ended before it could be stopped"
         assert time.monotonic() < deadline, f"no {name} within {seconds} s"
         time.sleep(0.2)

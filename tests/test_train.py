@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import small_mnist
 data = small_mnist(load_mnist({str(mnist_dir)!r}, download=False))
 train(TrainConfig(**{TINY!r}), {str(tmp_path)!r}, data, progress=False,
-      on_epoch_end=lambda row, path: os.kill(os.getpid(), signal.SIGKILL))
+      on_epoch_end=lambda run: os.kill(os.getpid(), signal.SIGKILL))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == -9, result.stderr
@@ -192,12 +193,14 @@ def test_a_continued_run_starts_from_its_parents_weights_with_a_fresh_optimizer(
 
 
 def test_a_continued_run_resumes_bit_identical_without_reloading_its_parent(tiny_data, uninterrupted, tmp_path):
-    child = TrainConfig(**dict(TINY, objective="vae", k=1, lr=1e-4, schedule="constant",
-                               init_from=str(uninterrupted[0])))
+    parent = tmp_path / "parent"
+    shutil.copytree(uninterrupted[0], parent)
+    child = TrainConfig(**dict(TINY, objective="vae", k=1, lr=1e-4, schedule="constant", init_from=str(parent)))
     train(child, tmp_path / "straight", tiny_data, progress=False)
     with pytest.raises(Crash):
         train(child, tmp_path / "resumed", tiny_data, progress=False, on_epoch_end=crash_after_first_pass)
-    train(child, tmp_path / "resumed", tiny_data, progress=False, init_source=tmp_path / "gone")  # never read
+    shutil.rmtree(parent)  # never read again: the resume starts from the child's own checkpoint
+    train(child, tmp_path / "resumed", tiny_data, progress=False)
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
