@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .models import IWAEModel, build_model
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
@@ -12,6 +12,11 @@ from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, bu
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
 SCHEDULES = ("compressed", "truncated", "constant")
 BINARIZATIONS = ("dynamic", "static", "threshold")
+
+
+def setting(default, help: str, **argparse_options):
+    """A TrainConfig field with its command-line help (the train CLI is made from the fields)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
 
 
 @dataclass(frozen=True)
@@ -24,44 +29,49 @@ class TrainConfig:
     Losses are summed, not averaged, over the batch, as in the authors' code: with eps=1e-4
     added to sqrt(v), the gradient's scale matters."""
 
-    layers: int = 1
-    objective: str = "iwae"
-    k: int = 5
-    m: int = 1
-    beta: float = 0.5
-    estimator: str = "reparam"
-    passes: int = FULL_SCHEDULE_PASSES
-    schedule: str = "compressed"  # how passes < 3280 map onto Burda's 8 stages (constant: lr throughout); see train.stage_boundaries
-    batch_size: int = 20
-    lr: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-4
-    seed: int = 0
-    binarization: str = "dynamic"
-    train_images: int | None = None  # first N training images only (quick runs, tests)
-    test_images: int | None = None  # per-epoch test bound on the first N test images
-    eval_every: int = 1  # epochs between test-bound evaluations (the last epoch always has one)
-    nll_every: int = 0  # epochs between k-sample NLL estimates on `nll_images` test images; 0 = never
-    nll_k: int = 5000
-    nll_images: int = 500
-    # Gradient SNR (Rainforth et al. 2018) every `snr_every` passes (and at the last; 0: never):
-    # `snr_draws` gradient draws on the first `snr_images` training images, binarized once.
-    snr_every: int = 0
-    snr_draws: int = 100
-    snr_images: int = 100
-    # Continue another run (Burda et al.'s Table 2): start from the final weights of the run at
-    # `init_from` (a run directory, checkpoint file or checkpoint URI), labelled `init_label`;
-    # its Adam state too with `init_optimizer`, else a fresh optimizer and schedule.
-    init_from: str | None = None
-    init_label: str | None = None
-    init_optimizer: bool = False
-    latent_dims: tuple[int, ...] | None = None
-    hidden_dims: tuple[int, ...] | None = None
-    # torch.compile the surrogate loss (forward and backward): at batch 20 most of a small
-    # model's step is per-op Python overhead, which this removes, for ~10 s of compilation.
-    # Results differ from eager mode in the last bits.
-    compile: bool = False
+    layers: int = setting(1, "stochastic layers (Burda's architectures: 1 or 2)", choices=(1, 2))
+    objective: str = setting("iwae", "vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) "
+                                     "objectives", choices=OBJECTIVES)
+    k: int = setting(5, "importance samples K (per group for miwae/piwae)")
+    m: int = setting(1, "groups M for miwae/piwae (vae uses M*K samples)")
+    beta: float = setting(0.5, "CIWAE mixing weight of the ELBO")
+    estimator: str = setting("reparam", "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg "
+                                        "(Tucker et al. 2019; 1 layer only)", choices=ESTIMATORS)
+    passes: int = setting(FULL_SCHEDULE_PASSES, f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} "
+                                                f"compresses the schedule proportionally")
+    schedule: str = setting("compressed", "how passes < 3280 map onto Burda's 8 stages: compressed keeps every "
+                                          "stage's share; truncated runs the first N passes of the full schedule; "
+                                          "constant holds --lr throughout", choices=SCHEDULES)
+    batch_size: int = setting(20, "images per optimizer step")
+    lr: float = setting(1e-3, "learning rate of stage 0")
+    adam_beta1: float = setting(0.9, "Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of "
+                                     "the paper); the authors' code used 0.99")
+    adam_beta2: float = setting(0.999, "Adam beta2")
+    adam_eps: float = setting(1e-4, "Adam epsilon (Burda's 1e-4)")
+    seed: int = setting(0, "seed of the weights and of the training noise")
+    binarization: str = setting("dynamic", "dynamic is the papers' protocol; static/threshold are NOT comparable "
+                                           "to the papers", choices=BINARIZATIONS)
+    train_images: int | None = setting(None, "train on the first N images only (not comparable)")
+    test_images: int | None = setting(None, "per-pass test bound on the first N test images only")
+    eval_every: int = setting(1, "passes between test-bound evaluations (the last pass always has one)")
+    nll_every: int = setting(0, "passes between k-sample NLL estimates on --nll-images test images (0: never)")
+    nll_k: int = setting(5000, "importance samples of those NLL estimates")
+    nll_images: int = setting(500, "test images of those NLL estimates")
+    snr_every: int = setting(0, "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; "
+                                "0: never)")
+    snr_draws: int = setting(100, "gradient draws per SNR measurement")
+    snr_images: int = setting(100, "the SNR's fixed minibatch: the first N training images, binarized once")
+    init_from: str | None = setting(None, "start from this run's final weights (a run directory, checkpoint file "
+                                          "or checkpoint URI; Burda's Table 2: with --lr 1e-4 --passes 2187 "
+                                          "--schedule constant); the optimizer starts fresh unless "
+                                          "--init-optimizer", metavar="RUN_DIR")
+    init_label: str | None = setting(None, "the label of the run init_from names (read from its checkpoint)")
+    init_optimizer: bool = setting(False, "with --init-from: also continue its Adam state")
+    latent_dims: tuple[int, ...] | None = setting(None, "latent units per stochastic layer (default: Burda's)")
+    hidden_dims: tuple[int, ...] | None = setting(None, "hidden units per stochastic layer (default: Burda's)")
+    # At batch 20 most of a small model's step is per-op Python overhead, which compiling removes.
+    compile: bool = setting(False, "torch.compile the surrogate loss, forward and backward: faster small-batch steps "
+                                   "after ~10 s of compilation; results differ from eager mode in the last bits")
 
     def __post_init__(self) -> None:
         # Configurations also come from YAML files and checkpoints: every field's type is

@@ -34,6 +34,7 @@ pass on the run is not bit-identical to one that never moved.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -361,63 +362,38 @@ def train(
     return run.history
 
 
+CLI_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
+             "tuple[int, ...] | None": int}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    d = TrainConfig()
+    """The command line: one flag per TrainConfig field (its help kept with the field), and the
+    run's folder, data, device and progress bar."""
     p = argparse.ArgumentParser(
         prog="python -m iwae_model.train",
         description="Train one model with Burda et al.'s protocol; resumable (run the same command again).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl)")
-    p.add_argument("--layers", type=int, default=d.layers, choices=[1, 2], help="stochastic layers")
-    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
-                   help="vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) objectives")
-    p.add_argument("--k", type=int, default=d.k, help="importance samples K (per group for miwae/piwae)")
-    p.add_argument("--m", type=int, default=d.m, help="groups M for miwae/piwae (vae uses M*K samples)")
-    p.add_argument("--beta", type=float, default=d.beta, help="CIWAE mixing weight of the ELBO")
-    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS,
-                   help="encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; 1 layer only)")
-    p.add_argument("--passes", type=int, default=d.passes,
-                   help=f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} compresses the schedule proportionally")
-    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
-                   help="for --passes below 3280: compressed keeps every stage's share; truncated runs the first N passes of the full schedule")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of stage 0")
-    p.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of the paper); the authors' code used 0.99")
-    p.add_argument("--adam-eps", type=float, default=d.adam_eps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--binarization", default=d.binarization, choices=["dynamic", "static", "threshold"],
-                   help="dynamic is the papers' protocol; static/threshold are NOT comparable to the papers")
-    p.add_argument("--train-images", type=int, default=None, help="train on the first N images only (not comparable)")
-    p.add_argument("--test-images", type=int, default=None, help="per-pass test bound on the first N test images only")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="passes between test-bound evaluations")
-    p.add_argument("--nll-every", type=int, default=d.nll_every, help="passes between k-sample NLL estimates (0: never)")
-    p.add_argument("--nll-k", type=int, default=d.nll_k)
-    p.add_argument("--nll-images", type=int, default=d.nll_images)
-    p.add_argument("--snr-every", type=int, default=d.snr_every,
-                   help="passes between gradient-SNR measurements (Rainforth et al. 2018; 0: never)")
-    p.add_argument("--snr-draws", type=int, default=d.snr_draws, help="gradient draws per SNR measurement")
-    p.add_argument("--snr-images", type=int, default=d.snr_images,
-                   help="the SNR's fixed minibatch: the first N training images")
-    p.add_argument("--init-from", metavar="RUN_DIR",
-                   help="start from this run's final weights (Burda's Table 2: with --lr 1e-4 --passes 2187 "
-                        "--schedule constant); the optimizer starts fresh unless --init-optimizer")
-    p.add_argument("--init-optimizer", action="store_true", help="with --init-from: also continue its Adam state")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "init_label":  # read from the --init-from run's checkpoint
+            continue
+        options = {key: value for key, value in f.metadata.items() if key != "help"}
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        if f.type.startswith("tuple"):
+            options["nargs"] = "+"
+        p.add_argument(flag, type=CLI_TYPES[f.type], default=f.default, help=f.metadata["help"], **options)
     p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the surrogate loss, forward and backward: faster small-batch steps after ~10 s of compilation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "init_label"}
     try:
-        config = TrainConfig(
-            layers=args.layers, objective=args.objective, k=args.k, m=args.m, beta=args.beta,
-            estimator=args.estimator, passes=args.passes, schedule=args.schedule, batch_size=args.batch_size, lr=args.lr,
-            adam_beta1=args.adam_beta1, adam_eps=args.adam_eps, seed=args.seed, binarization=args.binarization,
-            train_images=args.train_images, test_images=args.test_images, eval_every=args.eval_every,
-            nll_every=args.nll_every, nll_k=args.nll_k, nll_images=args.nll_images, snr_every=args.snr_every,
-            snr_draws=args.snr_draws, snr_images=args.snr_images, compile=args.compile,
-            init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
-            init_label=parent_label(args.init_from) if args.init_from else None, init_optimizer=args.init_optimizer)
+        if args.init_from:
+            values.update(init_from=str(Path(args.init_from).resolve()), init_label=parent_label(args.init_from))
+        config = TrainConfig(**values)
     except (ValueError, CheckpointError) as exc:
         p.error(str(exc))
     return config, args

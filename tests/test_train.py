@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from conftest import Crash, crash_after_first_pass, small_mnist
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
-from iwae_model.train import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
+from iwae_model.train import InitError, NonFiniteLoss, parse_args, stage_boundaries, stage_lr, train
 
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
 METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "test_bound", "test_nll",
@@ -214,3 +215,16 @@ def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, 
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "nowhere" in cli.stderr and "no checkpoint there" in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+def test_the_train_cli_has_a_flag_for_every_setting(tmp_path):
+    # Made from TrainConfig's fields, so the two cannot drift apart.
+    config, _ = parse_args(["--out", str(tmp_path), "--adam-beta2", "0.99", "--latent-dims", "20", "--hidden-dims",
+                            "64", "--compile", "--train-images", "400"])
+    assert (config.adam_beta2, config.latent_dims, config.hidden_dims, config.compile) == (0.99, (20,), (64,), True)
+    assert config.train_images == 400 and config == TrainConfig(adam_beta2=0.99, latent_dims=(20,), hidden_dims=(64,),
+                                                                 compile=True, train_images=400)
+    text = run_cli("iwae_model.train", "--help").stdout
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "init_label":  # read from the --init-from run
+            assert f"--{field.name.replace('_', '-')}" in text, field.name
