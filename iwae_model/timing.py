@@ -15,7 +15,7 @@ import torch
 from .config import TrainConfig
 from .data import binarize
 from .likelihood import bound, default_image_batch, importance_sampling
-from .train import build_optimizer, build_surrogate, train_step
+from .training import build_optimizer, build_surrogate, train_step
 
 BATCHES = 50  # distinct batches cycled through, so no single batch sits in cache
 

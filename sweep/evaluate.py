@@ -10,8 +10,6 @@ the old one atomically.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import sys
 import tempfile
@@ -29,37 +27,28 @@ from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-import iwae_model
 from iwae_model import MNIST, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
 from iwae_model.data import MNISTError
 from iwae_model.device import pin_float32
-from iwae_model.evaluate import evaluate_model
+from iwae_model.evaluation import evaluate_model
 
 from .cluster import ClusterError, GPUUnusable, check_gpus, init_ray, ray_device, this_node
-from .query import print_results
-from .results import PER_IMAGE_FILE, RESULTS_FILE, filesystem_and_path, per_image_table, write_results, write_table
-from .space import Evaluation, SweepSpace
-from .trainable import NODES_FILE, read_nodes, train_trial
-
-SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
-STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder
-METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bound, never by test figures
-
-
-def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
-    scheme = checkpoint.filesystem.type_name
-    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
-
-
-def stage_storage(storage: str, name: str) -> str:
-    """The storage location (path or URI, its query kept) of the experiments inside sweep `name`."""
-    path, sep, query = storage.partition("?")
-    return f"{path.rstrip('/')}/{name}{sep}{query}"
-
-
-def best_checkpoint(result: tune.Result) -> tune.Checkpoint:
-    return result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+from .tables import print_results
+from .results import (
+    PER_IMAGE_FILE,
+    RESULTS_FILE,
+    EvaluationRecord,
+    filesystem_and_path,
+    per_image_part,
+    per_image_table,
+    results_row,
+    write_results,
+    write_table,
+)
+from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints
+from .space import SweepSpace
+from .trainable import NODES_FILE, read_nodes
 
 
 class NothingToEvaluate(RuntimeError):
@@ -91,62 +80,9 @@ class Evaluator:
             self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
         data = self.data[config.binarization]
         result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
-        last = state["history"][-1]
-        snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
-        snr = snr_row["snr"] if snr_row else {}
-        row = {
-            "sweep": job["sweep"], "trial_id": job["trial_id"], "trial_name": config.label(),
-            "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
-            "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
-            "schedule": config.schedule, "binarization": config.binarization, "train_images": config.train_images,
-            "eval_k": result.k, "eval_images": result.images,
-            "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
-            "test_nll": result.nll, "test_nll_se": result.nll_se,
-            "test_bound": result.test_bound, "test_bound_name": result.test_bound_name,
-            "train_bound": last["train_bound"], "valid_bound": last["valid_bound"],
-            "active_units": result.active_units, "epochs": state["epoch"], "train_seconds": state["train_seconds"],
-            "eval_seconds": result.seconds, "device": result.device, "eval_float32": result.float32,
-            "eval_gpu_name": result.gpu_name, "eval_gpu_capability": result.gpu_capability,
-            "checkpoint_uri": job["uri"],
-            "project_version": iwae_model.__version__,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
-            "config": json.dumps(config.to_dict()),
-            "ess_mean": result.ess_mean, "ess_median": result.ess_median,
-            "pareto_k_above_0_7": result.pareto_k_above, "pareto_k_max": result.pareto_k_max,
-            "noise": result.noise, "evaluation_id": job["evaluation_id"],
-            "snr_epoch": snr_row["epoch"] if snr_row else None,
-            **{f"snr_{name}": snr.get(name) for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")},
-            "snr": json.dumps(snr) if snr else None,
-            "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
-            "parent_checkpoint_uri": config.init_from,
-            **{f"train_{key}": nodes[-1].get(key) if nodes else None
-               for key in ("device", "node_id", "node_ip", "hostname", "float32", "gpu_name", "gpu_capability")},
-            "train_nodes": json.dumps(nodes) if nodes else None,
-            "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
-                                          None),
-            **self.node,
-        }
-        per_image = {"evaluation_id": job["evaluation_id"], "trial_id": job["trial_id"], "trial_name": row["trial_name"],
-                     "checkpoint_uri": job["uri"], "image": result.per_image["image"],
-                     "nll": -result.per_image["log_likelihood"], "ess": result.per_image["ess"],
-                     "pareto_k": result.per_image["pareto_k"]}
-        return row, per_image
-
-
-def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
-    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by validation
-    bound (`best: each`), or of the `top` trials with the best validation bound (`best: top`)."""
-    chosen = []
-    for result in (result for grid in grids for result in grid):
-        if result.error is not None or result.checkpoint is None:
-            continue
-        best = best_checkpoint(result)
-        score = max((m[METRIC] for _, m in result.best_checkpoints), default=result.metrics.get(METRIC))
-        chosen.append((score, result.metrics["trial_id"], best))
-    chosen.sort(key=lambda item: item[0], reverse=True)
-    if evaluation.best == "top":
-        chosen = chosen[:evaluation.top]
-    return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
+        record = EvaluationRecord(job["sweep"], job["trial_id"], job["uri"], job["evaluation_id"], config, state,
+                                  nodes, self.node)
+        return results_row(record, result), per_image_part(record, result)
 
 
 def run_evaluation(
@@ -219,75 +155,6 @@ def write_evaluation_events(row: dict[str, Any], per_image: dict[str, Any], chec
         checkpoint.filesystem.create_dir(destination, recursive=True)
         pafs.copy_files(folder, destination, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=checkpoint.filesystem)
-
-
-class SweepFolderError(ValueError):
-    """A sweep folder that cannot be resumed or evaluated as it is; the message names it and the fix."""
-
-
-def write_spec(experiment_path: str, filesystem: pafs.FileSystem, space: SweepSpace, data_dir: str) -> None:
-    """Written whole to a temp name, then moved into place: a crash never leaves half a spec."""
-    filesystem.create_dir(experiment_path, recursive=True)
-    tmp = f"{experiment_path}/.{SPEC_FILE}.{uuid.uuid4().hex}"
-    with filesystem.open_output_stream(tmp) as out:
-        out.write(json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode())
-    filesystem.move(tmp, f"{experiment_path}/{SPEC_FILE}")
-
-
-def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepSpace, str]:
-    path = f"{experiment_path}/{SPEC_FILE}"
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            spec = json.loads(stream.read())
-        return SweepSpace.from_dict(spec["space"]), str(spec["data_dir"])
-    except FileNotFoundError:
-        raise SweepFolderError(f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
-                               f"sweep.run (pass <storage>/<name>)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SweepFolderError(f"{path}: damaged ({type(error).__name__}: {str(error)[:300]}). sweep.run writes it "
-                               f"when the sweep starts; restore it from a copy (the trials' checkpoints are not "
-                               f"affected)") from None
-
-
-def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
-    """Tuner.restore with an error that names the folder instead of Ray's traceback."""
-    if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
-        raise SweepFolderError(f"{experiment_path}: not a Ray Tune sweep folder (no experiment state there)")
-    try:
-        return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
-    except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
-        raise _unreadable_state(experiment_path, error) from None
-
-
-def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.ResultGrid:
-    """The sweep's results as its saved experiment state has them (Tuner.restore starts no trials)."""
-    tuner = restore_tuner(experiment_path, filesystem, train_trial)
-    try:
-        return tuner.get_results()
-    except Exception as error:  # noqa: BLE001 -- as in restore_tuner
-        raise _unreadable_state(experiment_path, error) from None
-
-
-def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
-    return SweepFolderError(
-        f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
-        f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
-        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name")
-
-
-def load_grids(location: str) -> list[tune.ResultGrid]:
-    """A finished sweep's results, from a local path or a URI: the first stage's (another
-    sweep's, for one made with --init-from-sweep), then the `continue` stage's if it ran."""
-    filesystem, path = filesystem_and_path(location)
-    spec = filesystem.get_file_info(f"{path}/{SPEC_FILE}").type == pafs.FileType.File
-    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem) and spec:
-        space, _ = read_spec(path, filesystem)
-        grids = [load_grids(space.init_from_sweep)[0] if space.init_from_sweep else saved_results(path, filesystem)]
-    else:
-        grids = [saved_results(path, filesystem)]
-    if tune.Tuner.can_restore(f"{path}/{STAGE_2}", storage_filesystem=filesystem):
-        grids.append(saved_results(f"{path}/{STAGE_2}", filesystem))
-    return grids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,16 +15,11 @@ from typing import Any
 
 from ray import tune
 
-from iwae_model import TrainConfig
+from .folder import trial_label
 
 HEADER = ("trial", "status", "pass", "stage", "lr", "train", "valid", "best valid", "img/s", "node")
 STATUS_ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 2, "TERMINATED": 3, "ERROR": 4}
 REDRAW_SECONDS = 1.0
-
-
-def trial_label(trial: Any) -> str:
-    """The configuration's label, for a Ray trial or result (anything with the trial config)."""
-    return TrainConfig.from_dict(trial.config["train"]).label()
 
 
 class LiveView(tune.Callback):

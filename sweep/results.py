@@ -54,7 +54,10 @@ per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
 
 from __future__ import annotations
 
+import datetime
+import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+
+import iwae_model
+from iwae_model import TrainConfig
+from iwae_model.evaluation import Evaluation
 
 SCHEMA_VERSION = 4
 RESULTS_FILE = "results/results.parquet"
@@ -108,6 +115,68 @@ PER_IMAGE_SCHEMA = pa.schema(
     ],
     metadata={"iwae_sweep.per_image_schema_version": str(PER_IMAGE_SCHEMA_VERSION)},
 )
+
+
+@dataclass
+class EvaluationRecord:
+    """What a results row says of one evaluated checkpoint besides the evaluation's figures."""
+
+    sweep: str
+    trial_id: str
+    checkpoint_uri: str
+    evaluation_id: str
+    config: TrainConfig
+    state: dict[str, Any]  # the checkpoint's
+    nodes: list[dict]  # the trial's node record (the trainable's nodes.json)
+    eval_node: dict[str, Any]  # eval_node_id, eval_node_ip, eval_hostname
+
+
+def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
+    """The results.parquet row (SCHEMA) of one evaluated checkpoint."""
+    config, state, nodes = record.config, record.state, record.nodes
+    last = state["history"][-1]
+    snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
+    snr = snr_row["snr"] if snr_row else {}
+    return {
+        "sweep": record.sweep, "trial_id": record.trial_id, "trial_name": config.label(),
+        "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
+        "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
+        "schedule": config.schedule, "binarization": config.binarization, "train_images": config.train_images,
+        "eval_k": result.k, "eval_images": result.images,
+        "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
+        "test_nll": result.nll, "test_nll_se": result.nll_se,
+        "test_bound": result.test_bound, "test_bound_name": result.test_bound_name,
+        "train_bound": last["train_bound"], "valid_bound": last["valid_bound"],
+        "active_units": result.active_units, "epochs": state["epoch"], "train_seconds": state["train_seconds"],
+        "eval_seconds": result.seconds, "device": result.device, "eval_float32": result.float32,
+        "eval_gpu_name": result.gpu_name, "eval_gpu_capability": result.gpu_capability,
+        "checkpoint_uri": record.checkpoint_uri,
+        "project_version": iwae_model.__version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
+        "config": json.dumps(config.to_dict()),
+        "ess_mean": result.ess_mean, "ess_median": result.ess_median,
+        "pareto_k_above_0_7": result.pareto_k_above, "pareto_k_max": result.pareto_k_max,
+        "noise": result.noise, "evaluation_id": record.evaluation_id,
+        "snr_epoch": snr_row["epoch"] if snr_row else None,
+        **{f"snr_{name}": snr.get(name) for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")},
+        "snr": json.dumps(snr) if snr else None,
+        "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
+        "parent_checkpoint_uri": config.init_from,
+        **{f"train_{key}": nodes[-1].get(key) if nodes else None
+           for key in ("device", "node_id", "node_ip", "hostname", "float32", "gpu_name", "gpu_capability")},
+        "train_nodes": json.dumps(nodes) if nodes else None,
+        "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
+                                      None),
+        **record.eval_node,
+    }
+
+
+def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
+    """The per_image.parquet columns (PER_IMAGE_SCHEMA) of one evaluated checkpoint."""
+    return {"evaluation_id": record.evaluation_id, "trial_id": record.trial_id, "trial_name": record.config.label(),
+            "checkpoint_uri": record.checkpoint_uri, "image": result.per_image["image"],
+            "nll": -result.per_image["log_likelihood"], "ess": result.per_image["ess"],
+            "pareto_k": result.per_image["pareto_k"]}
 
 
 class ResultsError(ValueError):

@@ -25,29 +25,31 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from iwae_model import TrainConfig
-from iwae_model.checkpoint import CheckpointError, load_checkpoint
+from iwae_model.checkpoint import CheckpointError
 from iwae_model.data import MNISTError, default_data_dir, load_mnist
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
-from .evaluate import (
+from .evaluate import NothingToEvaluate, run_evaluation
+from .folder import (
     METRIC,
     SPEC_FILE,
     STAGE_2,
-    NothingToEvaluate,
     SweepFolderError,
     best_checkpoint,
     checkpoint_uri,
-    read_spec,
+    experiment_state_saved,
     load_grids,
+    read_spec,
+    recover_deleted_checkpoints,
     restore_tuner,
-    run_evaluation,
     saved_results,
     stage_storage,
+    trial_label,
     write_spec,
 )
-from .live import LiveView, trial_label
+from .live import LiveView
 from .plan import plan_sweep, render
-from .query import print_results
+from .tables import print_results
 from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
 from .trainable import train_trial
@@ -55,43 +57,6 @@ from .trainable import train_trial
 
 class SweepInterrupted(RuntimeError):
     pass
-
-
-def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
-    """Whether Ray Tune has saved this sweep's experiment state (it writes tuner.pkl at once,
-    the state only at its first sync)."""
-    listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
-    return any(info.base_name.startswith("experiment_state-") for info in listing)
-
-
-def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) -> list[str]:
-    """Make a killed driver's saved state restorable again; return the trials it mended.
-
-    Ray Tune deletes a trial's older checkpoint (checkpoints.keep) when a newer one arrives and
-    saves its experiment state a moment later. A driver killed in between leaves a state that
-    names the deleted checkpoint, and restoring that trial fails for good. Its newest intact
-    checkpoint is put under the missing name: each checkpoint holds the run's whole history, so
-    the trial continues from its newest pass, with nothing lost and nothing run twice."""
-    mended = []
-    for result in saved_results(experiment, filesystem):
-        named = result.checkpoint
-        if named is None or filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
-            continue
-        trial_dir = named.path.rstrip("/").rsplit("/", 1)[0]
-        survivors = sorted((info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_dir))
-                            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")),
-                           reverse=True)
-        for survivor in survivors:
-            try:
-                with tune.Checkpoint(survivor, filesystem).as_directory() as folder:
-                    load_checkpoint(folder)
-            except CheckpointError:  # half written when the driver died
-                continue
-            filesystem.create_dir(named.path, recursive=True)
-            pafs.copy_files(survivor, named.path, source_filesystem=filesystem, destination_filesystem=filesystem)
-            mended.append(f"{trial_label(result)} (from {survivor.rsplit('/', 1)[1]})")
-            break
-    return mended
 
 
 def trainable(space: SweepSpace):

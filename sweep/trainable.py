@@ -24,7 +24,7 @@ from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
 from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import MIRRORS_VARIABLE, MNISTError
 from iwae_model.device import device_record, pin_float32
-from iwae_model.train import TrainingRun
+from iwae_model.training import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
 

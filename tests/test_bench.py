@@ -7,7 +7,7 @@ from iwae_model import TrainConfig, build_model
 from iwae_model.bare_loop import BareIWAE
 from iwae_model.bench import bench_against_bare_loop, bench_evaluation, bench_training, fraction_of_peak, matmul_peak
 from iwae_model.data import binarize
-from iwae_model.train import build_optimizer, build_surrogate, train_step
+from iwae_model.training import build_optimizer, build_surrogate, train_step
 
 CPU = torch.device("cpu")
 

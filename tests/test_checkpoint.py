@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint, load_model, restore
-from iwae_model.train import build_optimizer, train
+from iwae_model.training import build_optimizer, train
 
 # Small layers keep each generated example's save and load to milliseconds.
 SMALL = dict(train_images=200, test_images=100, passes=2, k=2, latent_dims=(4,), hidden_dims=(16,))

@@ -13,8 +13,8 @@ from pyarrow import fs as pafs
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
-from iwae_model.train import train
-from sweep.evaluate import read_spec
+from iwae_model.training import train
+from sweep.folder import read_spec
 from sweep.results import SCHEMA, read_results
 from sweep.space import parse_space
 
@@ -58,7 +58,7 @@ def train_script(run_dir: Path, mnist_dir: Path) -> str:
     return f"""
 from conftest import small_mnist
 from iwae_model import TrainConfig, load_mnist
-from iwae_model.train import train
+from iwae_model.training import train
 train(TrainConfig(**{TINY!r}), {str(run_dir)!r}, small_mnist(load_mnist({str(mnist_dir)!r})), progress=False)
 """
 
@@ -104,7 +104,7 @@ def test_killed_while_writing_the_sweep_spec(tmp_path):
     space = parse_space({"name": "spec", "experiments": [{"objective": "iwae", "k": [1, 5]}]}, "<test>")
     run_killed(KILLING_FILESYSTEM + f"""
 from pyarrow import fs as pafs
-from sweep.evaluate import write_spec
+from sweep.folder import write_spec
 from sweep.space import parse_space
 space = parse_space({{"name": "spec", "experiments": [{{"objective": "iwae", "k": [1, 5]}}]}}, "<test>")
 write_spec({str(tmp_path)!r}, pafs.LocalFileSystem(), space, "/data/before")

@@ -19,7 +19,7 @@ from iwae_model import TrainConfig, build_model
 from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import MNIST
 from iwae_model.likelihood import burda_active_units, importance_sampling
-from iwae_model.train import build_surrogate, train
+from iwae_model.training import build_surrogate, train
 from sweep.results import read_results
 from sweep.run import run_sweep
 from sweep.space import parse_space

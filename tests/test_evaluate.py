@@ -7,10 +7,10 @@ import torch
 from conftest import FLOAT32_REORDER_RTOL, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
-from iwae_model.evaluate import evaluate_model
+from iwae_model.evaluation import evaluate_model
 from iwae_model.likelihood import active_units, bound, evaluation_noise, log_likelihood
 from iwae_model.objectives import build_objective
-from iwae_model.train import train
+from iwae_model.training import train
 
 
 @pytest.mark.parametrize("layers", [1, 2])

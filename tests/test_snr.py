@@ -9,7 +9,7 @@ from iwae_model.checkpoint import load_checkpoint, load_model
 from iwae_model.models import build_model
 from iwae_model.objectives import IWAE, build_estimator
 from iwae_model.snr import gradient_snr, parameter_groups
-from iwae_model.train import train
+from iwae_model.training import train
 
 DRAWS = 50
 

@@ -24,7 +24,7 @@ from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
-from sweep.evaluate import saved_results, write_spec
+from sweep.folder import saved_results, write_spec
 from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
 from sweep.run import dry_run, run_sweep
 from sweep.plan import plan_sweep

@@ -11,7 +11,8 @@ from conftest import Crash, crash_after_first_pass, small_mnist
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
-from iwae_model.train import InitError, NonFiniteLoss, parse_args, stage_boundaries, stage_lr, train
+from iwae_model.train import parse_args
+from iwae_model.training import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
 
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
 METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "test_bound", "test_nll",
@@ -85,7 +86,7 @@ def test_a_process_killed_with_sigkill_resumes_bit_identical(mnist_dir, tiny_dat
     script = f"""
 import os, signal
 from iwae_model import TrainConfig, load_mnist
-from iwae_model.train import train
+from iwae_model.training import train
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import small_mnist
 data = small_mnist(load_mnist({str(mnist_dir)!r}, download=False))

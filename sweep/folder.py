@@ -1,0 +1,166 @@
+"""A sweep folder, `<storage>/<name>`, as run, evaluate and query share it: its spec file
+(`iwae_sweep.json`: the space and the data folder), Ray Tune's saved state and how to restore
+it (mending a killed driver's), the trials' labels, and the best checkpoints the evaluation takes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from pyarrow import fs as pafs
+from ray import tune
+
+from iwae_model import TrainConfig
+from iwae_model.checkpoint import CheckpointError, load_checkpoint
+
+from .results import filesystem_and_path
+from .space import Evaluation, SweepSpace
+from .trainable import train_trial
+
+SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
+STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder
+METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bound, never by test figures
+
+
+def trial_label(trial: Any) -> str:
+    """The configuration's label, for a Ray trial or result (anything with the trial config)."""
+    return TrainConfig.from_dict(trial.config["train"]).label()
+
+
+def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
+    scheme = checkpoint.filesystem.type_name
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+def stage_storage(storage: str, name: str) -> str:
+    """The storage location (path or URI, its query kept) of the experiments inside sweep `name`."""
+    path, sep, query = storage.partition("?")
+    return f"{path.rstrip('/')}/{name}{sep}{query}"
+
+
+def best_checkpoint(result: tune.Result) -> tune.Checkpoint:
+    return result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+
+
+def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
+    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by validation
+    bound (`best: each`), or of the `top` trials with the best validation bound (`best: top`)."""
+    chosen = []
+    for result in (result for grid in grids for result in grid):
+        if result.error is not None or result.checkpoint is None:
+            continue
+        best = best_checkpoint(result)
+        score = max((m[METRIC] for _, m in result.best_checkpoints), default=result.metrics.get(METRIC))
+        chosen.append((score, result.metrics["trial_id"], best))
+    chosen.sort(key=lambda item: item[0], reverse=True)
+    if evaluation.best == "top":
+        chosen = chosen[:evaluation.top]
+    return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
+
+
+class SweepFolderError(ValueError):
+    """A sweep folder that cannot be resumed or evaluated as it is; the message names it and the fix."""
+
+
+def write_spec(experiment_path: str, filesystem: pafs.FileSystem, space: SweepSpace, data_dir: str) -> None:
+    """Written whole to a temp name, then moved into place: a crash never leaves half a spec."""
+    filesystem.create_dir(experiment_path, recursive=True)
+    tmp = f"{experiment_path}/.{SPEC_FILE}.{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode())
+    filesystem.move(tmp, f"{experiment_path}/{SPEC_FILE}")
+
+
+def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepSpace, str]:
+    path = f"{experiment_path}/{SPEC_FILE}"
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            spec = json.loads(stream.read())
+        return SweepSpace.from_dict(spec["space"]), str(spec["data_dir"])
+    except FileNotFoundError:
+        raise SweepFolderError(f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
+                               f"sweep.run (pass <storage>/<name>)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SweepFolderError(f"{path}: damaged ({type(error).__name__}: {str(error)[:300]}). sweep.run writes it "
+                               f"when the sweep starts; restore it from a copy (the trials' checkpoints are not "
+                               f"affected)") from None
+
+
+def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
+    """Tuner.restore with an error that names the folder instead of Ray's traceback."""
+    if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+        raise SweepFolderError(f"{experiment_path}: not a Ray Tune sweep folder (no experiment state there)")
+    try:
+        return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
+    except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
+        raise _unreadable_state(experiment_path, error) from None
+
+
+def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.ResultGrid:
+    """The sweep's results as its saved experiment state has them (Tuner.restore starts no trials)."""
+    tuner = restore_tuner(experiment_path, filesystem, train_trial)
+    try:
+        return tuner.get_results()
+    except Exception as error:  # noqa: BLE001 -- as in restore_tuner
+        raise _unreadable_state(experiment_path, error) from None
+
+
+def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
+    return SweepFolderError(
+        f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
+        f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
+        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name")
+
+
+def load_grids(location: str) -> list[tune.ResultGrid]:
+    """A finished sweep's results, from a local path or a URI: the first stage's (another
+    sweep's, for one made with --init-from-sweep), then the `continue` stage's if it ran."""
+    filesystem, path = filesystem_and_path(location)
+    spec = filesystem.get_file_info(f"{path}/{SPEC_FILE}").type == pafs.FileType.File
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem) and spec:
+        space, _ = read_spec(path, filesystem)
+        grids = [load_grids(space.init_from_sweep)[0] if space.init_from_sweep else saved_results(path, filesystem)]
+    else:
+        grids = [saved_results(path, filesystem)]
+    if tune.Tuner.can_restore(f"{path}/{STAGE_2}", storage_filesystem=filesystem):
+        grids.append(saved_results(f"{path}/{STAGE_2}", filesystem))
+    return grids
+
+
+def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
+    """Whether Ray Tune has saved this sweep's experiment state (it writes tuner.pkl at once,
+    the state only at its first sync)."""
+    listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+    return any(info.base_name.startswith("experiment_state-") for info in listing)
+
+
+def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) -> list[str]:
+    """Make a killed driver's saved state restorable again; return the trials it mended.
+
+    Ray Tune deletes a trial's older checkpoint (checkpoints.keep) when a newer one arrives and
+    saves its experiment state a moment later. A driver killed in between leaves a state that
+    names the deleted checkpoint, and restoring that trial fails for good. Its newest intact
+    checkpoint is put under the missing name: each checkpoint holds the run's whole history, so
+    the trial continues from its newest pass, with nothing lost and nothing run twice."""
+    mended = []
+    for result in saved_results(experiment, filesystem):
+        named = result.checkpoint
+        if named is None or filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
+            continue
+        trial_dir = named.path.rstrip("/").rsplit("/", 1)[0]
+        survivors = sorted((info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_dir))
+                            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")),
+                           reverse=True)
+        for survivor in survivors:
+            try:
+                with tune.Checkpoint(survivor, filesystem).as_directory() as folder:
+                    load_checkpoint(folder)
+            except CheckpointError:  # half written when the driver died
+                continue
+            filesystem.create_dir(named.path, recursive=True)
+            pafs.copy_files(survivor, named.path, source_filesystem=filesystem, destination_filesystem=filesystem)
+            mended.append(f"{trial_label(result)} (from {survivor.rsplit('/', 1)[1]})")
+            break
+    return mended

@@ -1,0 +1,248 @@
+"""A sweep's results as the papers' tables, with the published values beside them, and plots.
+
+Rows: stochastic layers x (M, K); columns: objective (with beta / estimator when not the
+default); cells: test NLL in nats (mean over seeds), active units, and the published value
+with our difference. `*` marks cells not comparable to the papers (short schedule, subset of
+the training or test set, k < 5000, or non-dynamic binarization). With a baseline, each cell
+also shows its per-image paired difference to that checkpoint (sweep/compare.py).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pandas as pd
+import yaml
+
+from .compare import difference, mean_image_nll
+
+KEY = ["layers", "m", "k"]
+COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
+
+
+def variant(row: pd.Series) -> str:
+    """The column a result belongs to: the objective, plus beta or estimator when they matter."""
+    name = row["objective"].upper()
+    if row["objective"] == "ciwae":
+        name += f"(β={row['beta']:g})"
+    if row["estimator"] != "reparam":
+        name += f"+{row['estimator'].upper()}"
+    return name
+
+
+def other_settings(frame: pd.DataFrame) -> pd.Series:
+    """Training settings beyond the table's own axes that differ between rows (e.g. lr), as a
+    suffix of the column name, so that only seeds of one configuration are ever averaged."""
+    configs = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
+    shown = {"objective", "m", "k", "beta", "layers", "estimator", "seed"}
+    varying = [c for c in configs.columns if c not in shown and configs[c].astype(str).nunique() > 1]
+    if not varying:
+        return pd.Series("", index=frame.index)
+    return configs[varying].apply(lambda row: " " + ",".join(f"{c}={row[c]}" for c in varying), axis=1)
+
+
+TABLE_2 = "burda2016_table2"
+
+
+def published() -> dict:
+    return yaml.safe_load(resources.files("sweep").joinpath("reference_values.yaml").read_text())
+
+
+def reference_values() -> pd.DataFrame:
+    """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml)."""
+    rows = [{"paper": paper, "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
+            for paper, entries in published().items() if paper != TABLE_2 for entry in entries]
+    frame = pd.DataFrame(rows)
+    frame["variant"] = frame.apply(variant, axis=1)
+    return frame
+
+
+def first_stage(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["sweep_stage"].fillna(1) != 2]  # null: results from before two-stage sweeps
+
+
+def table2(frame: pd.DataFrame) -> str:
+    """Burda et al.'s Table 2 layout: each continued trial beside its parent, with the published
+    pair where the two stages' objectives match one."""
+    continued = frame[frame["sweep_stage"] == 2]
+    if continued.empty:
+        return ""
+    by_name = {row["trial_name"]: row for _, row in frame.iterrows()}
+    pairs = published()[TABLE_2]
+    lines = ["Table 2: second stage continued from the first stage's best checkpoint",
+             "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |", "|---|---|---|---|---|---|---|"]
+
+    def nll_au(row: pd.Series) -> str:
+        star = "" if row["comparable_to_papers"] else "*"
+        return f"{row['test_nll']:.2f}{star} | {'+'.join(map(str, row['active_units']))}"
+
+    for _, child in continued.sort_values("trial_name").iterrows():
+        parent = by_name.get(child["parent_trial_name"])
+        first = nll_au(parent) if parent is not None else "(not in these results) | "
+        paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
+                      for p in pairs if parent is not None and child["layers"] == 1
+                      and all(parent[k] == v for k, v in p["first"].items())
+                      and all(child[k] == v for k, v in p["second"].items())), "")
+        lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "
+                     f"{nll_au(child)} | {paper} |")
+    return "\n".join(lines)
+
+
+def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
+    for condition in where:
+        column, sep, value = condition.partition("=")
+        if not sep or column not in frame.columns:
+            raise ValueError(f"--where {condition}: expected COLUMN=VALUE with COLUMN one of {', '.join(frame.columns)}")
+        frame = frame[frame[column].astype(str) == value]
+    return frame
+
+
+def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | None = None) -> pd.DataFrame:
+    """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
+    the published value; with `baseline` (per-image table, baseline row), the cell's mean
+    per-image difference to the baseline checkpoint and its paired standard error. Second-stage
+    (continued) trials are left to `table2`."""
+    frame = first_stage(frame)
+    if frame.empty:
+        return pd.DataFrame()
+    frame = frame.assign(variant=frame.apply(variant, axis=1) + other_settings(frame))
+    if baseline is not None:
+        per_image, base = baseline
+        base_nll = mean_image_nll(per_image, base.to_frame().T)
+    groups = []
+    for (layers, m, k, name), cell in frame.groupby([*KEY, "variant"], sort=False):
+        units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]
+        seeds = len(cell)
+        groups.append({
+            "layers": layers, "m": m, "k": k, "variant": name, "seeds": seeds,
+            "test_nll": cell["test_nll"].mean(),
+            # one seed: the Monte-Carlo/image standard error; several: the spread across seeds
+            "test_nll_se": cell["test_nll_se"].iloc[0] if seeds == 1 else cell["test_nll"].std() / seeds ** 0.5,
+            "active_units": "+".join(f"{u:.0f}" if seeds == 1 else f"{u:.1f}" for u in units),
+            "test_bound": cell["test_bound"].mean(),
+            "comparable_to_papers": bool(cell["comparable_to_papers"].all()),
+            "eval_k": int(cell["eval_k"].min()), "eval_images": int(cell["eval_images"].min()),
+            "passes": int(cell["passes"].min()),
+        })
+        if baseline is not None:
+            d = difference(mean_image_nll(per_image, cell), base_nll)
+            groups[-1].update(vs_baseline=d.mean, vs_baseline_se=d.paired_se)
+    summary = pd.DataFrame(groups)
+    reference = reference_values()[[*KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
+    summary = summary.merge(reference, on=[*KEY, "variant"], how="left")
+    summary["difference"] = summary["test_nll"] - summary["paper_nll"]
+    order = {name.upper(): i for i, name in enumerate(COLUMN_ORDER)}
+    summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
+    return summary.sort_values([*KEY, "_order", "variant"]).drop(columns="_order").reset_index(drop=True)
+
+
+def cell_text(row: pd.Series) -> str:
+    text = f"{row['test_nll']:.2f} ({row['active_units']})"
+    if not row["comparable_to_papers"]:
+        text += "*"
+    if pd.notna(row["paper_nll"]):
+        text += f" [paper {row['paper_nll']:.2f}, {row['difference']:+.2f}]"
+    if "vs_baseline" in row:
+        text += f" Δ {row['vs_baseline']:+.3f} ± {row['vs_baseline_se']:.3f}"
+    return text
+
+
+def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
+    variants = list(dict.fromkeys(summary["variant"]))
+    lines = ["| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for (layers, m, k), row_cells in summary.groupby(KEY, sort=True):
+        cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
+        lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
+    notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
+    if baseline:
+        notes.append(f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error.")
+    if not summary["comparable_to_papers"].all():
+        short = summary[~summary["comparable_to_papers"]].iloc[0]
+        notes.append(f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
+                     f"{short['eval_images']} test images (the papers: full schedule, k=5000, 10,000 images).")
+    return "\n".join(lines + notes)
+
+
+def plot(summary: pd.DataFrame, path: str) -> None:
+    """Test NLL against the number of samples M*K, one line per objective and layer count,
+    the published values as hollow markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    reference = reference_values()
+    for (name, layers), group in summary.groupby(["variant", "layers"]):
+        group = group.assign(samples=group["m"] * group["k"]).sort_values("samples")
+        line, = axis.plot(group["samples"], group["test_nll"], "o-", label=f"{name}, {layers} layer(s)")
+        paper = reference[(reference["variant"] == name) & (reference["layers"] == layers)]
+        if len(paper):
+            paper = paper.assign(samples=paper["m"] * paper["k"]).sort_values("samples")
+            axis.plot(paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(),
+                      label=f"{name}, {layers} layer(s), paper")
+    axis.set_xscale("log")
+    axis.set_xlabel("samples per image (M·K)")
+    axis.set_ylabel("test NLL (nats, lower is better)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def print_results(rows: list[dict], path: str) -> None:
+    frame = pd.DataFrame(rows)
+    print()
+    print(tables(frame, summarise(frame)))
+    print()
+    best = frame.sort_values("test_nll").head(5)
+    width = max(28, *map(len, best["trial_name"]))
+    print("Best configurations (test NLL, nats):")
+    for _, row in best.iterrows():
+        print(f"  {row['trial_name']:<{width}} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
+              f"active units {'+'.join(map(str, row['active_units']))}")
+    print(f"\nResults: {path} ({len(rows)} rows)")
+
+
+def snr_plot(frame: pd.DataFrame, path: str) -> None:
+    """Encoder and decoder gradient SNR against M*K, log-log, one line per objective/estimator
+    and layer count, like Rainforth et al. (2018)'s figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    frame = frame[frame["snr_encoder_mean"].notna()]
+    if frame.empty:
+        raise ValueError("no gradient SNR in these results: train with `training: snr_every: N` in the space file "
+                         "(search_spaces/rainforth2018.yaml does), or --snr-every N in python -m iwae_model.train")
+    frame = frame.assign(variant=frame.apply(variant, axis=1), samples=frame["m"] * frame["k"])
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for axis, side in zip(axes, ("encoder", "decoder")):
+        for (name, layers), group in frame.groupby(["variant", "layers"]):
+            means = group.groupby("samples")[f"snr_{side}_mean"].mean()
+            axis.plot(means.index, means.values, "o-", label=f"{name}, {layers} layer(s)")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("samples per image (M·K)")
+        axis.set_ylabel(f"{side} gradient SNR (mean over components)")
+        axis.set_title("encoder (φ)" if side == "encoder" else "decoder (θ)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def tables(frame: pd.DataFrame, summary: pd.DataFrame, baseline: str | None = None) -> str:
+    """The Table-1 layout of the first stage, then Table 2's of a continued stage, if any."""
+    parts = [markdown_table(summary, baseline)] if len(summary) else []
+    return "\n\n".join([*parts, table2(frame)]).strip("\n")
+
+
+def render(frame: pd.DataFrame, summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
+    if fmt == "markdown":
+        return tables(frame, summary, baseline)
+    if fmt == "csv":
+        return summary.to_csv(index=False)
+    return summary.to_json(orient="records", indent=1)
