@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .errors import IWAEError
 from .models import IWAEModel
 
 CHECKPOINT_FORMAT = 2
@@ -50,7 +51,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
 HISTORY_NUMBERS = ("train_bound", "valid_bound")  # what the evaluation reads from the last row
 
 
-class CheckpointError(ValueError):
+class CheckpointError(IWAEError, ValueError):
     """A file that is not a checkpoint this version can use; the message names the file, the
     field and the fix."""
 

@@ -25,6 +25,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .errors import IWAEError
+
 # sha256 of the *uncompressed* IDX bytes: mirrors recompress the files, so .gz hashes differ.
 MNIST_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -45,7 +47,7 @@ STATIC_BINARIZATION_SEED = 0
 Binarization = Literal["dynamic", "static", "threshold"]
 
 
-class MNISTError(RuntimeError):
+class MNISTError(IWAEError, RuntimeError):
     """A data file is missing, corrupt or could not be fetched; the message says what to do."""
 
 

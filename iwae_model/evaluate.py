@@ -12,8 +12,9 @@ import math
 from dataclasses import replace
 
 from .checkpoint import load_model
-from .data import MNISTError, load_mnist
+from .data import load_mnist
 from .device import resolve_device
+from .errors import IWAEError
 from .evaluation import Evaluation, evaluate_model
 from .importance import PARETO_K_THRESHOLD
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(args.device)
         model, config, _ = load_model(args.run_dir, device)
         data = load_mnist(args.data_dir, device, config.binarization)
-    except (FileNotFoundError, ValueError, MNISTError) as error:
+    except IWAEError as error:
         parser.exit(1, f"error: {error}\n")
     result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=True)
     # The papers' numbers also need the papers' training: all 59,600 images, all 3,280 passes.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
-from .data import MNISTError
 from .device import resolve_device
-from .training import ConfigMismatch, InitError, NonFiniteLoss, train
+from .errors import IWAEError
+from .training import train
 
 
 CLI_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     try:
         history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
-    except (CheckpointError, ConfigMismatch, InitError, MNISTError, NonFiniteLoss) as error:
+    except IWAEError as error:
         sys.exit(f"error: {error}")
     last = history[-1]
     print(json.dumps({"run_dir": str(Path(args.out).resolve()), "label": config.label(), **last}))

@@ -51,6 +51,7 @@ from .checkpoint import checkpoint_path, load_checkpoint, restore, rng_state, sa
 from .config import FULL_SCHEDULE_PASSES, TrainConfig
 from .data import MNIST, load_mnist
 from .device import pin_float32
+from .errors import IWAEError
 from .models import IWAEModel
 from .objectives import GradientEstimator, Objective, Surrogate
 from .snr import gradient_snr
@@ -60,11 +61,11 @@ SNR_SEED = 0  # the SNR's minibatch binarization and gradient noise: the same ev
 NONFINITE_CHECK_EVERY = 100  # steps between checks of the running loss (each check syncs a GPU)
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(IWAEError, ValueError):
     """The run directory holds a checkpoint of another configuration."""
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(IWAEError, RuntimeError):
     """Training produced a NaN or infinite objective; the last good checkpoint is untouched."""
 
 
@@ -139,7 +140,7 @@ def train_step(
     return -losses.decoder_loss.detach()
 
 
-class InitError(ValueError):
+class InitError(IWAEError, ValueError):
     """--init-from names a run that cannot start this one; the message says why and the fix."""
 
 

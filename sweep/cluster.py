@@ -25,6 +25,8 @@ from pyarrow import fs as pafs
 from ray._private import ray_constants, services
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from iwae_model.errors import IWAEError
+
 # Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch (ray
 # 2.60, see shared/reference/ray_tune_facts.md section 10) is what keeps a local Ray on loopback.
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -33,7 +35,7 @@ STORAGE_MARKER = ".iwae_storage_check"  # in the sweep folder: a random token ev
 ADVERTISED_GPUS_LABEL, ADVERTISED = "iwae-sweep/gpus", "advertised"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(IWAEError, RuntimeError):
     pass
 
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from iwae_model.errors import IWAEError
+
 from .results import PER_IMAGE_FILE, RESULTS_FILE, read_per_image
 
 
-class CompareError(ValueError):
+class CompareError(IWAEError, ValueError):
     """A comparison that cannot be made; the message names what and the fix."""
 
 

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from iwae_model import MNIST, load_mnist
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
-from iwae_model.data import MNISTError
 from iwae_model.device import pin_float32
+from iwae_model.errors import IWAEError
 from iwae_model.evaluation import evaluate_model
 
-from .cluster import ClusterError, GPUUnusable, check_gpus, init_ray, ray_device, this_node
-from .tables import print_results
+from .cluster import check_gpus, init_ray, ray_device, this_node
+from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints
 from .results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
@@ -46,12 +46,12 @@ from .results import (
     write_results,
     write_table,
 )
-from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints
 from .space import SweepSpace
+from .tables import print_results
 from .trainable import NODES_FILE, read_nodes
 
 
-class NothingToEvaluate(RuntimeError):
+class NothingToEvaluate(IWAEError, RuntimeError):
     pass
 
 
@@ -74,7 +74,7 @@ class Evaluator:
             try:
                 model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, self.device)
                 nodes = read_nodes(Path(folder) / NODES_FILE)
-            except (CheckpointError, ValueError) as error:  # name the file where the user finds it, not the /tmp copy
+            except CheckpointError as error:  # name the file where the user finds it, not the /tmp copy
                 raise CheckpointError(str(error).replace(folder, job["uri"])) from None
         if config.binarization not in self.data:
             self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
@@ -119,7 +119,7 @@ def run_evaluation(
         evaluated = list(tqdm(pool.map_unordered(lambda actor, job: actor.evaluate.remote(job), jobs),
                               total=len(jobs), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr))
     except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, (CheckpointError, GPUUnusable, MNISTError)):  # without Ray's traceback around it
+        if isinstance(error.cause, IWAEError):  # without Ray's traceback around it
             raise error.cause from None
         raise
     evaluated.sort(key=lambda pair: pair[0]["trial_name"])
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
         path, rows = run_evaluation(grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors)
-    except (ClusterError, NothingToEvaluate, CheckpointError, MNISTError) as error:
+    except IWAEError as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)
     print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")

@@ -14,6 +14,7 @@ from ray import tune
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
+from iwae_model.errors import IWAEError
 
 from .results import filesystem_and_path
 from .space import Evaluation, SweepSpace
@@ -60,7 +61,7 @@ def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> 
     return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
 
 
-class SweepFolderError(ValueError):
+class SweepFolderError(IWAEError, ValueError):
     """A sweep folder that cannot be resumed or evaluated as it is; the message names it and the fix."""
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from ray._common.utils import get_ray_address_file
 
+from iwae_model.errors import IWAEError
+
 from .cluster import LOOPBACK_SWITCH
 
 CONFIG = Path(__file__).resolve().parent.parent / "cluster.local.yaml"
@@ -37,7 +39,7 @@ START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 10
 
 
-class LocalClusterError(RuntimeError):
+class LocalClusterError(IWAEError, RuntimeError):
     pass
 
 

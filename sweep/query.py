@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from iwae_model.errors import IWAEError
+
 from .compare import comparison_text, load_per_image, select_one
-from .results import read_results
+from .results import ResultsError, read_results
 from .tables import apply_filters, plot, render, snr_plot, summarise
 
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         frame = apply_filters(read_results(args.location).to_pandas(), args.where)
         if frame.empty:
-            raise ValueError("no rows match")
+            raise ResultsError(f"{args.location}: no rows match {' '.join(args.where)}")
         if args.compare:
             a, b = (select_one(frame, selector, what) for selector, what in zip(args.compare, ("--compare A", "--compare B")))
             print(comparison_text(a, b, load_per_image(args.location)))
@@ -47,13 +49,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(render(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")
         if args.plot:
             if summary.empty:
-                raise ValueError("--plot draws first-stage trials, and none of these rows is one")
+                raise ResultsError("--plot draws first-stage trials, and none of these rows is one")
             plot(summary, args.plot)
             print(f"plot written to {args.plot}", file=sys.stderr)
         if args.snr_plot:
             snr_plot(frame, args.snr_plot)
             print(f"SNR plot written to {args.snr_plot}", file=sys.stderr)
-    except (FileNotFoundError, ValueError) as error:
+    except IWAEError as error:
         parser.exit(1, f"error: {error}\n")
 
 

@@ -68,6 +68,7 @@ from pyarrow import fs as pafs
 
 import iwae_model
 from iwae_model import TrainConfig
+from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation
 
 SCHEMA_VERSION = 4
@@ -179,7 +180,7 @@ def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, An
             "pareto_k": result.per_image["pareto_k"]}
 
 
-class ResultsError(ValueError):
+class ResultsError(IWAEError, ValueError):
     """A file that is not iwae-sweep results this version reads; the message names it and the fix."""
 
 
@@ -245,7 +246,7 @@ def _read_versioned(location: str, default_file: str, key: str, version: int,
         path = f"{path.rstrip('/')}/{default_file}"
         info = filesystem.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"{location}: no results there (expected a Parquet file or a sweep folder "
+        raise ResultsError(f"{location}: no results there (expected a Parquet file or a sweep folder "
                                 f"holding {default_file}; run python -m sweep.evaluate on the sweep first)")
     try:
         table = pq.read_table(path, filesystem=filesystem)

@@ -25,16 +25,15 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from iwae_model import TrainConfig
-from iwae_model.checkpoint import CheckpointError
-from iwae_model.data import MNISTError, default_data_dir, load_mnist
+from iwae_model.data import default_data_dir, load_mnist
+from iwae_model.errors import IWAEError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
-from .evaluate import NothingToEvaluate, run_evaluation
+from .evaluate import run_evaluation
 from .folder import (
     METRIC,
     SPEC_FILE,
     STAGE_2,
-    SweepFolderError,
     best_checkpoint,
     checkpoint_uri,
     experiment_state_saved,
@@ -49,13 +48,13 @@ from .folder import (
 )
 from .live import LiveView
 from .plan import plan_sweep, render
-from .tables import print_results
 from .results import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
+from .tables import print_results
 from .trainable import train_trial
 
 
-class SweepInterrupted(RuntimeError):
+class SweepInterrupted(IWAEError, RuntimeError):
     pass
 
 
@@ -314,8 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         path, rows, failed = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
                                        args.max_failures, args.wait_for_gpus)
-    except (SpaceError, SweepFolderError, CheckpointError, MNISTError, ClusterError, SweepInterrupted,
-            NothingToEvaluate) as error:
+    except IWAEError as error:
         sys.exit(f"error: {error}")
     print_results(rows, path)
     print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")

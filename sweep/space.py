@@ -51,6 +51,7 @@ from typing import Any
 import yaml
 
 from iwae_model import TrainConfig
+from iwae_model.errors import IWAEError
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = "quick"
@@ -70,7 +71,7 @@ STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best che
 BEST_MODES = ("each", "top")
 
 
-class SpaceError(ValueError):
+class SpaceError(IWAEError, ValueError):
     """A search-space file that cannot be run; the message names the file, key and fix."""
 
 

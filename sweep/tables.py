@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from .compare import difference, mean_image_nll
+from .results import ResultsError
 
 KEY = ["layers", "m", "k"]
 COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
@@ -93,7 +94,7 @@ def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
     for condition in where:
         column, sep, value = condition.partition("=")
         if not sep or column not in frame.columns:
-            raise ValueError(f"--where {condition}: expected COLUMN=VALUE with COLUMN one of {', '.join(frame.columns)}")
+            raise ResultsError(f"--where {condition}: expected COLUMN=VALUE with COLUMN one of {', '.join(frame.columns)}")
         frame = frame[frame[column].astype(str) == value]
     return frame
 
@@ -215,7 +216,7 @@ def snr_plot(frame: pd.DataFrame, path: str) -> None:
 
     frame = frame[frame["snr_encoder_mean"].notna()]
     if frame.empty:
-        raise ValueError("no gradient SNR in these results: train with `training: snr_every: N` in the space file "
+        raise ResultsError("no gradient SNR in these results: train with `training: snr_every: N` in the space file "
                          "(search_spaces/rainforth2018.yaml does), or --snr-every N in python -m iwae_model.train")
     frame = frame.assign(variant=frame.apply(variant, axis=1), samples=frame["m"] * frame["k"])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))

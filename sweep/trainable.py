@@ -21,7 +21,7 @@ from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
 from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
-from iwae_model.checkpoint import load_checkpoint
+from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.data import MIRRORS_VARIABLE, MNISTError
 from iwae_model.device import device_record, pin_float32
 from iwae_model.training import TrainingRun
@@ -84,7 +84,7 @@ def read_nodes(path: Path) -> list[dict]:
     except (ValueError, UnicodeDecodeError):
         nodes = None
     if not isinstance(nodes, list) or not all(isinstance(node, dict) for node in nodes):
-        raise ValueError(f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
+        raise CheckpointError(f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
                          f"only records where the trial ran, the checkpoint itself is not affected")
     return nodes
 
