@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import IWAEError
+from .files import write_atomically
 from .models import IWAEModel
 
 CHECKPOINT_FORMAT = 2
@@ -64,16 +64,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], durable: boo
     """torch.save to a temp file beside `path`, fsync, then rename: a crash leaves the previous
     checkpoint intact, never half of a new one. Not `durable`: a plain write (a folder that is
     handed to Ray and deleted)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not durable:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, path)
-        return
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    write_atomically(path, lambda out: torch.save({"format": CHECKPOINT_FORMAT, **state}, out), durable)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Any]:

@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import os
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import IWAEError
+from .files import write_atomically
 
 # sha256 of the *uncompressed* IDX bytes: mirrors recompress the files, so .gz hashes differ.
 MNIST_SHA256 = {
@@ -98,12 +98,8 @@ def _download(name: str, folder: Path, mirrors: tuple[str, ...], timeout: float)
         except (urllib.error.URLError, OSError, EOFError, MNISTError) as exc:
             errors.append(f"  {url}: {exc}")
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        # Verified bytes go to a temp file in the same folder, then an atomic rename: a crash
-        # never leaves a half-written file where the next run would find it.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as tmp:
-            tmp.write(compressed)
-        os.replace(tmp.name, folder / f"{name}.gz")
+        # Only verified bytes, and whole: never a half-written file where the next run finds it.
+        write_atomically(folder / f"{name}.gz", lambda out: out.write(compressed))
         return raw
     raise MNISTError(
         f"'{name}' is not in {folder} and could not be downloaded:\n" + "\n".join(errors) +

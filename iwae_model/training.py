@@ -52,6 +52,7 @@ from .config import FULL_SCHEDULE_PASSES, TrainConfig
 from .data import MNIST, load_mnist
 from .device import pin_float32
 from .errors import IWAEError
+from .files import write_atomically
 from .models import IWAEModel
 from .objectives import GradientEstimator, Objective, Surrogate
 from .snr import gradient_snr
@@ -153,16 +154,8 @@ def continuation_seed(seed: int, step: int) -> int:
 def write_metrics(run_dir: Path, history: list[dict], durable: bool = True) -> None:
     """Rewrite metrics.jsonl from the checkpoint's history (atomically when `durable`), so a
     resumed run never shows rows of a pass that was lost in a crash."""
-    text = "".join(json.dumps(row) + "\n" for row in history)
-    if not durable:
-        (run_dir / "metrics.jsonl").write_text(text)
-        return
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    with tmp.open("w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    text = "".join(json.dumps(row) + "\n" for row in history).encode()
+    write_atomically(run_dir / "metrics.jsonl", lambda out: out.write(text), durable)
 
 
 class TrainingRun:

@@ -6,7 +6,6 @@ it (mending a killed driver's), the trials' labels, and the best checkpoints the
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -16,7 +15,7 @@ from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.errors import IWAEError
 
-from .results import filesystem_and_path
+from .results import filesystem_and_path, write_whole
 from .space import Evaluation, SweepSpace
 from .trainable import train_trial
 
@@ -66,12 +65,8 @@ class SweepFolderError(IWAEError, ValueError):
 
 
 def write_spec(experiment_path: str, filesystem: pafs.FileSystem, space: SweepSpace, data_dir: str) -> None:
-    """Written whole to a temp name, then moved into place: a crash never leaves half a spec."""
-    filesystem.create_dir(experiment_path, recursive=True)
-    tmp = f"{experiment_path}/.{SPEC_FILE}.{uuid.uuid4().hex}"
-    with filesystem.open_output_stream(tmp) as out:
-        out.write(json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode())
-    filesystem.move(tmp, f"{experiment_path}/{SPEC_FILE}")
+    spec = json.dumps({"space": space.to_dict(), "data_dir": data_dir}, indent=1).encode()
+    write_whole(spec, f"{experiment_path}/{SPEC_FILE}", filesystem)
 
 
 def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepSpace, str]:

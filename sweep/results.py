@@ -199,12 +199,20 @@ def per_image_table(parts: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem) -> None:
-    """Write to a temp name beside `path`, then move it into place: readers never see half a
-    file (on object stores each object is written whole anyway)."""
-    folder = path.rsplit("/", 1)[0]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_whole(buffer.getvalue(), path, filesystem)
+
+
+def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem) -> None:
+    """`data` to a temp name beside `path` on a local or object-store filesystem, then moved into
+    place: readers and a crash never see half a file (an object store writes each object whole
+    anyway). iwae_model.files.write_atomically is the same for a local run's files."""
+    folder, name = path.rsplit("/", 1)
     filesystem.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, tmp, filesystem=filesystem)
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(data)
     filesystem.move(tmp, path)
 
 

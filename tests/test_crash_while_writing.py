@@ -79,7 +79,8 @@ def test_killed_while_writing_metrics_jsonl(mnist, mnist_dir, tmp_path):
     run_killed(kill + train_script(tmp_path, mnist_dir))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1]  # the previous version, whole
-    assert len((tmp_path / ".metrics.jsonl.tmp").read_text().splitlines()) == 2
+    (unrenamed,) = tmp_path.glob(".metrics.jsonl.*")
+    assert len(unrenamed.read_text().splitlines()) == 2
     assert load_checkpoint(tmp_path)["epoch"] == 2  # renamed just before
     train(TrainConfig(**TINY), tmp_path, small_mnist(mnist), progress=False)  # rewrites it from the checkpoint
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
@@ -111,4 +112,4 @@ write_spec({str(tmp_path)!r}, pafs.LocalFileSystem(), space, "/data/before")
 write_spec({str(tmp_path)!r}, killing, space, "/data/after")
 """)
     assert read_spec(str(tmp_path), pafs.LocalFileSystem()) == (space, "/data/before")
-    assert len(list(tmp_path.glob(".iwae_sweep.json.*"))) == 1
+    assert len(list(tmp_path.glob(".tmp-*-iwae_sweep.json"))) == 1
