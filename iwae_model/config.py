@@ -6,12 +6,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .data import BINARIZATIONS
 from .models import IWAEModel, build_model
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
 
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
 SCHEDULES = ("compressed", "truncated", "constant")
-BINARIZATIONS = ("dynamic", "static", "threshold")
 
 
 def setting(default, help: str, **argparse_options):

@@ -44,7 +44,7 @@ N_VALIDATION = 400  # Burda holds out the *last* 400 training images (datasets.p
 TEST_BINARIZATION_SEED = 123  # Burda's evaluation seed: one draw per test image, shared by all k samples
 STATIC_BINARIZATION_SEED = 0
 
-Binarization = Literal["dynamic", "static", "threshold"]
+BINARIZATIONS = ("dynamic", "static", "threshold")  # dynamic is the papers' protocol
 
 
 class MNISTError(IWAEError, RuntimeError):
@@ -150,11 +150,7 @@ class MNIST:
     test: torch.Tensor  # [10000, 784]
     train_labels: torch.Tensor  # [59600] digit classes, for plots only: training never sees them
     test_labels: torch.Tensor  # [10000]
-    binarization: Binarization = "dynamic"
-
-    @property
-    def train_mean(self) -> torch.Tensor:
-        return self.train.mean(0)
+    binarization: str = "dynamic"
 
     def training_batch(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.binarization == "dynamic":
@@ -186,7 +182,7 @@ def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
 def load_mnist(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
-    binarization: Binarization = "dynamic",
+    binarization: str = "dynamic",
     download: bool = True,
     mirrors: tuple[str, ...] | None = None,
 ) -> MNIST:
@@ -195,7 +191,7 @@ def load_mnist(
     `static` (one fixed Bernoulli draw, seed 0) and `threshold` (pixel > 0.5) binarize the
     training set once; both overfit and are NOT comparable with the papers' dynamic numbers.
     Validation and test sets are always binarized once with seed 123 (see `MNIST.fixed`)."""
-    if binarization not in ("dynamic", "static", "threshold"):
+    if binarization not in BINARIZATIONS:
         raise ValueError(
             f"binarization={binarization!r}: use 'dynamic' (the papers' protocol), 'static' or 'threshold'"
         )

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-ObjectiveName = Literal["vae", "iwae", "miwae", "ciwae", "piwae"]
-EstimatorName = Literal["reparam", "stl", "dreg"]
 OBJECTIVES = ("vae", "iwae", "miwae", "ciwae", "piwae")
 ESTIMATORS = ("reparam", "stl", "dreg")
 

@@ -27,8 +27,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from iwae_model.errors import IWAEError
 
-# Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch (ray
-# 2.60, see shared/reference/ray_tune_facts.md section 10) is what keeps a local Ray on loopback.
+# Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch of Ray
+# 2.60 is what keeps a local Ray on loopback (tested, as a Ray upgrade may change it).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 STORAGE_MARKER = ".iwae_storage_check"  # in the sweep folder: a random token every node must read back
 # The node label with which cluster.local.yaml's rehearsal nodes say their GPUs are advertised only.

@@ -51,6 +51,18 @@ def load_per_image(location: str) -> pd.DataFrame:
     return read_per_image(per_image_location(location)).to_pandas()
 
 
+def where(frame: pd.DataFrame, conditions: list[str], what: str) -> pd.DataFrame:
+    """The rows whose COLUMN equals VALUE for every COLUMN=VALUE of `conditions` (compared as text);
+    `what` names the option in the error."""
+    for condition in conditions:
+        column, sep, value = condition.partition("=")
+        if not sep or column not in frame.columns:
+            raise CompareError(f"{what}: {condition!r} is not COLUMN=VALUE with a column ({column!r} is not a "
+                               f"column); use one of {', '.join(frame.columns)}")
+        frame = frame[frame[column].astype(str) == value]
+    return frame
+
+
 def select(frame: pd.DataFrame, selector: str, what: str) -> pd.DataFrame:
     """Rows named by a trial label (e.g. iwae_L1_M1_K50_s0) or COLUMN=VALUE[,COLUMN=VALUE...]."""
     if "=" not in selector:
@@ -59,12 +71,7 @@ def select(frame: pd.DataFrame, selector: str, what: str) -> pd.DataFrame:
             raise CompareError(f"{what} {selector!r}: no trial of that label; labels here: "
                                f"{', '.join(sorted(frame['trial_name']))} (or give COLUMN=VALUE filters)")
         return chosen
-    chosen = frame
-    for condition in selector.split(","):
-        column, _, value = condition.partition("=")
-        if column not in frame.columns:
-            raise CompareError(f"{what} {selector!r}: {column!r} is not a column; use one of {', '.join(frame.columns)}")
-        chosen = chosen[chosen[column].astype(str) == value]
+    chosen = where(frame, selector.split(","), f"{what} {selector!r}")
     if chosen.empty:
         raise CompareError(f"{what} {selector!r}: no row matches")
     return chosen
@@ -80,9 +87,6 @@ def select_one(frame: pd.DataFrame, selector: str, what: str) -> pd.Series:
 
 def image_nll(per_image: pd.DataFrame, row: pd.Series) -> np.ndarray:
     """The checkpoint's per-image NLLs `[images]` in image order, from the same evaluation as its row."""
-    if not isinstance(row["evaluation_id"], str):
-        raise CompareError(f"{row['trial_name']}: these results were written before per-image records; re-run "
-                           f"python -m sweep.evaluate SWEEP_DIR to make them")
     rows = per_image[(per_image["evaluation_id"] == row["evaluation_id"]) & (per_image["trial_id"] == row["trial_id"])]
     if len(rows) != row["eval_images"]:
         raise CompareError(f"{row['trial_name']}: {PER_IMAGE_FILE} holds {len(rows)} of its {row['eval_images']} "

@@ -12,9 +12,9 @@ import sys
 
 from iwae_model.errors import IWAEError
 
-from .compare import comparison_text, load_per_image, select_one
+from .compare import comparison_text, load_per_image, select_one, where
 from .results import ResultsError, read_results
-from .tables import apply_filters, plot, render, snr_plot, summarise
+from .tables import plot, render, snr_plot, summarise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                              "A and B as for --baseline")
     args = parser.parse_args(argv)
     try:
-        frame = apply_filters(read_results(args.location).to_pandas(), args.where)
+        frame = where(read_results(args.location).to_pandas(), args.where, "--where")
         if frame.empty:
             raise ResultsError(f"{args.location}: no rows match {' '.join(args.where)}")
         if args.compare:

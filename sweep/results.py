@@ -6,9 +6,7 @@ Load them without this package:
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 4 (`iwae_sweep.schema_version` in the file's metadata); older
-files are read with the columns they lack null (version 1: from ess_mean on; version 2: from
-train_device on; version 3: from eval_float32 on):
+results.parquet, schema version 4 (`iwae_sweep.schema_version` in the file's metadata):
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
   objective, m, k, beta, layers, estimator, seed, passes, schedule, binarization, train_images
                                      the trial's configuration (train_images null: all 59,600)
@@ -104,10 +102,6 @@ SCHEMA = pa.schema(
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
-# The columns each older schema version has (a prefix of today's).
-OLDER_COLUMNS = {1: SCHEMA.names[:SCHEMA.names.index("ess_mean")], 2: SCHEMA.names[:SCHEMA.names.index("train_device")],
-                 3: SCHEMA.names[:SCHEMA.names.index("eval_float32")]}
-
 PER_IMAGE_SCHEMA = pa.schema(
     [
         ("evaluation_id", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string()),
@@ -225,29 +219,19 @@ def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
 
 def read_results(location: str) -> pa.Table:
     """A sweep folder's results, or a Parquet file, local or on object storage."""
-    table, version = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION,
-                                     tuple(OLDER_COLUMNS))
-    if version in OLDER_COLUMNS:  # the columns added since are unknown for it: null
-        columns = OLDER_COLUMNS[version]
-        _require_columns(location, table, columns, version)
-        table = table.select(columns)
-        for name in SCHEMA.names[len(columns):]:
-            table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
-        return table.replace_schema_metadata(SCHEMA.metadata)
+    table = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION)
     _require_columns(location, table, SCHEMA.names, SCHEMA_VERSION)
     return table
 
 
 def read_per_image(location: str) -> pa.Table:
     """A sweep folder's per-image results (or that Parquet file), local or on object storage."""
-    table, _ = _read_versioned(location, PER_IMAGE_FILE, "iwae_sweep.per_image_schema_version",
-                               PER_IMAGE_SCHEMA_VERSION, ())
+    table = _read_versioned(location, PER_IMAGE_FILE, "iwae_sweep.per_image_schema_version", PER_IMAGE_SCHEMA_VERSION)
     _require_columns(location, table, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
     return table
 
 
-def _read_versioned(location: str, default_file: str, key: str, version: int,
-                    older: tuple[int, ...]) -> tuple[pa.Table, int]:
+def _read_versioned(location: str, default_file: str, key: str, version: int) -> pa.Table:
     filesystem, path = filesystem_and_path(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.Directory:
@@ -265,12 +249,11 @@ def _read_versioned(location: str, default_file: str, key: str, version: int,
     if found is None:
         raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
                            f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder")
-    readable = {str(v).encode(): v for v in (version, *older)}
-    if found not in readable:
+    if found != str(version).encode():
         raise ResultsError(f"{location}: results schema version {found.decode(errors='replace')}, this version "
-                           f"reads {', '.join(map(str, readable.values()))}: re-create them with python -m "
-                           f"sweep.evaluate SWEEP_DIR, or read them with the iwae-sweep version that wrote them")
-    return table, readable[found]
+                           f"reads {version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
+                           f"with the iwae-sweep version that wrote them")
+    return table
 
 
 def _require_columns(location: str, table: pa.Table, names: list[str], version: int) -> None:

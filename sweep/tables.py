@@ -90,15 +90,6 @@ def table2(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def apply_filters(frame: pd.DataFrame, where: list[str]) -> pd.DataFrame:
-    for condition in where:
-        column, sep, value = condition.partition("=")
-        if not sep or column not in frame.columns:
-            raise ResultsError(f"--where {condition}: expected COLUMN=VALUE with COLUMN one of {', '.join(frame.columns)}")
-        frame = frame[frame[column].astype(str) == value]
-    return frame
-
-
 def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | None = None) -> pd.DataFrame:
     """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
     the published value; with `baseline` (per-image table, baseline row), the cell's mean

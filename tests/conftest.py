@@ -52,10 +52,9 @@ def random_binary(batch: int, dim: int, seed: int = 0) -> torch.Tensor:
 # Equal up to float32 rounding. The same float32 sums computed in another order -- a GEMM over a
 # different number of rows, or split over another number of threads, which MKL and OpenBLAS
 # do differently on each CPU -- round differently. A log-weight is such a sum (~1,000 terms:
-# 784 pixels plus the latents), and each ends within a few float32 ulps of its magnitude:
-# the largest seen was 3.3 ulps (AMD EPYC, AVX-512, 2 threads; 0 with 1 thread). log-sum-exp
-# moves by at most the largest change of its inputs, so a k-sample estimate agrees to the same
-# relative size; it moved by 0.035 ulps there. Allowed: 16 ulps, relative.
+# 784 pixels plus the latents), and each ends within a few float32 ulps of its magnitude.
+# log-sum-exp moves by at most the largest change of its inputs, so a k-sample estimate agrees
+# to the same relative size. Allowed: 16 ulps, relative.
 FLOAT32_REORDER_RTOL = 16 * torch.finfo(torch.float32).eps  # 1.9e-6: 1e-3 nats at log p(x) = -600
 
 

@@ -1,18 +1,16 @@
-"""Paired differences and the results files they read, without Ray: the maths, a version-1
-results file, and two files from different evaluations."""
+"""Paired differences and the results files they read, without Ray: the maths, and two files
+from different evaluations."""
 
 import math
 import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from sweep.compare import CompareError, difference, image_nll, select_one
-from sweep.results import OLDER_COLUMNS, SCHEMA, per_image_table, read_results, write_results, write_table
+from sweep.compare import CompareError, difference
+from sweep.results import SCHEMA, per_image_table, write_results, write_table
 
 
 def test_paired_and_unpaired_standard_errors():
@@ -49,18 +47,3 @@ def test_results_and_per_image_from_different_evaluations_are_refused(tmp_path):
                           "iwae_L1_M1_K2_s0"], capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "holds 0 of its 3 images for evaluation new" in out.stderr and "sweep.evaluate" in out.stderr
-
-
-@pytest.mark.parametrize("version, first_new", [(1, "ess_mean"), (2, "train_device")])
-def test_an_older_results_file_reads_with_the_new_columns_null(tmp_path, version, first_new):
-    path = tmp_path / "results.parquet"
-    older = pa.Table.from_pylist(rows("x" if version > 1 else None), schema=SCHEMA).select(OLDER_COLUMNS[version])
-    pq.write_table(older.replace_schema_metadata({"iwae_sweep.schema_version": str(version)}), path)
-    table = read_results(str(path))
-    assert table.schema.equals(SCHEMA, check_metadata=True)
-    assert table.column(first_new).null_count == 2 and table.column("eval_hostname").null_count == 2
-    assert table.column("test_nll").to_pylist() == [91.0, 92.0]
-    if version == 1:
-        frame = table.to_pandas()
-        with pytest.raises(CompareError, match="written before per-image records"):
-            image_nll(frame, select_one(frame, "iwae_L1_M1_K1_s0", "A"))
