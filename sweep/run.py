@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -63,63 +63,82 @@ def trainable(space: SweepSpace):
         train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial})
 
 
-def build_tuner(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str,
-                max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-                parents: dict[str, tune.Checkpoint] | None = None,
-                marker: dict[str, str] | None = None) -> tune.Tuner:
-    passes = max(t.passes for t in trials)
-    filesystem, storage_path = filesystem_and_path(storage)
+@dataclass(frozen=True)
+class StageOptions:
+    """How every stage of one sweep runs."""
+
+    space: SweepSpace
+    data_dir: str
+    resume: bool = False
+    max_concurrent: int = 0
+    asha: bool = False
+    max_failures: int = 2
+    callbacks: list[tune.Callback] | None = None  # extra Ray Tune callbacks, when a stage starts
+    marker: dict[str, str] | None = None  # a local-path storage's marker (cluster.storage_marker)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's trials as the Tune experiment `storage`/`name`; a continued stage's trials each
+    have their parent's checkpoint in `parents`, by label."""
+
+    trials: list[TrainConfig]
+    storage: str
+    name: str
+    parents: dict[str, tune.Checkpoint] | None = None
+
+
+def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
+    space, parents = options.space, stage.parents
+    passes = max(t.passes for t in stage.trials)
+    filesystem, storage_path = filesystem_and_path(stage.storage)
     return tune.Tuner(
         trainable(space),
         param_space={
-            "train": tune.grid_search([t.to_dict() for t in trials]),
-            "data_dir": data_dir,
+            "train": tune.grid_search([t.to_dict() for t in stage.trials]),
+            "data_dir": options.data_dir,
             "checkpoint_every": space.checkpoints.every,
             # Stage 2: each trial its own parent's checkpoint (an object, not a path, so that it is
             # read through the sweep's storage filesystem on any node).
             "init_checkpoint": tune.sample_from(lambda spec: parents[trial_label(spec)]) if parents else None,
             # A local-path storage's marker, checked by each trial on the node it lands on.
-            "storage_marker": marker,
+            "storage_marker": options.marker,
         },
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", max_concurrent_trials=max_concurrent or None,
+            metric=METRIC, mode="max", max_concurrent_trials=options.max_concurrent or None,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes,
-                                    grace_period=max(1, passes // 8), reduction_factor=3) if asha else None,
+                                    grace_period=max(1, passes // 8), reduction_factor=3) if options.asha else None,
             trial_name_creator=trial_label,
             trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=stage.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
-            failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[LiveView(), *(callbacks or [])],
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            callbacks=[LiveView(), *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True)),
     )
 
 
-def fit_stage(space: SweepSpace, trials: list[TrainConfig], storage: str, name: str, data_dir: str, resume: bool,
-              max_concurrent: int, asha: bool, max_failures: int, callbacks: list[tune.Callback] | None = None,
-              parents: dict[str, tune.Checkpoint] | None = None,
-              marker: dict[str, str] | None = None) -> tune.ResultGrid:
-    """Train (or resume) one stage's trials as the Tune experiment `storage`/`name`; raise
-    SweepInterrupted unless every trial finished or failed for good."""
-    filesystem, storage_path = filesystem_and_path(storage)
-    experiment = f"{storage_path.rstrip('/')}/{name}"
-    if resume and experiment_state_saved(experiment, filesystem):
+def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
+    """Train (or resume) one stage's trials; raise SweepInterrupted unless every trial finished or
+    failed for good."""
+    filesystem, storage_path = filesystem_and_path(stage.storage)
+    experiment = f"{storage_path.rstrip('/')}/{stage.name}"
+    if options.resume and experiment_state_saved(experiment, filesystem):
         if mended := recover_deleted_checkpoints(experiment, filesystem):
             print(f"note: the sweep stopped between Ray Tune deleting an old checkpoint and saving its state; "
                   f"{', '.join(mended)} continue from their newest checkpoint", file=sys.stderr)
-        tuner = restore_tuner(experiment, filesystem, trainable(space), resume_errored=True)
+        tuner = restore_tuner(experiment, filesystem, trainable(options.space), resume_errored=True)
     else:
-        if resume and filesystem.get_file_info(experiment).type == pafs.FileType.Directory:
+        if options.resume and filesystem.get_file_info(experiment).type == pafs.FileType.Directory:
             # Tune restoring a folder with no experiment state makes a trial with an empty config.
             print(f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
                   f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
                   f"begun are not used and can be deleted", file=sys.stderr)
-        tuner = build_tuner(space, trials, storage, name, data_dir, max_concurrent, asha, max_failures, callbacks,
-                            parents, marker)
+        tuner = build_tuner(stage, options)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
@@ -200,16 +219,15 @@ def run_sweep(
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     if not resume:
         write_spec(experiment, filesystem, space, data_dir)
-    options = (data_dir, resume, max_concurrent, asha, max_failures, callbacks)
+    options = StageOptions(space, data_dir, resume, max_concurrent, asha, max_failures, callbacks, marker)
     if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
         grids = load_grids(space.init_from_sweep)[:1]
     else:
-        grids = [fit_stage(space, space.trials, storage, space.name, *options, marker=marker)]
+        grids = [fit_stage(Stage(space.trials, storage, space.name), options)]
     if space.continued:
         trials, checkpoints = second_stage(space, grids[0])
         if trials:
-            grids.append(fit_stage(space, trials, stage_storage(storage, space.name), STAGE_2, *options,
-                                   parents=checkpoints, marker=marker))
+            grids.append(fit_stage(Stage(trials, stage_storage(storage, space.name), STAGE_2, checkpoints), options))
     failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
