@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,16 +142,10 @@ def importance_sampling(
                               torch.cat(pareto_k) if diagnostics else None)
 
 
-def log_likelihood(
-    model: IWAEModel,
-    x: torch.Tensor,
-    k: int = 5000,
-    image_batch: int | None = None,
-    chunk_rows: int | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """log p(x) estimated as log 1/k sum_i w_i per image, float64 `[N]` (no diagnostics)."""
-    return importance_sampling(model, x, k, image_batch, chunk_rows, progress, diagnostics=False).log_likelihood
+def log_likelihood(model: IWAEModel, x: torch.Tensor, k: int = 5000, **options: Any) -> torch.Tensor:
+    """log p(x) estimated as log 1/k sum_i w_i per image, float64 `[N]`, without the diagnostics;
+    `options`: importance_sampling's image_batch, chunk_rows and progress."""
+    return importance_sampling(model, x, k, diagnostics=False, **options).log_likelihood
 
 
 @torch.no_grad()

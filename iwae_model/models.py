@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -173,17 +174,11 @@ class IWAEModel(nn.Module):
             log_p = log_p + log_normal(h_below, *prior(h_above))
         return log_p
 
-    def log_weights(
-        self,
-        x: torch.Tensor,
-        k: int | None = None,
-        generator: torch.Generator | None = None,
-        noise: Sequence[torch.Tensor] | None = None,
-        stop_q_params: bool = False,
-        first_layer: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """log w = log p(x, h) - log q(h | x) for k samples per image: `[k, B]`."""
-        latents, log_q = self.sample_q(x, k, generator, noise, stop_q_params, first_layer)
+    def log_weights(self, x: torch.Tensor, k: int | None = None, generator: torch.Generator | None = None,
+                    **sampling: Any) -> torch.Tensor:
+        """log w = log p(x, h) - log q(h | x) for k samples per image: `[k, B]`. `sampling`:
+        sample_q's noise, stop_q_params and first_layer."""
+        latents, log_q = self.sample_q(x, k, generator, **sampling)
         return self.log_joint(x, latents) - log_q
 
     def posterior_means(self, x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
