@@ -28,7 +28,6 @@ from iwae_model.data import default_data_dir
 from .local_cluster import LocalClusterError, down, read_state, session_processes, up
 from .results import read_results
 
-TRIALS = 8
 CONCURRENT = 2
 SPACE = {
     "name": "bench_cluster",
