@@ -61,8 +61,8 @@ class TrainConfig:
                                 "0: never)")
     snr_draws: int = setting(100, "gradient draws per SNR measurement")
     snr_images: int = setting(100, "the SNR's fixed minibatch: the first N training images, binarized once")
-    init_from: str | None = setting(None, "start from this run's final weights (a run directory, checkpoint file "
-                                          "or checkpoint URI; Burda's Table 2: with --lr 1e-4 --passes 2187 "
+    init_from: str | None = setting(None, "start from this run's final weights (a run directory or checkpoint "
+                                          "file; Burda's Table 2: with --lr 1e-4 --passes 2187 "
                                           "--schedule constant); the optimizer starts fresh unless "
                                           "--init-optimizer", metavar="RUN_DIR")
     init_label: str | None = setting(None, "the label of the run init_from names (read from its checkpoint)")

@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """`write(file)` into a temp file beside `path`, fsync, then rename it into place: a reader or
     a crash sees the previous file or the new one, never half of one. Not `durable`: written in
@@ -20,6 +26,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
             write(out)
         return
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        os.fchmod(tmp.fileno(), 0o666 & ~umask())  # a temp file is private; the file it becomes is not
         write(tmp)
         tmp.flush()
         os.fsync(tmp.fileno())

@@ -11,13 +11,15 @@ makes a chunked estimate equal an unchunked one. Peak for k=5000 with the defaul
 log-weights of each image of the batch (27 KB).
 
 Common noise, on any device: the q-noise of image i and sample s depends on (EVAL_SEED, i, s)
-only. It is drawn on the CPU, one generator per block of NOISE_BLOCK images seeded from
+and k only. It is drawn on the CPU, one generator per block of NOISE_BLOCK images seeded from
 (EVAL_SEED, block), and copied to the model's device: a CUDA generator's output depends on the
 GPU's number of multiprocessors, so an A10G, an H100 and a MIG slice would each draw other
 noise. Two models with the same latent sizes evaluated with the same k therefore see the same
 noise for every image, on any device, image batch and chunking (`noise_stream` names it): a
 difference of their estimates is then free of most of the Monte-Carlo noise, not only of the
-images' spread. The bounds and the active units draw theirs the same way.
+images' spread. The bounds draw theirs the same way; the active units' binarization and
+posterior noise come from one CPU generator seeded with EVAL_SEED, so they too are the same on
+any device.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def log_likelihood(model: IWAEModel, x: torch.Tensor, k: int = 5000, **options: 
 def bound(model: IWAEModel, x: torch.Tensor, objective: Objective, chunk_rows: int | None = None) -> torch.Tensor:
     """The objective's bound per image (e.g. the test IWAE_{M,K} bound), float64 `[N]`."""
     chunk_rows = chunk_rows or default_chunk_rows(x.device)
-    batch = max(1, chunk_rows // objective.num_samples)
+    # Whole noise blocks per chunk, so that no block is drawn twice.
+    batch = max(NOISE_BLOCK, chunk_rows // objective.num_samples // NOISE_BLOCK * NOISE_BLOCK)
     return torch.cat([
         objective.bound(model.log_weights(
             x[s:s + batch], noise=evaluation_noise(model, objective.num_samples, s, min(s + batch, len(x))))).double()

@@ -115,7 +115,7 @@ def build_surrogate(model: IWAEModel, objective: Objective, estimator: GradientE
         return surrogate
     if next(model.parameters()).device.type == "cuda":
         # Inductor otherwise picks among kernel variants by timing them when it compiles: a
-        # resumed run could pick others, and sum in another order.
+        # resumed run could pick others, and sum in another order. (A process-wide setting.)
         torch._inductor.config.deterministic = True
     return torch.compile(surrogate, dynamic=False)
 
@@ -148,7 +148,7 @@ class InitError(IWAEError, ValueError):
 def continuation_seed(seed: int, step: int) -> int:
     """The training generator's seed for a run resumed on another device type after `step`
     steps: a function of (seed, step) only, so such a resume is reproducible."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+    return int(np.random.SeedSequence([seed % 2**64, step]).generate_state(1, np.uint64)[0])
 
 
 def write_metrics(run_dir: Path, history: list[dict], durable: bool = True) -> None:
@@ -166,6 +166,7 @@ class TrainingRun:
     def __init__(self, config: TrainConfig, data: MNIST, device: torch.device):
         self.config, self.data, self.device = config, data, torch.device(device)
         self.train_x = data.train[:config.train_images]
+        self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[:config.test_images]
         self.steps_per_epoch = len(self.train_x) // config.batch_size
         self.boundaries = stage_boundaries(self.steps_per_epoch, config.passes, config.schedule)
         self.objective, self.estimator = config.build_objective(), config.build_estimator()
@@ -270,7 +271,7 @@ class TrainingRun:
         test_due = epoch % config.eval_every == 0 or epoch == config.passes
         nll_due = config.nll_every and (epoch % config.nll_every == 0 or epoch == config.passes)
         snr_due = config.snr_every and (epoch % config.snr_every == 0 or epoch == config.passes)
-        test_x = data.fixed("test")[:config.test_images]
+        test_x = self.test_x
         # Each estimate draws the evaluation's own noise: the same every pass, and the same
         # figures as python -m iwae_model.evaluate on the same images.
         row = {
@@ -279,7 +280,7 @@ class TrainingRun:
             "stage": stage_at(self.step - 1, self.boundaries),
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_bound": self.bound_sum.item() / (self.steps_per_epoch * config.batch_size),
-            "valid_bound": likelihood.bound(model, data.fixed("valid"), self.objective).mean().item(),
+            "valid_bound": likelihood.bound(model, self.valid_x, self.objective).mean().item(),
             "test_bound": likelihood.bound(model, test_x, self.objective).mean().item() if test_due else None,
             "test_nll": -likelihood.log_likelihood(
                 model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,

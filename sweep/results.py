@@ -33,9 +33,11 @@ results.parquet, schema version 4 (`iwae_sweep.schema_version` in the file's met
   parent_trial_name, parent_checkpoint_uri   a stage-2 trial's parent and the checkpoint it started from
   train_device, train_node_id, train_node_ip, train_hostname
                                      where the evaluated checkpoint was trained: its last run's device (cpu
-                                     where Ray gave a GPU torch could not use) and Ray node
-  train_nodes                        every run of the trial up to that checkpoint as JSON: node, device, Ray
-                                     GPU ids, started_at (Unix time), first_epoch (a restart after a crash or node loss adds one)
+                                     also where Ray gave a rehearsal node's advertised GPU) and Ray node
+  train_nodes                        every run of the trial up to that checkpoint as JSON: node, device, float32,
+                                     gpu_name, gpu_capability, Ray GPU ids, gpus_advertised_only, started_at (Unix
+                                     time), first_epoch (a restart after a crash or node loss adds one),
+                                     generator_reseeded (that run resumed on another device type)
   eval_node_id, eval_node_ip, eval_hostname   the Ray node that ran the evaluation
   eval_float32, train_float32        float32 precision of matmuls and convolutions there: ieee (no TF32)
   eval_gpu_name, eval_gpu_capability, train_gpu_name, train_gpu_capability

@@ -1,8 +1,9 @@
 """The Ray Tune function trainable: one trial trains one iwae_model configuration and seed.
 
 Each pass it reports the run's metrics row and, every `checkpoint_every` passes (and at the
-last), a Ray checkpoint holding `checkpoint.pt` (model, optimizer, schedule position, RNG
-states and the whole per-pass history) and `metrics.jsonl`. That checkpoint, not Ray's
+last), a Ray checkpoint holding `checkpoint.pt` (model, optimizer, schedule position, the
+training generator's state and the whole per-pass history), `metrics.jsonl` and `nodes.json`
+(every node the trial ran on, its device and from which pass). That checkpoint, not Ray's
 result.json, is the scientific record: the Parquet results are built from it.
 """
 
@@ -108,7 +109,11 @@ def train_trial(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:  # read through the storage filesystem, wherever it lies
             run = TrainingRun.resume(train_config, data, device, load_checkpoint(folder, device), folder)
             nodes = read_nodes(Path(folder) / NODES_FILE)
-    elif (parent := config.get("init_checkpoint")) is not None:
+    elif train_config.init_from is not None:  # a continued stage's trial: never from random weights
+        if (parent := config.get("init_checkpoint")) is None:
+            raise CheckpointError(f"{train_config.label()}: a continued trial without its parent's checkpoint in its "
+                                  f"configuration (a sweep started by another iwae-sweep version?); resume it with "
+                                  f"the version that started it, or start the sweep again under another --name")
         with parent.as_directory() as folder:
             run = TrainingRun.start(train_config, data, device, load_checkpoint(folder, device))
     else:

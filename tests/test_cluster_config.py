@@ -41,7 +41,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config(config):
     # MPS before the worker's Ray starts, so that every trial process on the GPU is its client.
     starts = prepared["worker_start_ray_commands"]
     assert starts[0] == "ray stop" and "ray start --address=$RAY_HEAD_IP:6379" in starts[-1]
-    assert any(command.startswith("nvidia-cuda-mps-control -d") for command in starts[1:-1])
+    assert any("nvidia-cuda-mps-control -d" in command for command in starts[1:-1])
 
 
 @pytest.mark.parametrize("space", ["burda2016", "burda2016_table2", "rainforth2018"])

@@ -93,6 +93,7 @@ def test_float32_is_pinned_to_ieee_and_read_back():
         torch.set_float32_matmul_precision("high")  # what a torch.compile hint would do: TF32 matmuls
         assert float32_precision(CUDA) == "matmul tf32, conv ieee"
     finally:
+        torch.set_float32_matmul_precision("highest")
         pin_float32()
     assert float32_precision(CUDA) == IEEE
 
@@ -141,7 +142,7 @@ def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu_from_the_same_point(dat
 
 def test_the_reseeded_generator_is_a_function_of_seed_and_step():
     assert continuation_seed(0, 10) == continuation_seed(0, 10)
-    assert len({continuation_seed(seed, step) for seed in (0, 1) for step in (10, 11)}) == 4
+    assert len({continuation_seed(seed, step) for seed in (0, 1, -1) for step in (10, 11)}) == 6
 
 
 def test_format_1_checkpoints_still_resume(data, uninterrupted, tmp_path, capfd):
@@ -169,7 +170,7 @@ def test_format_1_checkpoints_still_resume(data, uninterrupted, tmp_path, capfd)
 def test_an_image_s_evaluation_noise_depends_on_the_image_and_sample_only(layers):
     model = build_model(layers)
     whole = evaluation_noise(model, 7, 0, 48)
-    for start, stop in [(5, 37), (16, 32), (47, 48)]:  # inside one block, whole blocks, across blocks
+    for start, stop in [(5, 37), (16, 32), (47, 48)]:  # across blocks, whole blocks, inside one block
         for all_of_it, part in zip(whole, evaluation_noise(model, 7, start, stop)):
             assert torch.equal(all_of_it[:, start:stop], part)
     assert [n.shape for n in whole] == [(7, 48, d) for d in model.latent_dims]
@@ -185,7 +186,6 @@ def test_the_gpu_s_batch_and_chunking_give_the_cpu_s_estimates(layers):
     x, k = random_binary(40, 784), 500  # 40: a partial batch for both
     cpu = importance_sampling(model, x, k)
     gpu = importance_sampling(model, x, k, image_batch=default_image_batch(CUDA), chunk_rows=default_chunk_rows(CUDA))
-    assert default_image_batch(torch.device("cpu")) != default_image_batch(CUDA)
     assert torch.allclose(cpu.log_likelihood, gpu.log_likelihood, rtol=FLOAT32_REORDER_RTOL, atol=0)
     assert torch.allclose(cpu.ess, gpu.ess, rtol=1e-3)  # ratios of weights; see test_importance
     assert torch.allclose(cpu.pareto_k, gpu.pareto_k, rtol=1e-3, atol=1e-3)
