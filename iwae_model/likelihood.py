@@ -81,7 +81,7 @@ def evaluation_noise(model: IWAEModel, k: int, start: int, stop: int) -> list[to
             layer.append(torch.randn((k, NOISE_BLOCK, d), generator=generator, dtype=weight.dtype))
     offset = start - first * NOISE_BLOCK
     return [(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))[:, offset:offset + stop - start]
-            .to(weight.device, non_blocking=True) for parts in blocks]
+            .to(weight.device) for parts in blocks]
 
 
 def noise_stream(model: IWAEModel, k: int) -> str:

@@ -167,6 +167,10 @@ class TrainingRun:
         self.config, self.data, self.device = config, data, torch.device(device)
         self.train_x = data.train[:config.train_images]
         self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[:config.test_images]
+        # The SNR's fixed minibatch, binarized once (its own generator, like the SNR's draws).
+        self.snr_x = (data.training_batch(self.train_x[:config.snr_images],
+                                          torch.Generator(device=self.device).manual_seed(SNR_SEED))
+                      if config.snr_every else None)
         self.steps_per_epoch = len(self.train_x) // config.batch_size
         self.boundaries = stage_boundaries(self.steps_per_epoch, config.passes, config.schedule)
         self.objective, self.estimator = config.build_objective(), config.build_estimator()
@@ -296,10 +300,7 @@ class TrainingRun:
 
     def _snr(self) -> dict[str, float]:
         # Its own generators: measuring the SNR never changes the training run.
-        config = self.config
-        x = self.data.training_batch(self.train_x[:config.snr_images],
-                                     torch.Generator(device=self.device).manual_seed(SNR_SEED))
-        return gradient_snr(self.model, self.objective, self.estimator, x, config.snr_draws,
+        return gradient_snr(self.model, self.objective, self.estimator, self.snr_x, self.config.snr_draws,
                             torch.Generator(device=self.device).manual_seed(SNR_SEED))
 
     def checkpoint(self) -> dict[str, Any]:
