@@ -2,14 +2,14 @@
 and k=5000 evaluation, and Rainforth et al. (2018)'s MIWAE / CIWAE / PIWAE objectives."""
 
 from .config import TrainConfig
-from .data import MNIST, load_mnist
+from .data import Dataset, load_mnist
 from .likelihood import active_units, bound, log_likelihood
 from .models import IWAEModel, build_model
 from .objectives import build_estimator, build_objective
 
 __version__ = "0.1.0"
 __all__ = [
-    "MNIST",
+    "Dataset",
     "IWAEModel",
     "TrainConfig",
     "active_units",

@@ -6,7 +6,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .data import BINARIZATIONS
+import torch
+
+from .data import BINARIZATIONS, DATASETS
 from .models import IWAEModel, build_model
 from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
 
@@ -49,8 +51,12 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, "Adam beta2")
     adam_eps: float = setting(1e-4, "Adam epsilon (Burda's 1e-4)")
     seed: int = setting(0, "seed of the weights and of the training noise")
-    binarization: str = setting("dynamic", "dynamic is the papers' protocol; static/threshold are NOT comparable "
-                                           "to the papers", choices=BINARIZATIONS)
+    dataset: str = setting("mnist", "mnist and omniglot: grey levels, binarized as --binarization says; "
+                                    "binarized_mnist: Larochelle & Murray's fixed binarization", choices=DATASETS)
+    binarization: str = setting("dynamic", "how mnist and omniglot become binary: dynamic is the papers' protocol; "
+                                           "static/threshold are NOT comparable to the papers (binarized_mnist is "
+                                           "binary already and takes only dynamic, the default)",
+                                choices=BINARIZATIONS)
     train_images: int | None = setting(None, "train on the first N images only (not comparable)")
     test_images: int | None = setting(None, "per-pass test bound on the first N test images only")
     eval_every: int = setting(1, "passes between test-bound evaluations (the last pass always has one)")
@@ -107,7 +113,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise fail(name, "must lie in [0, 1)")
         for name, choices in (("objective", OBJECTIVES), ("estimator", ESTIMATORS), ("schedule", SCHEDULES),
-                              ("binarization", BINARIZATIONS)):
+                              ("dataset", DATASETS), ("binarization", BINARIZATIONS)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise fail(name, f"choose one of {', '.join(choices)}")
         for name in ("compile", "init_optimizer"):
@@ -117,6 +123,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise fail(name, "must be a non-empty string, or null")
+        if self.dataset == "binarized_mnist" and self.binarization != "dynamic":
+            raise fail("binarization", "binarized_mnist is binary already (Larochelle & Murray's fixed draw); "
+                                       "leave binarization at its default")
         if self.init_from is None and (self.init_label is not None or self.init_optimizer):
             raise ValueError("init_label and init_optimizer describe a continued run: they need init_from")
         for name in ("latent_dims", "hidden_dims"):
@@ -135,8 +144,8 @@ class TrainConfig:
 
     @property
     def comparable_to_papers(self) -> bool:
-        """Trained with the papers' protocol: dynamic binarization, all 59,600 training images,
-        the full 3,280-pass schedule."""
+        """Trained with the papers' protocol: the dataset's binarization (dynamic; binarized_mnist's
+        own), the whole training set, the full 3,280-pass schedule."""
         return self.binarization == "dynamic" and self.train_images is None and self.passes == FULL_SCHEDULE_PASSES
 
     def build_objective(self) -> Objective:
@@ -145,8 +154,10 @@ class TrainConfig:
     def build_estimator(self) -> GradientEstimator:
         return build_estimator(self.estimator, self.layers)
 
-    def build_model(self, train_mean=None) -> IWAEModel:
-        return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean)
+    def build_model(self, train_mean: torch.Tensor | None = None) -> IWAEModel:
+        """The model; given the training set's mean, its input size and output bias come from it."""
+        x_dim = {} if train_mean is None else {"x_dim": train_mean.numel()}
+        return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean, **x_dim)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,9 +171,11 @@ class TrainConfig:
         return cls(**values)
 
     def label(self) -> str:
-        """A short name that says the configuration, e.g. iwae_L2_M1_K50_s0."""
+        """A short name that says the configuration, e.g. iwae_L2_M1_K50_s0 (on MNIST), or
+        omniglot_iwae_L2_M1_K50_s0."""
         extra = f"_b{self.beta:g}" if self.objective == "ciwae" else ""
         extra += f"_{self.estimator}" if self.estimator != "reparam" else ""
         parent = f"_from_{self.init_label}" if self.init_label else "_continued" if self.init_from else ""
-        return f"{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
+        dataset = "" if self.dataset == "mnist" else f"{self.dataset}_"
+        return f"{dataset}{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
 

@@ -1,12 +1,15 @@
-"""MNIST as Burda et al. (2016) used it: IDX files, verified, split 59,600 / 400 / 10,000.
+"""The data a run trains on: grey levels (or bits) in [0, 1], split train / validation / test,
+exactly as Burda et al. (2016) used them, and their binarization.
 
-The whole data set lives as one float tensor of grey levels in [0, 1] on the training
-device; binarization happens there on whole batches (`binarize`). Nothing here iterates
-over images in Python.
+The datasets themselves are read by `mnist.py` (here: the LeCun IDX files), `omniglot.py` and
+`binarized_mnist.py`; `datasets.load_dataset` picks one by name. The whole data set lives as one
+float tensor on the training device; binarization happens there on whole batches (`binarize`).
+Nothing here iterates over images in Python.
 
 Where the files come from, in order: the `data_dir` argument (the CLIs' `--data-dir`), the
-`IWAE_DATA_DIR` environment variable, then `~/.cache/iwae-sweep/mnist`. Missing files are
-downloaded from public mirrors into that folder when the machine is online.
+`IWAE_DATA_DIR` environment variable, then `~/.cache/iwae-sweep/data`. One folder holds every
+dataset's files (their names differ). Missing files are downloaded from public mirrors into
+that folder when the machine is online.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ import os
 import struct
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
 from .errors import IWAEError
 from .files import write_atomically
+
+T = TypeVar("T")
 
 # sha256 of the *uncompressed* IDX bytes: mirrors recompress the files, so .gz hashes differ.
 MNIST_SHA256 = {
@@ -45,9 +51,12 @@ TEST_BINARIZATION_SEED = 123  # Burda's evaluation seed: one draw per test image
 STATIC_BINARIZATION_SEED = 0
 
 BINARIZATIONS = ("dynamic", "static", "threshold")  # dynamic is the papers' protocol
+# Burda et al.'s three: MNIST and Omniglot (Table 1, dynamically binarized), and Larochelle &
+# Murray's fixed binarization of MNIST (their appendix).
+DATASETS = ("mnist", "omniglot", "binarized_mnist")
 
 
-class MNISTError(IWAEError, RuntimeError):
+class DataError(IWAEError, RuntimeError):
     """A data file is missing, corrupt or could not be fetched; the message says what to do."""
 
 
@@ -56,22 +65,25 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser().resolve()
     if os.environ.get("IWAE_DATA_DIR"):
         return Path(os.environ["IWAE_DATA_DIR"]).expanduser().resolve()
-    return Path.home() / ".cache" / "iwae-sweep" / "mnist"
+    return Path.home() / ".cache" / "iwae-sweep" / "data"
 
 
-def _verified(name: str, raw: bytes, source: Path | str) -> bytes:
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != MNIST_SHA256[name]:
-        raise MNISTError(
-            f"{source}: uncompressed content has sha256 {digest}, expected {MNIST_SHA256[name]} "
-            f"(the original LeCun '{name}'). The file is corrupt, truncated or a different data set: "
-            f"delete it and let it download again, or copy the original file there."
-        )
-    return raw
+def sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
 
 
-def _read_local(name: str, folder: Path) -> bytes | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
+def mirrors_from(variable: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
+    """The mirrors a comma-separated environment variable names (a private network's), else `defaults`."""
+    return tuple(filter(None, os.environ.get(variable, "").split(","))) or defaults
+
+
+def fetch(name: str, folder: Path, check: Callable[[bytes, str], T], mirrors: tuple[str, ...], download: bool,
+          timeout: float, where: str, gzipped: bool = False) -> tuple[bytes, T]:
+    """The bytes of data file `name` and what `check(raw, source)` makes of them (it raises
+    DataError for bad bytes): from `folder` (as `name`, or `name.gz` when `gzipped`), else from
+    the first of `mirrors` that serves good bytes, which are then kept in `folder`. `where`: what
+    to put where, for the errors."""
+    for candidate in (folder / name, *([folder / f"{name}.gz"] if gzipped else [])):
         if not candidate.exists():
             continue
         raw = candidate.read_bytes()
@@ -79,39 +91,36 @@ def _read_local(name: str, folder: Path) -> bytes | None:
             try:
                 raw = gzip.decompress(raw)
             except (OSError, EOFError) as exc:
-                raise MNISTError(
+                raise DataError(
                     f"{candidate}: not a readable gzip file ({exc}). Delete it and let it "
                     f"download again, or copy the original '{name}.gz' there."
                 ) from exc
-        return _verified(name, raw, candidate)
-    return None
-
-
-def _download(name: str, folder: Path, mirrors: tuple[str, ...], timeout: float) -> bytes:
+        return raw, check(raw, str(candidate))
+    if not download:
+        raise DataError(f"'{name}' is not in {folder}. {where}, or point --data-dir / IWAE_DATA_DIR at a folder "
+                        f"that has them.")
     errors = []
     for mirror in mirrors:
-        url = f"{mirror.rstrip('/')}/{name}.gz"
+        url = f"{mirror.rstrip('/')}/{name}{'.gz' if gzipped else ''}"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
-                compressed = response.read()
-            raw = _verified(name, gzip.decompress(compressed), url)
-        except (urllib.error.URLError, OSError, EOFError, MNISTError) as exc:
+                fetched = response.read()
+            raw = gzip.decompress(fetched) if gzipped else fetched
+            checked = check(raw, url)
+        except (urllib.error.URLError, OSError, EOFError, DataError) as exc:
             errors.append(f"  {url}: {exc}")
             continue
-        # Only verified bytes, and whole: never a half-written file where the next run finds it.
-        write_atomically(folder / f"{name}.gz", lambda out: out.write(compressed))
-        return raw
-    raise MNISTError(
-        f"'{name}' is not in {folder} and could not be downloaded:\n" + "\n".join(errors) +
-        f"\nPut the four MNIST IDX files (gzipped or not) in {folder}, or point --data-dir / "
-        f"IWAE_DATA_DIR at a folder that has them."
-    )
+        # Only checked bytes, and whole: never a half-written file where the next run finds it.
+        write_atomically(folder / f"{name}{'.gz' if gzipped else ''}", lambda out: out.write(fetched))
+        return raw, checked
+    raise DataError(f"'{name}' is not in {folder} and could not be downloaded:\n" + "\n".join(errors) +
+                    f"\n{where}, or point --data-dir / IWAE_DATA_DIR at a folder that has them.")
 
 
 def _parse_idx(raw: bytes, name: str) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise MNISTError(f"'{name}' is not an unsigned-byte IDX file (header {raw[:4].hex()})")
+        raise DataError(f"'{name}' is not an unsigned-byte IDX file (header {raw[:4].hex()})")
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -126,44 +135,78 @@ def read_mnist_file(
     """One verified MNIST IDX file as a uint8 array (images `[N, 28, 28]`, labels `[N]`).
     `mirrors`: where to download from (default: $IWAE_MNIST_MIRRORS, else the public ones)."""
     folder = default_data_dir(data_dir)
-    raw = _read_local(name, folder)
-    if raw is None:
-        if not download:
-            raise MNISTError(
-                f"'{name}' (or '{name}.gz') is not in {folder}. Put the four MNIST IDX files "
-                f"there, or point --data-dir / IWAE_DATA_DIR at a folder that has them."
-            )
-        if mirrors is None:
-            mirrors = tuple(filter(None, os.environ.get(MIRRORS_VARIABLE, "").split(","))) or DEFAULT_MIRRORS
-        raw = _download(name, folder, mirrors, timeout)
+
+    def check(raw: bytes, source: str) -> None:
+        if (digest := sha256(raw)) != MNIST_SHA256[name]:
+            raise DataError(
+                f"{source}: uncompressed content has sha256 {digest}, expected {MNIST_SHA256[name]} "
+                f"(the original LeCun '{name}'). The file is corrupt, truncated or a different data set: "
+                f"delete it and let it download again, or copy the original file there.")
+
+    raw, _ = fetch(name, folder, check, mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS), download, timeout,
+                   f"Put the four MNIST IDX files (gzipped or not) in {folder}", gzipped=True)
     return _parse_idx(raw, name)
 
 
 @dataclass
-class MNIST:
-    """Grey levels in [0, 1], flattened to 784, on one device. `binarization` says how batches
-    become binary: `dynamic` (Burda's protocol, a fresh draw every time) is the only setting
-    whose numbers can be compared with the papers."""
+class Dataset:
+    """One dataset's splits, flattened to [N, pixels], on one device, and how batches become
+    binary (`binarization`): `dynamic` (a fresh draw every time: Burda's protocol for MNIST and
+    Omniglot), `static` / `threshold` (the training set binarized once at load: overfits, NOT
+    comparable to the papers), or `fixed` (the files hold bits already: Larochelle & Murray's
+    MNIST, whose fixed draw is the protocol)."""
 
-    train: torch.Tensor  # [59600, 784]
-    valid: torch.Tensor  # [400, 784]
-    test: torch.Tensor  # [10000, 784]
-    train_labels: torch.Tensor  # [59600] digit classes, for plots only: training never sees them
-    test_labels: torch.Tensor  # [10000]
+    name: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
     binarization: str = "dynamic"
+    files: dict[str, str] = field(default_factory=dict)  # each file read: the SHA-256 of its (uncompressed) bytes
+    train_labels: torch.Tensor | None = None  # MNIST's digit classes, for plots only: training never sees them
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def as_in_papers(self) -> bool:
+        return self.binarization in ("dynamic", "fixed")
 
     def training_batch(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.binarization == "dynamic":
             return binarize(batch, generator)
-        return batch  # already binarized once at load time
+        return batch  # binary already: binarized once at load time, or in the files
 
     def fixed(self, split: Literal["train", "valid", "test"]) -> torch.Tensor:
         """A split binarized once with Burda's evaluation seed (123): the same bits on every
         device and every call, so evaluations of different models see the same test set."""
         images = getattr(self, split)
-        if self.binarization != "dynamic" and split == "train":
+        if self.binarization == "fixed" or (self.binarization != "dynamic" and split == "train"):
             return images
         return binarize_once(images, TEST_BINARIZATION_SEED)
+
+
+def check_binarization(binarization: str) -> None:
+    if binarization not in BINARIZATIONS:
+        raise ValueError(
+            f"binarization={binarization!r}: use 'dynamic' (the papers' protocol), 'static' or 'threshold'"
+        )
+
+
+def grey_levels(name: str, train_all: torch.Tensor, test: torch.Tensor, n_validation: int, binarization: str,
+                device: torch.device | str, files: dict[str, str], **labels: torch.Tensor) -> Dataset:
+    """A grey-level dataset (values in [0, 1]) split as Burda did: the last `n_validation`
+    training rows are the validation set. `static` (one fixed Bernoulli draw, seed 0) and
+    `threshold` (pixel > 0.5) binarize the training set once; validation and test sets are
+    always binarized once with seed 123 (see `Dataset.fixed`)."""
+    if len(train_all) <= n_validation:
+        raise DataError(f"{name}: {len(train_all)} training images, but the last {n_validation} are the validation "
+                        f"set: the file is not the dataset's")
+    train, valid = train_all[:-n_validation], train_all[-n_validation:]
+    if binarization == "static":
+        train = binarize_once(train, STATIC_BINARIZATION_SEED)
+    elif binarization == "threshold":
+        train = (train > 0.5).float()
+    device = torch.device(device)
+    return Dataset(name, train.to(device), valid.to(device), test.to(device), binarization, files,
+                   **{key: value.to(device) for key, value in labels.items()})
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -185,27 +228,13 @@ def load_mnist(
     binarization: str = "dynamic",
     download: bool = True,
     mirrors: tuple[str, ...] | None = None,
-) -> MNIST:
-    """Burda's split: train = first 59,600 training images, valid = last 400, test = 10,000.
-
-    `static` (one fixed Bernoulli draw, seed 0) and `threshold` (pixel > 0.5) binarize the
-    training set once; both overfit and are NOT comparable with the papers' dynamic numbers.
-    Validation and test sets are always binarized once with seed 123 (see `MNIST.fixed`)."""
-    if binarization not in BINARIZATIONS:
-        raise ValueError(
-            f"binarization={binarization!r}: use 'dynamic' (the papers' protocol), 'static' or 'threshold'"
-        )
+) -> Dataset:
+    """Burda's split: train = first 59,600 training images, valid = last 400, test = 10,000
+    (see `grey_levels` for the binarizations)."""
+    check_binarization(binarization)  # before reading the files
     train_images, train_labels, test_images, test_labels = (
         torch.from_numpy(read_mnist_file(name, data_dir, download, mirrors).copy()) for name in MNIST_SHA256
     )
     train_all, test = (images.reshape(len(images), -1).float() / 255.0 for images in (train_images, test_images))
-    train, valid = train_all[:-N_VALIDATION], train_all[-N_VALIDATION:]
-    if binarization == "static":
-        train = binarize_once(train, STATIC_BINARIZATION_SEED)
-    elif binarization == "threshold":
-        train = (train > 0.5).float()
-    device = torch.device(device)
-    return MNIST(
-        train.to(device), valid.to(device), test.to(device),
-        train_labels[:-N_VALIDATION].long().to(device), test_labels.long().to(device), binarization,
-    )
+    return grey_levels("mnist", train_all, test, N_VALIDATION, binarization, device, dict(MNIST_SHA256),
+                       train_labels=train_labels[:-N_VALIDATION].long(), test_labels=test_labels.long())

@@ -12,7 +12,7 @@ import math
 from dataclasses import replace
 
 from .checkpoint import load_model
-from .data import load_mnist
+from .datasets import load_dataset
 from .device import resolve_device
 from .errors import IWAEError
 from .evaluation import Evaluation, evaluate_model
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         device = resolve_device(args.device)
         model, config, _ = load_model(args.run_dir, device)
-        data = load_mnist(args.data_dir, device, config.binarization)
+        data = load_dataset(config.dataset, args.data_dir, device, config.binarization)
     except IWAEError as error:
         parser.exit(1, f"error: {error}\n")
     result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=True)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import MNIST, binarize_once
+from .data import Dataset, binarize_once
 from .importance import effective_sample_size, pareto_k_hat, pareto_tail_size
 from .models import IWAEModel
 from .objectives import Objective
@@ -178,7 +178,7 @@ def active_units(
     return [int((mean.double().var(dim=0, unbiased=False) > threshold).sum()) for mean in means]
 
 
-def burda_active_units(model: IWAEModel, data: MNIST) -> list[int]:
+def burda_active_units(model: IWAEModel, data: Dataset) -> list[int]:
     """Active units as Burda measured them: on the first 500 training images, binarized once
     with the evaluation seed (on the CPU, so the bits do not depend on the device)."""
     return active_units(model, binarize_once(data.train[:ACTIVE_UNIT_IMAGES], EVAL_SEED))

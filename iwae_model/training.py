@@ -49,7 +49,8 @@ from . import likelihood
 from .likelihood import burda_active_units
 from .checkpoint import checkpoint_path, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import FULL_SCHEDULE_PASSES, TrainConfig
-from .data import MNIST, load_mnist
+from .data import Dataset
+from .datasets import load_dataset
 from .device import pin_float32
 from .errors import IWAEError
 from .files import write_atomically
@@ -163,7 +164,7 @@ class TrainingRun:
     and its passes: `start` (fresh, or from a parent's final weights) or `resume` a checkpoint,
     then `train_pass` and `measure` until `done`, `save` after each."""
 
-    def __init__(self, config: TrainConfig, data: MNIST, device: torch.device):
+    def __init__(self, config: TrainConfig, data: Dataset, device: torch.device):
         self.config, self.data, self.device = config, data, torch.device(device)
         self.train_x = data.train[:config.train_images]
         self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[:config.test_images]
@@ -188,7 +189,7 @@ class TrainingRun:
         self.epoch_seconds = 0.0
 
     @classmethod
-    def start(cls, config: TrainConfig, data: MNIST, device: torch.device,
+    def start(cls, config: TrainConfig, data: Dataset, device: torch.device,
               parent: dict[str, Any] | None = None) -> TrainingRun:
         """A new run; with `parent` (a checked checkpoint state: Burda's Table 2), from its final
         weights, and its Adam state with `init_optimizer`."""
@@ -198,7 +199,7 @@ class TrainingRun:
         return run
 
     @classmethod
-    def resume(cls, config: TrainConfig, data: MNIST, device: torch.device, state: dict[str, Any],
+    def resume(cls, config: TrainConfig, data: Dataset, device: torch.device, state: dict[str, Any],
                source: str | os.PathLike) -> TrainingRun:
         """The run a checked checkpoint `state` (read from `source`) holds, at its position."""
         # Through TrainConfig, so that a checkpoint from before a setting existed has its default.
@@ -315,7 +316,7 @@ class TrainingRun:
         write_metrics(Path(folder), self.history, durable)
 
 
-def open_run(config: TrainConfig, run_dir: Path, data: MNIST, device: torch.device) -> TrainingRun:
+def open_run(config: TrainConfig, run_dir: Path, data: Dataset, device: torch.device) -> TrainingRun:
     """The run in `run_dir`: resumed from its checkpoint, or started (from `config.init_from`'s
     final weights for a continued run)."""
     if checkpoint_path(run_dir).exists():
@@ -328,7 +329,7 @@ def open_run(config: TrainConfig, run_dir: Path, data: MNIST, device: torch.devi
 def train(
     config: TrainConfig,
     run_dir: str | os.PathLike,
-    data: MNIST | None = None,
+    data: Dataset | None = None,
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -340,7 +341,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
-    data = data or load_mnist(data_dir, device, config.binarization)
+    data = data or load_dataset(config.dataset, data_dir, device, config.binarization)
     run = open_run(config, run_dir, data, device)
     if run.epoch:  # resumed: no row of a pass lost in a crash stays in metrics.jsonl
         write_metrics(run_dir, run.history)

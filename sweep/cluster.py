@@ -27,6 +27,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from iwae_model.errors import IWAEError
 
+from .storage import is_local
+
 # Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch of Ray
 # 2.60 is what keeps a local Ray on loopback (tested, as a Ray upgrade may change it).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -87,7 +89,7 @@ def ray_device() -> torch.device:
 def storage_marker(experiment: str, filesystem: pafs.FileSystem) -> dict[str, str] | None:
     """The sweep folder's marker on a local-path storage (made once, kept for resumes), which
     every node must see; None on object storage, which every node reaches by its URI."""
-    if not isinstance(filesystem, pafs.LocalFileSystem):
+    if not is_local(filesystem):
         return None
     path = Path(experiment) / STORAGE_MARKER
     if not path.is_file():

@@ -27,7 +27,8 @@ from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from iwae_model import MNIST, load_mnist
+from iwae_model import Dataset
+from iwae_model.datasets import load_dataset
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
 from iwae_model.device import pin_float32
 from iwae_model.errors import IWAEError
@@ -39,7 +40,6 @@ from .results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
     EvaluationRecord,
-    filesystem_and_path,
     per_image_part,
     per_image_table,
     results_row,
@@ -47,6 +47,7 @@ from .results import (
     write_table,
 )
 from .space import SweepSpace
+from .storage import filesystem_and_path
 from .tables import print_results
 from .trainable import NODES_FILE, read_nodes
 
@@ -65,7 +66,7 @@ class Evaluator:
         self.data_dir = data_dir
         self.node = {f"eval_{key}": value for key, value in this_node().items()}  # an actor stays on its node
         self.device: torch.device | None = None  # chosen by the first job, whose error Ray reports without a traceback
-        self.data: dict[str, MNIST] = {}
+        self.data: dict[tuple[str, str], Dataset] = {}  # by (dataset, binarization)
 
     def evaluate(self, job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(results row, per-image columns) of one checkpoint."""
@@ -76,9 +77,10 @@ class Evaluator:
                 nodes = read_nodes(Path(folder) / NODES_FILE)
             except CheckpointError as error:  # name the file where the user finds it, not the /tmp copy
                 raise CheckpointError(str(error).replace(folder, job["uri"])) from None
-        if config.binarization not in self.data:
-            self.data[config.binarization] = load_mnist(self.data_dir, self.device, config.binarization)
-        data = self.data[config.binarization]
+        key = (config.dataset, config.binarization)
+        if key not in self.data:
+            self.data[key] = load_dataset(config.dataset, self.data_dir, self.device, config.binarization)
+        data = self.data[key]
         result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
         record = EvaluationRecord(job["sweep"], job["trial_id"], job["uri"], job["evaluation_id"], config, state,
                                   nodes, self.node)

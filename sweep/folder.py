@@ -5,7 +5,9 @@ it (mending a killed driver's), the trials' labels, and the best checkpoints the
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import pickletools
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -15,8 +17,9 @@ from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.errors import IWAEError
 
-from .results import filesystem_and_path, write_whole
+from .results import write_whole
 from .space import Evaluation, SweepSpace
+from .storage import filesystem_and_path, is_local
 from .trainable import train_trial
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
@@ -30,8 +33,8 @@ def trial_label(trial: Any) -> str:
 
 
 def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
-    scheme = checkpoint.filesystem.type_name
-    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+    filesystem = checkpoint.filesystem
+    return checkpoint.path if is_local(filesystem) else f"{filesystem.type_name}://{checkpoint.path}"
 
 
 def stage_storage(storage: str, name: str) -> str:
@@ -88,6 +91,7 @@ def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: 
     """Tuner.restore with an error that names the folder instead of Ray's traceback."""
     if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         raise SweepFolderError(f"{experiment_path}: not a Ray Tune sweep folder (no experiment state there)")
+    _check_state_whole(experiment_path, filesystem)
     try:
         return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
     except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
@@ -101,6 +105,33 @@ def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.Res
         return tuner.get_results()
     except Exception as error:  # noqa: BLE001 -- as in restore_tuner
         raise _unreadable_state(experiment_path, error) from None
+
+
+# Tune restores the newest of each (by name). The grid's generator, a searcher's wrapper, the
+# searcher and the callbacks each have their own file; all but the first are pickles.
+_STATE_FILES = {"experiment_state-*.json": "json", "basic-variant-state-*.json": "pickle",
+                "search_gen_state-*.json": "pickle", "searcher-state-*.pkl": "pickle",
+                "callback-states-*.pkl": "pickle"}
+
+
+def _check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None:
+    """Raise SweepFolderError if Tune's newest experiment or searcher state is cut short: Tune
+    itself would log the failure and start the whole sweep again with an empty configuration."""
+    names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(experiment_path))]
+    for pattern, kind in _STATE_FILES.items():
+        if not (matching := fnmatch.filter(names, pattern)):
+            continue
+        path = f"{experiment_path}/{max(matching)}"
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.readall()
+        try:
+            if kind == "json":
+                json.loads(data)
+            else:
+                for _ in pickletools.genops(data):  # reads the opcodes, runs nothing
+                    pass
+        except ValueError as error:
+            raise _unreadable_state(path, error) from None
 
 
 def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:

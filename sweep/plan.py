@@ -18,13 +18,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from iwae_model import TrainConfig
+from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
 
 from .space import SweepSpace
 
-TRAIN_IMAGES = 59_600
-VALID_IMAGES = 400
-TEST_IMAGES = 10_000
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
 
@@ -45,7 +43,7 @@ class SweepPlan:
     trials: list[TrialPlan]
     concurrent: int
     checkpoints: int
-    eval_images: int
+    eval_images: int  # over all checkpoints
     eval_k: int
     eval_seconds: float  # all checkpoints, over the evaluation actors
     train_wall_seconds: float
@@ -58,7 +56,7 @@ class SweepPlan:
 
 
 def steps_per_pass(config: TrainConfig) -> int:
-    return (config.train_images or TRAIN_IMAGES) // config.batch_size
+    return (config.train_images or SPLIT_SIZES[config.dataset][0]) // config.batch_size
 
 
 def makespan(durations: list[float], slots: int) -> float:
@@ -90,9 +88,10 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
                                    bound_seconds_per_image(key, device))
             step, per_image = step_cache[key]
             steps = steps_per_pass(config) * config.passes
-            test_images = config.test_images or TEST_IMAGES
+            _, valid_images, all_test = SPLIT_SIZES[config.dataset]
+            test_images = config.test_images or all_test
             test_passes = math.ceil(config.passes / config.eval_every)
-            bounds = (config.passes * VALID_IMAGES + test_passes * test_images) * per_image
+            bounds = (config.passes * valid_images + test_passes * test_images) * per_image
             nll = 0.0
             if config.nll_every:
                 nll = (config.passes // config.nll_every * min(config.nll_images, test_images)
@@ -103,16 +102,16 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         evaluation = space.evaluation
         trials = [*space.trials, *space.continued]
         chosen = trials if evaluation.best == "each" else trials[:evaluation.top]
-        images = evaluation.images or TEST_IMAGES
+        images = [evaluation.images or SPLIT_SIZES[t.dataset][2] for t in chosen]
         per_image = {layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k,
                                                           CALIBRATION_IMAGES)
                      for layers in {t.layers for t in chosen}}
-        eval_seconds = makespan([images * per_image[t.layers] for t in chosen], space.resources.eval_actors)
+        eval_seconds = makespan([n * per_image[t.layers] for n, t in zip(images, chosen)], space.resources.eval_actors)
     finally:
         torch.set_num_threads(threads)
     first = len(trained)
     train_wall = makespan([p.seconds for p in plans[:first]], concurrent) + makespan([p.seconds for p in plans[first:]], concurrent)
-    return SweepPlan(plans, concurrent, len(chosen), images, evaluation.k, eval_seconds, train_wall, str(device),
+    return SweepPlan(plans, concurrent, len(chosen), sum(images), evaluation.k, eval_seconds, train_wall, str(device),
                      trial_threads)
 
 
@@ -138,7 +137,7 @@ def render(space: SweepSpace, plan: SweepPlan, where: str) -> str:
         "",
         f"Training: {total_steps:,} optimizer steps in all, {duration(sum(t.seconds for t in plan.trials))} "
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
-        f"Evaluation: {plan.checkpoints} checkpoint(s) x {plan.eval_images:,} test images x k={plan.eval_k:,} "
+        f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
         f"-> about {duration(plan.eval_seconds)} on {space.resources.eval_actors} actor(s).",
         f"Estimated wall time: {duration(plan.wall_seconds)}.",
         "",

@@ -6,12 +6,16 @@ Load them without this package:
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 4 (`iwae_sweep.schema_version` in the file's metadata):
+results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's metadata):
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
-  objective, m, k, beta, layers, estimator, seed, passes, schedule, binarization, train_images
-                                     the trial's configuration (train_images null: all 59,600)
+  dataset, objective, m, k, beta, layers, estimator, seed, passes, schedule, train_images
+                                     the trial's configuration (train_images null: the whole training set)
+  binarization                       of the data evaluated on: dynamic, static, threshold, or fixed
+                                     (binarized_mnist: the files' bits)
+  data_files                         the files the evaluation read, as JSON {file name: SHA-256}
   eval_k, eval_images                importance samples and test images of the NLL estimate
-  comparable_to_papers               dynamic binarization, full training set, k >= 5000, all 10,000 test images
+  comparable_to_papers               the dataset's binarization, full training set and schedule, k >= 5000, the
+                                     whole test set
   test_nll, test_nll_se              -mean log p(x) over the test images (nats) and its standard error
   test_bound, test_bound_name        the training objective's bound on the same images, e.g. IWAE(K=5)
   train_bound, valid_bound           at the evaluated checkpoint's last pass
@@ -58,7 +62,6 @@ import datetime
 import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +74,9 @@ from iwae_model import TrainConfig
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation
 
-SCHEMA_VERSION = 4
+from .storage import filesystem_and_path
+
+SCHEMA_VERSION = 5
 RESULTS_FILE = "results/results.parquet"
 PER_IMAGE_FILE = "results/per_image.parquet"
 PER_IMAGE_SCHEMA_VERSION = 1
@@ -81,7 +86,8 @@ SCHEMA = pa.schema(
         ("sweep", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string()),
         ("objective", pa.string()), ("m", pa.int64()), ("k", pa.int64()), ("beta", pa.float64()),
         ("layers", pa.int64()), ("estimator", pa.string()), ("seed", pa.int64()), ("passes", pa.int64()),
-        ("schedule", pa.string()), ("binarization", pa.string()), ("train_images", pa.int64()),
+        ("schedule", pa.string()), ("dataset", pa.string()), ("binarization", pa.string()),
+        ("train_images", pa.int64()), ("data_files", pa.string()),
         ("eval_k", pa.int64()), ("eval_images", pa.int64()), ("comparable_to_papers", pa.bool_()),
         ("test_nll", pa.float64()), ("test_nll_se", pa.float64()),
         ("test_bound", pa.float64()), ("test_bound_name", pa.string()),
@@ -138,7 +144,8 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
         "sweep": record.sweep, "trial_id": record.trial_id, "trial_name": config.label(),
         "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
         "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
-        "schedule": config.schedule, "binarization": config.binarization, "train_images": config.train_images,
+        "schedule": config.schedule, "dataset": config.dataset, "binarization": result.binarization,
+        "train_images": config.train_images, "data_files": json.dumps(result.data_files, sort_keys=True),
         "eval_k": result.k, "eval_images": result.images,
         "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
         "test_nll": result.nll, "test_nll_se": result.nll_se,
@@ -210,13 +217,6 @@ def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem)
     with filesystem.open_output_stream(tmp) as out:
         out.write(data)
     filesystem.move(tmp, path)
-
-
-def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (s3://bucket/path?endpoint_override=...) as pyarrow's pair."""
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
 def read_results(location: str) -> pa.Table:

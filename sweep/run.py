@@ -25,7 +25,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from iwae_model import TrainConfig
-from iwae_model.data import default_data_dir, load_mnist
+from iwae_model.data import default_data_dir
+from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
@@ -48,7 +49,7 @@ from .folder import (
 )
 from .live import LiveView
 from .plan import plan_sweep, render
-from .results import filesystem_and_path
+from .storage import filesystem_and_path
 from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
 from .tables import print_results
 from .trainable import train_trial
@@ -325,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
             print(dry_run(space, args.address, args.max_concurrent))
             return
         data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
-        load_mnist(data_dir, download=True)  # checksums (or the download) before any trial starts
+        for dataset in sorted({trial.dataset for trial in space.trials + space.continued}):
+            load_dataset(dataset, data_dir, download=True)  # verified (or downloaded) before any trial starts
         storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
         init_ray(args.address)
         start = time.perf_counter()

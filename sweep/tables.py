@@ -1,9 +1,9 @@
 """A sweep's results as the papers' tables, with the published values beside them, and plots.
 
-Rows: stochastic layers x (M, K); columns: objective (with beta / estimator when not the
-default); cells: test NLL in nats (mean over seeds), active units, and the published value
+One table per dataset. Rows: stochastic layers x (M, K); columns: objective (with beta /
+estimator when not the default); cells: test NLL in nats (mean over seeds), active units, and the published value
 with our difference. `*` marks cells not comparable to the papers (short schedule, subset of
-the training or test set, k < 5000, or non-dynamic binarization). With a baseline, each cell
+the training or test set, k < 5000, or a binarization other than the dataset's). With a baseline, each cell
 also shows its per-image paired difference to that checkpoint (sweep/compare.py).
 """
 
@@ -19,6 +19,9 @@ from .compare import difference, mean_image_nll
 from .results import ResultsError
 
 KEY = ["layers", "m", "k"]
+DATASET_TITLES = {"mnist": "MNIST, dynamically binarized (Burda et al. Table 1)",
+                  "omniglot": "Omniglot, dynamically binarized (Burda et al. Table 1)",
+                  "binarized_mnist": "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)"}
 COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
 
 
@@ -36,7 +39,7 @@ def other_settings(frame: pd.DataFrame) -> pd.Series:
     """Training settings beyond the table's own axes that differ between rows (e.g. lr), as a
     suffix of the column name, so that only seeds of one configuration are ever averaged."""
     configs = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
-    shown = {"objective", "m", "k", "beta", "layers", "estimator", "seed"}
+    shown = {"dataset", "objective", "m", "k", "beta", "layers", "estimator", "seed"}
     varying = [c for c in configs.columns if c not in shown and configs[c].astype(str).nunique() > 1]
     if not varying:
         return pd.Series("", index=frame.index)
@@ -52,7 +55,7 @@ def published() -> dict:
 
 def reference_values() -> pd.DataFrame:
     """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml)."""
-    rows = [{"paper": paper, "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
+    rows = [{"paper": paper, "dataset": "mnist", "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
             for paper, entries in published().items() if paper != TABLE_2 for entry in entries]
     frame = pd.DataFrame(rows)
     frame["variant"] = frame.apply(variant, axis=1)
@@ -82,7 +85,7 @@ def table2(frame: pd.DataFrame) -> str:
         parent = by_name.get(child["parent_trial_name"])
         first = nll_au(parent) if parent is not None else "(not in these results) | "
         paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
-                      for p in pairs if parent is not None and child["layers"] == 1
+                      for p in pairs if parent is not None and child["layers"] == 1 and child["dataset"] == "mnist"
                       and all(parent[k] == v for k, v in p["first"].items())
                       and all(child[k] == v for k, v in p["second"].items())), "")
         lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "
@@ -91,7 +94,7 @@ def table2(frame: pd.DataFrame) -> str:
 
 
 def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | None = None) -> pd.DataFrame:
-    """One row per (layers, M, K, variant): mean NLL over seeds, its spread, active units and
+    """One row per (dataset, layers, M, K, variant): mean NLL over seeds, its spread, active units and
     the published value; with `baseline` (per-image table, baseline row), the cell's mean
     per-image difference to the baseline checkpoint and its paired standard error. Second-stage
     (continued) trials are left to `table2`."""
@@ -103,11 +106,11 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
         per_image, base = baseline
         base_nll = mean_image_nll(per_image, base.to_frame().T)
     groups = []
-    for (layers, m, k, name), cell in frame.groupby([*KEY, "variant"], sort=False):
+    for (dataset, layers, m, k, name), cell in frame.groupby(["dataset", *KEY, "variant"], sort=False):
         units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]
         seeds = len(cell)
         groups.append({
-            "layers": layers, "m": m, "k": k, "variant": name, "seeds": seeds,
+            "dataset": dataset, "layers": layers, "m": m, "k": k, "variant": name, "seeds": seeds,
             "test_nll": cell["test_nll"].mean(),
             # one seed: the Monte-Carlo/image standard error; several: the spread across seeds
             "test_nll_se": cell["test_nll_se"].iloc[0] if seeds == 1 else cell["test_nll"].std() / seeds ** 0.5,
@@ -121,12 +124,14 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
             d = difference(mean_image_nll(per_image, cell), base_nll)
             groups[-1].update(vs_baseline=d.mean, vs_baseline_se=d.paired_se)
     summary = pd.DataFrame(groups)
-    reference = reference_values()[[*KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
-    summary = summary.merge(reference, on=[*KEY, "variant"], how="left")
+    reference = reference_values()[["dataset", *KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
+    summary = summary.merge(reference, on=["dataset", *KEY, "variant"], how="left")
     summary["difference"] = summary["test_nll"] - summary["paper_nll"]
     order = {name.upper(): i for i, name in enumerate(COLUMN_ORDER)}
     summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
-    return summary.sort_values([*KEY, "_order", "variant"]).drop(columns="_order").reset_index(drop=True)
+    summary["_dataset"] = summary["dataset"].map(lambda d: list(DATASET_TITLES).index(d))
+    return (summary.sort_values(["_dataset", *KEY, "_order", "variant"]).drop(columns=["_dataset", "_order"])
+            .reset_index(drop=True))
 
 
 def cell_text(row: pd.Series) -> str:
@@ -141,18 +146,22 @@ def cell_text(row: pd.Series) -> str:
 
 
 def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
-    variants = list(dict.fromkeys(summary["variant"]))
-    lines = ["| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
-    for (layers, m, k), row_cells in summary.groupby(KEY, sort=True):
-        cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
-        lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
+    """One table per dataset (titled), then the notes."""
+    lines = []
+    for dataset, part in summary.groupby("dataset", sort=False):
+        variants = list(dict.fromkeys(part["variant"]))
+        lines += [*([""] if lines else []), f"{DATASET_TITLES[dataset]}:",
+                  "| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+        for (layers, m, k), row_cells in part.groupby(KEY, sort=True):
+            cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
+            lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
     notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
     if baseline:
         notes.append(f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error.")
     if not summary["comparable_to_papers"].all():
         short = summary[~summary["comparable_to_papers"]].iloc[0]
         notes.append(f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
-                     f"{short['eval_images']} test images (the papers: full schedule, k=5000, 10,000 images).")
+                     f"{short['eval_images']} test images (the papers: full schedule, k=5000, the whole test set).")
     return "\n".join(lines + notes)
 
 
@@ -166,14 +175,16 @@ def plot(summary: pd.DataFrame, path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     reference = reference_values()
-    for (name, layers), group in summary.groupby(["variant", "layers"]):
+    several = summary["dataset"].nunique() > 1
+    for (dataset, name, layers), group in summary.groupby(["dataset", "variant", "layers"]):
+        label = f"{dataset}: " * several + f"{name}, {layers} layer(s)"
         group = group.assign(samples=group["m"] * group["k"]).sort_values("samples")
-        line, = axis.plot(group["samples"], group["test_nll"], "o-", label=f"{name}, {layers} layer(s)")
-        paper = reference[(reference["variant"] == name) & (reference["layers"] == layers)]
+        line, = axis.plot(group["samples"], group["test_nll"], "o-", label=label)
+        paper = reference[(reference["dataset"] == dataset) & (reference["variant"] == name)
+                          & (reference["layers"] == layers)]
         if len(paper):
             paper = paper.assign(samples=paper["m"] * paper["k"]).sort_values("samples")
-            axis.plot(paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(),
-                      label=f"{name}, {layers} layer(s), paper")
+            axis.plot(paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(), label=f"{label}, paper")
     axis.set_xscale("log")
     axis.set_xlabel("samples per image (M·K)")
     axis.set_ylabel("test NLL (nats, lower is better)")

@@ -21,9 +21,10 @@ import torch
 from ray import tune
 from torch.utils.tensorboard import SummaryWriter
 
-from iwae_model import MNIST, IWAEModel, TrainConfig, load_mnist
+from iwae_model import Dataset, IWAEModel, TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
-from iwae_model.data import MIRRORS_VARIABLE, MNISTError
+from iwae_model.data import DataError
+from iwae_model.datasets import MIRRORS_VARIABLES, load_dataset
 from iwae_model.device import device_record, pin_float32
 from iwae_model.training import TrainingRun
 
@@ -53,7 +54,7 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     return grid.reshape(1, rows * 28, columns * 28)
 
 
-def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: int) -> None:
+def write_images(writer: SummaryWriter, model: IWAEModel, data: Dataset, epoch: int) -> None:
     generator = torch.Generator(device=data.test.device).manual_seed(0)
     samples = model.sample(IMAGE_GRID * IMAGE_GRID, generator)
     x = data.fixed("test")[:IMAGE_GRID * IMAGE_GRID // 2]
@@ -63,17 +64,18 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: MNIST, epoch: in
     writer.flush()
 
 
-def load_node_data(data_dir: str, device: torch.device, binarization: str) -> MNIST:
-    """MNIST on the node this runs on: a node without the files downloads them (checksums
-    verified), so workers need no shared disk; one that cannot is named in the error."""
+def load_node_data(config: TrainConfig, data_dir: str, device: torch.device) -> Dataset:
+    """The run's dataset on the node this runs on: a node without the files downloads them
+    (verified), so workers need no shared disk; one that cannot is named in the error."""
     try:
-        return load_mnist(data_dir, device, binarization, download=True)
-    except MNISTError as error:
+        return load_dataset(config.dataset, data_dir, device, config.binarization, download=True)
+    except DataError as error:
         node = this_node()
-        raise MNISTError(f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
-                         f"node needs MNIST at {data_dir} or a way to download it: put it on a mount every node shares "
-                         f"at that path, copy it there in the cluster's setup_commands, or set {MIRRORS_VARIABLE} to "
-                         f"a mirror the nodes reach (e.g. your bucket's https URL)") from None
+        raise DataError(f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
+                         f"node needs {config.dataset} at {data_dir} or a way to download it: put it on a mount every "
+                         f"node shares at that path, copy it there in the cluster's setup_commands, or set "
+                         f"{MIRRORS_VARIABLES[config.dataset]} to a mirror the nodes reach (e.g. your bucket's https "
+                         f"URL)") from None
 
 
 def read_nodes(path: Path) -> list[dict]:
@@ -103,7 +105,7 @@ def train_trial(config: dict[str, Any]) -> None:
     device = ray_device()
     here = {**this_node(), **device_record(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "gpus_advertised_only": gpus_advertised_only(), "started_at": time.time()}
-    data = load_node_data(config["data_dir"], device, train_config.binarization)
+    data = load_node_data(train_config, config["data_dir"], device)
     nodes: list[dict] = []
     if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
         with checkpoint.as_directory() as folder:  # read through the storage filesystem, wherever it lies

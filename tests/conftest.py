@@ -1,10 +1,11 @@
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from iwae_model.data import MNIST, load_mnist
+from iwae_model.data import Dataset, load_mnist
 from sweep.cluster import keep_local_ray_on_loopback
 
 # Every Ray process the tests start (in this process or in the CLIs they run, which inherit the
@@ -26,14 +27,14 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist(mnist_dir) -> MNIST:
+def mnist(mnist_dir) -> Dataset:
     return load_mnist(mnist_dir, download=False)
 
 
-def small_mnist(mnist: MNIST, train: int = 200, test: int = 100) -> MNIST:
+def small_mnist(mnist: Dataset, train: int = 200, test: int = 100) -> Dataset:
     """The first images of each split, real pixels, for fast runs."""
-    return MNIST(mnist.train[:train], mnist.valid, mnist.test[:test],
-                 mnist.train_labels[:train], mnist.test_labels[:test], mnist.binarization)
+    return dataclasses.replace(mnist, train=mnist.train[:train], test=mnist.test[:test],
+                               train_labels=mnist.train_labels[:train], test_labels=mnist.test_labels[:test])
 
 
 class Crash(Exception):

@@ -17,7 +17,7 @@ from ray._common.utils import get_ray_address_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_SPACE
-from iwae_model.data import MNISTError
+from iwae_model.data import DataError
 from sweep.cluster import init_ray, on_loopback
 from sweep.local_cluster import ADDRESS, process_table, read_state, session_processes
 from sweep.results import read_results
@@ -233,7 +233,7 @@ def test_a_node_without_mnist_or_network_is_named_in_the_error(cluster, tmp_path
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
         ray.get(load.remote(str(tmp_path / "no_mnist"), "cpu", "dynamic"), timeout=120)
     error = raised.value.cause
-    assert isinstance(error, MNISTError), raised.value
+    assert isinstance(error, DataError), raised.value
     assert f"Ray node {WORKER_ID_PREFIX}" in str(error) and "http://127.0.0.1:9/" in str(error)
     assert "could not be downloaded" in str(error) and "IWAE_MNIST_MIRRORS" in str(error)
     assert "setup_commands" in str(error) and str(tmp_path / "no_mnist") in str(error)

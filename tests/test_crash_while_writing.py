@@ -3,6 +3,7 @@ written under its temp name, just before the rename, leaves the previous version
 loadable (and the next run carries on from it)."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,12 @@ from pyarrow import fs as pafs
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
+from iwae_model.files import umask
 from iwae_model.training import train
 from sweep.folder import read_spec
 from sweep.results import SCHEMA, read_results
 from sweep.space import parse_space
+from sweep.storage import filesystem_and_path
 
 TESTS = Path(__file__).parent
 TINY = dict(train_images=200, test_images=100, passes=2, k=2, latent_dims=(4,), hidden_dims=(16,))
@@ -113,3 +116,39 @@ write_spec({str(tmp_path)!r}, killing, space, "/data/after")
 """)
     assert read_spec(str(tmp_path), pafs.LocalFileSystem()) == (space, "/data/before")
     assert len(list(tmp_path.glob(".tmp-*-iwae_sweep.json"))) == 1
+
+
+def test_killed_while_ray_tune_rewrites_its_state_in_a_sweep_folder(tmp_path):
+    # Ray Tune rewrites its state files in place through the sweep's filesystem; a driver killed
+    # mid-write used to leave a truncated one, and Tune then restarted the sweep from nothing.
+    path = str(tmp_path / "experiment_state-x.json")
+    run_killed(f"""
+import os, signal
+from sweep.storage import filesystem_and_path
+filesystem, _ = filesystem_and_path({str(tmp_path)!r})
+with filesystem.open_output_stream({path!r}) as out:
+    out.write(b'{{"before": 1}}')
+out = filesystem.open_output_stream({path!r})
+out.write(b'{{"after": ')
+out.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    assert json.loads(Path(path).read_text()) == {"before": 1}
+    (partial,) = tmp_path.glob(".experiment_state-x.json.*.partial")
+    assert partial.read_bytes() == b'{"after": '
+
+
+def test_the_sweep_filesystem_copies_folders_as_ray_uploads_them_and_travels_to_workers(tmp_path):
+    source = tmp_path / "staging"
+    (source / "checkpoint_000000").mkdir(parents=True)
+    (source / "checkpoint_000000" / "checkpoint.pt").write_bytes(bytes(range(256)) * 4096)
+    (source / "experiment_state-x.json").write_text('{"trial_data": []}')
+    filesystem, folder = filesystem_and_path(str(tmp_path / "storage"))
+    filesystem = pickle.loads(pickle.dumps(filesystem))  # as Ray hands it to a trial's worker
+    pafs.copy_files(str(source), f"{folder}/sweep", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=filesystem)
+    copied = tmp_path / "storage" / "sweep"
+    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*")) == [
+        "checkpoint_000000", "checkpoint_000000/checkpoint.pt", "experiment_state-x.json"]
+    assert (copied / "checkpoint_000000" / "checkpoint.pt").read_bytes() == bytes(range(256)) * 4096
+    assert oct((copied / "experiment_state-x.json").stat().st_mode & 0o777) == oct(0o666 & ~umask())

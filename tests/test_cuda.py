@@ -6,6 +6,7 @@ Everywhere else every test here is skipped with one line saying why. What the CP
 the same path (the device decision, a GPU's checkpoint resumed on a CPU, batch- and
 chunk-independent noise) is in test_devices.py."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from conftest import TINY_SPACE, Crash, crash_after_first_pass, random_binary, s
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.checkpoint import load_checkpoint
-from iwae_model.data import MNIST
+from iwae_model.data import Dataset
 from iwae_model.likelihood import burda_active_units, importance_sampling
 from iwae_model.training import build_surrogate, train
 from sweep.results import read_results
@@ -40,12 +41,12 @@ def data(mnist):
     return small_mnist(mnist)
 
 
-def on(data: MNIST, device: torch.device) -> MNIST:
-    return MNIST(*(getattr(data, name).to(device) for name in ("train", "valid", "test", "train_labels",
-                                                                "test_labels")), data.binarization)
+def on(data: Dataset, device: torch.device) -> Dataset:
+    return dataclasses.replace(data, **{name: getattr(data, name).to(device) for name in
+                                        ("train", "valid", "test", "train_labels", "test_labels")})
 
 
-def stop_and_resume(config: TrainConfig, run_dir, first: MNIST, then: MNIST, first_device, then_device) -> list[dict]:
+def stop_and_resume(config: TrainConfig, run_dir, first: Dataset, then: Dataset, first_device, then_device) -> list[dict]:
     with pytest.raises(Crash):
         train(config, run_dir, first, device=first_device, progress=False, on_epoch_end=crash_after_first_pass)
     return train(config, run_dir, then, device=then_device, progress=False)

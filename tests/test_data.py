@@ -9,7 +9,7 @@ import torch
 
 from iwae_model.data import (
     MNIST_SHA256,
-    MNISTError,
+    DataError,
     binarize,
     default_data_dir,
     load_mnist,
@@ -48,12 +48,12 @@ def test_a_damaged_file_is_a_clear_error_naming_it(mnist_dir, tmp_path, damage):
         target.write_bytes(gzip.compress(raw[:500] + bytes([raw[500] ^ 1]) + raw[501:]))
     else:
         target.write_bytes(raw[:1000])
-    with pytest.raises(MNISTError, match=rf"(?s){target}.*(sha256|gzip).*(delete it|Delete it)"):
+    with pytest.raises(DataError, match=rf"(?s){target}.*(sha256|gzip).*(delete it|Delete it)"):
         read_mnist_file(name, tmp_path, download=False)
 
 
 def test_missing_files_without_download_say_where_to_put_them(tmp_path):
-    with pytest.raises(MNISTError, match=rf"(?s)not in {tmp_path}.*--data-dir / IWAE_DATA_DIR"):
+    with pytest.raises(DataError, match=rf"(?s)not in {tmp_path}.*--data-dir / IWAE_DATA_DIR"):
         read_mnist_file("t10k-labels-idx1-ubyte", tmp_path, download=False)
 
 
@@ -104,14 +104,14 @@ def test_download_skips_a_corrupt_mirror_and_writes_verified_files(tmp_path, mir
 
 
 def test_only_corrupt_mirrors_is_an_error_listing_each_attempt(tmp_path, mirror):
-    with pytest.raises(MNISTError, match=r"(?s)could not be downloaded:\n.*127\.0\.0\.1.*sha256"):
+    with pytest.raises(DataError, match=r"(?s)could not be downloaded:\n.*127\.0\.0\.1.*sha256"):
         read_mnist_file("t10k-labels-idx1-ubyte", tmp_path / "cache", mirrors=(mirror["bad"],))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_offline_fails_at_once_with_where_to_put_the_files(tmp_path):
     # Port 9 on loopback: nothing listens, the connection is refused immediately.
-    with pytest.raises(MNISTError, match=r"(?s)could not be downloaded.*Put the four MNIST IDX files"):
+    with pytest.raises(DataError, match=r"(?s)could not be downloaded.*Put the four MNIST IDX files"):
         read_mnist_file("t10k-labels-idx1-ubyte", tmp_path, mirrors=("http://127.0.0.1:9/",), timeout=2)
 
 
@@ -145,5 +145,5 @@ def test_the_mirrors_variable_replaces_the_public_mirrors(tmp_path, mirror, monk
     monkeypatch.setenv("IWAE_MNIST_MIRRORS", f"{mirror['bad']},{mirror['good']}")
     assert load_mnist(tmp_path / "cache").test.shape == (10000, 784)
     monkeypatch.setenv("IWAE_MNIST_MIRRORS", mirror["bad"])
-    with pytest.raises(MNISTError, match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/t10k.*sha256"):
+    with pytest.raises(DataError, match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/t10k.*sha256"):
         read_mnist_file("t10k-labels-idx1-ubyte", tmp_path / "other")

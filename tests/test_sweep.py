@@ -237,6 +237,8 @@ SWEEP_DAMAGE = {  # name: (what is done to a copy of a finished sweep, words the
     "no spec": (lambda d: (d / "iwae_sweep.json").unlink(), ["no iwae_sweep.json", "sweep.run"]),
     "experiment state not JSON": (lambda d: [f.write_text("{") for f in d.glob("experiment_state-*.json")],
                                   ["cannot read this sweep's experiment state", "restore the folder"]),
+    "searcher state cut short": (lambda d: [f.write_bytes(f.read_bytes()[:100]) for f in d.glob("basic-variant-state-*")],
+                                 ["basic-variant-state-", "cannot read this sweep's experiment state", "restore the folder"]),
     "node record not JSON": (lambda d: [f.write_text("[{") for f in d.glob("*/checkpoint_*/nodes.json")],
                              ["nodes.json: damaged", "delete it"]),
 }
@@ -268,7 +270,7 @@ def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mni
     assert len(rows) == 2 and not failed and "its trials start again" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("space", ["quick", "burda2016", "burda2016_table2", "rainforth2018"])
+@pytest.mark.parametrize("space", sorted(path.stem for path in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
 def test_dry_run_plans_every_shipped_space_and_writes_nothing(tmp_path, space):
     out = subprocess.run([sys.executable, "-m", "sweep.run", "--space", space, "--dry-run", "--storage",
                           str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
