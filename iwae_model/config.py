@@ -63,6 +63,8 @@ class TrainConfig:
     nll_every: int = setting(0, "passes between k-sample NLL estimates on --nll-images test images (0: never)")
     nll_k: int = setting(5000, "importance samples of those NLL estimates")
     nll_images: int = setting(500, "test images of those NLL estimates")
+    valid_ll_k: int = setting(0, "importance samples of a log-likelihood estimate on the validation images every pass "
+                                 "(valid_ll: ranks trials of different objectives, K or M fairly; 0: never)")
     snr_every: int = setting(0, "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; "
                                 "0: never)")
     snr_draws: int = setting(100, "gradient draws per SNR measurement")
@@ -95,7 +97,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 raise fail(name, "must be a positive integer, or null for all images")
-        for name in ("nll_every", "snr_every"):
+        for name in ("nll_every", "snr_every", "valid_ll_k"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise fail(name, "must be an integer >= 0 (0: never)")
         if not is_int(self.snr_draws) or self.snr_draws < 2:

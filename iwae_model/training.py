@@ -13,7 +13,9 @@ JSON object per pass with these fields:
   stage          schedule stage (0..7) at the end of the pass
   lr             learning rate at the end of the pass
   train_bound    mean training objective over the pass's batches (nats, higher is better)
-  valid_bound    the objective's bound on the 400 validation images (fixed binarization)
+  valid_bound    the objective's bound on the validation images (binarized once)
+  valid_ll       k-sample log-likelihood estimate on the validation images (k = --valid-ll-k;
+                 null when 0): comparable across objectives, K and M, unlike the bounds
   test_bound     the objective's bound on the test images (every --eval-every passes, else null)
   test_nll       k-sample NLL estimate on --nll-images test images (every --nll-every, else null)
   active_units   active units per stochastic layer (Burda's definition)
@@ -286,6 +288,8 @@ class TrainingRun:
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_bound": self.bound_sum.item() / (self.steps_per_epoch * config.batch_size),
             "valid_bound": likelihood.bound(model, self.valid_x, self.objective).mean().item(),
+            "valid_ll": likelihood.log_likelihood(model, self.valid_x, config.valid_ll_k).mean().item()
+            if config.valid_ll_k else None,
             "test_bound": likelihood.bound(model, test_x, self.objective).mean().item() if test_due else None,
             "test_nll": -likelihood.log_likelihood(
                 model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,

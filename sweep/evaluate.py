@@ -35,7 +35,7 @@ from iwae_model.errors import IWAEError
 from iwae_model.evaluation import evaluate_model
 
 from .cluster import check_gpus, init_ray, ray_device, this_node
-from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints
+from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints, trial_name
 from .results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
@@ -82,8 +82,9 @@ class Evaluator:
             self.data[key] = load_dataset(config.dataset, self.data_dir, self.device, config.binarization)
         data = self.data[key]
         result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
-        record = EvaluationRecord(job["sweep"], job["trial_id"], job["uri"], job["evaluation_id"], config, state,
-                                  nodes, self.node)
+        record = EvaluationRecord(job["sweep"], job["trial_id"], trial_name(config, job["searched"], job["trial_id"]),
+                                  job["uri"], job["evaluation_id"], config, state, nodes, self.node, job["metric"],
+                                  job["searched"])
         return results_row(record, result), per_image_part(record, result)
 
 
@@ -100,7 +101,7 @@ def run_evaluation(
     Parquet files into the sweep `folder` (on `filesystem`); return the results path and rows."""
     gpus = space.resources.eval_gpus if eval_gpus is None else eval_gpus
     actors = space.resources.eval_actors if eval_actors is None else eval_actors
-    selected = select_checkpoints(grids, space.evaluation)
+    selected = select_checkpoints(grids, space)
     if not selected:
         raise NothingToEvaluate(f"{folder}: no finished trial with a checkpoint to evaluate")
     actors = min(actors, len(selected))
@@ -112,9 +113,10 @@ def run_evaluation(
                                for _ in range(actors)])
     evaluation_id = uuid.uuid4().hex
     jobs = [{"sweep": space.name, "trial_id": trial_id, "checkpoint": checkpoint, "uri": checkpoint_uri(checkpoint),
-             "k": space.evaluation.k, "images": space.evaluation.images, "evaluation_id": evaluation_id}
+             "k": space.evaluation.k, "images": space.evaluation.images, "evaluation_id": evaluation_id,
+             "metric": space.metric, "searched": sorted(space.search.distributions) if space.search else []}
             for trial_id, checkpoint in selected]
-    images = space.evaluation.images or "all 10,000"
+    images = space.evaluation.images or "all"
     print(f"Evaluating {len(jobs)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
           f"({actors} actor(s), {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
     try:

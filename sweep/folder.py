@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import pickletools
+from collections.abc import Iterable
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -18,18 +19,43 @@ from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.errors import IWAEError
 
 from .results import write_whole
-from .space import Evaluation, SweepSpace
+from .space import SweepSpace
 from .storage import filesystem_and_path, is_local
-from .trainable import train_trial
+from .trainable import train_trial, trial_config
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
 STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder
-METRIC = "valid_bound"  # checkpoints and trials are ranked by the validation bound, never by test figures
+# The keys TrainConfig.label() shows (beta too, for CIWAE): a search's label adds the others it draws.
+LABELLED = ("dataset", "objective", "layers", "m", "k", "estimator", "seed")
+
+
+def trial_name(config: TrainConfig, searched: Iterable[str], trial_id: str | None) -> str:
+    """The configuration's label; in a search, with the values drawn and the trial's number (Ray's
+    random search) or id (a searcher's), e.g. ciwae_L1_M1_K64_b0.31_s0_lr0.00042_trial3, so that
+    samples of one grid point stay apart."""
+    label = config.label()
+    if not searched:
+        return label
+    drawn = [key for key in sorted(searched) if key not in LABELLED and not (key == "beta" and config.objective == "ciwae")]
+    label += "".join(f"_{key}{_short(getattr(config, key))}" for key in drawn)
+    if not trial_id:
+        return label
+    number = trial_id.rsplit("_", 1)[-1]
+    return f"{label}_trial{int(number)}" if number.isdigit() else f"{label}_trial{trial_id}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
 
 
 def trial_label(trial: Any) -> str:
-    """The configuration's label, for a Ray trial or result (anything with the trial config)."""
-    return TrainConfig.from_dict(trial.config["train"]).label()
+    """`trial_name` of a Ray trial or result (anything with the trial config)."""
+    trial_id = getattr(trial, "trial_id", None) or (getattr(trial, "metrics", None) or {}).get("trial_id")
+    return trial_name(trial_config(trial.config), trial.config.get("search") or {}, trial_id)
 
 
 def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
@@ -43,19 +69,20 @@ def stage_storage(storage: str, name: str) -> str:
     return f"{path.rstrip('/')}/{name}{sep}{query}"
 
 
-def best_checkpoint(result: tune.Result) -> tune.Checkpoint:
-    return result.get_best_checkpoint(METRIC, "max") or result.checkpoint
+def best_checkpoint(result: tune.Result, metric: str) -> tune.Checkpoint:
+    return result.get_best_checkpoint(metric, "max") or result.checkpoint
 
 
-def select_checkpoints(grids: list[tune.ResultGrid], evaluation: Evaluation) -> list[tuple[str, tune.Checkpoint]]:
-    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by validation
-    bound (`best: each`), or of the `top` trials with the best validation bound (`best: top`)."""
+def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
+    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by the space's
+    metric (`best: each`), or of the `top` trials best by it (`best: top`). Never a test figure."""
+    evaluation, metric = space.evaluation, space.metric
     chosen = []
     for result in (result for grid in grids for result in grid):
         if result.error is not None or result.checkpoint is None:
             continue
-        best = best_checkpoint(result)
-        score = max((m[METRIC] for _, m in result.best_checkpoints), default=result.metrics.get(METRIC))
+        best = best_checkpoint(result, metric)
+        score = max((m[metric] for _, m in result.best_checkpoints), default=result.metrics.get(metric))
         chosen.append((score, result.metrics["trial_id"], best))
     chosen.sort(key=lambda item: item[0], reverse=True)
     if evaluation.best == "top":

@@ -3,7 +3,7 @@ evaluation work, and the wall time estimated from a few seconds of real training
 evaluation on this machine, spread over the trials that can run at once.
 
 The estimate counts training steps, the per-pass validation and test bounds (and NLL estimates
-when `nll_every` asks for them) and the final k-sample evaluation; a `continue` stage starts
+when `nll_every` or `valid_ll_k` asks for them) and the final k-sample evaluation; a `continue` stage starts
 when the first has finished. It leaves out Ray's start-up (seconds), checkpoint uploads and
 gradient-SNR measurements (about 2 % of a trial at the shipped settings), so short sweeps take
 longer than it says.
@@ -14,14 +14,16 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 
 from iwae_model import TrainConfig
 from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
 
-from .space import SweepSpace
+from .space import Distribution, SweepSpace
 
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
@@ -59,6 +61,30 @@ def steps_per_pass(config: TrainConfig) -> int:
     return (config.train_images or SPLIT_SIZES[config.dataset][0]) // config.batch_size
 
 
+def drawn_trials(space: SweepSpace) -> list[TrainConfig]:
+    """The trials the plan assumes: a grid's, or a search's `samples` draws per grid point
+    (with numpy and the search's seed: the searcher draws its own)."""
+    if space.search is None:
+        return space.trials
+    rng = np.random.default_rng(space.search.seed)
+    return [replace(trial, **{key: draw(d, rng) for key, d in space.search.distributions.items()})
+            for _ in range(space.search.samples) for trial in space.trials]
+
+
+def draw(distribution: Distribution, rng: np.random.Generator) -> Any:
+    values = distribution.values
+    if distribution.kind == "choice":
+        return values[rng.integers(len(values))]
+    low, high = values
+    if distribution.kind == "uniform":
+        return float(rng.uniform(low, high))
+    if distribution.kind == "loguniform":
+        return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    if distribution.kind == "randint":
+        return int(rng.integers(low, high))
+    return int(min(high - 1, np.floor(np.exp(rng.uniform(np.log(low), np.log(high))))))  # lograndint
+
+
 def makespan(durations: list[float], slots: int) -> float:
     """Wall time when trials start in order, each on the first slot to come free (as Tune
     launches a grid)."""
@@ -77,7 +103,8 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     plans = []
     try:
         torch.set_num_threads(trial_threads)
-        trained = [] if space.init_from_sweep else space.trials  # --init-from-sweep: stage 1 exists
+        trials = drawn_trials(space)
+        trained = [] if space.init_from_sweep else trials  # --init-from-sweep: stage 1 exists
         for config in [*trained, *space.continued]:
             # Only the model, objective and estimator set the cost: calibrate each once.
             key = replace(config, seed=0, lr=TrainConfig.lr, passes=1, schedule="compressed", train_images=None,
@@ -96,11 +123,14 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
             if config.nll_every:
                 nll = (config.passes // config.nll_every * min(config.nll_images, test_images)
                        * likelihood_seconds_per_image(key, device, config.nll_k, CALIBRATION_IMAGES))
+            if config.valid_ll_k:  # the fair metric, every pass
+                nll += config.passes * valid_images * likelihood_seconds_per_image(key, device, config.valid_ll_k,
+                                                                                   CALIBRATION_IMAGES)
             plans.append(TrialPlan(config.label(), config.build_objective().num_samples, config.layers,
                                    config.passes, steps, steps * step, steps * step + bounds + nll))
         torch.set_num_threads(max(1, eval_threads))
         evaluation = space.evaluation
-        trials = [*space.trials, *space.continued]
+        trials = [*trials, *space.continued]
         chosen = trials if evaluation.best == "each" else trials[:evaluation.top]
         images = [evaluation.images or SPLIT_SIZES[t.dataset][2] for t in chosen]
         per_image = {layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k,
@@ -125,10 +155,16 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def render(space: SweepSpace, plan: SweepPlan, where: str) -> str:
+def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -> str:
     width = max(len(t.label) for t in plan.trials)
     lines = [f"Sweep {space.name!r} from {space.source}: {len(plan.trials)} trial(s). Nothing is trained "
-             f"and no folder is written.", "",
+             f"and no folder is written."]
+    if space.search:
+        search = space.search
+        lines.append(f"A {search.algorithm} search: {search.samples} sample(s) x {len(space.trials)} grid point(s) of "
+                     f"{', '.join(f'{key} ~ {d}' for key, d in search.distributions.items())}, ranked by "
+                     f"{space.metric}. The values below are drawn here for the estimate; the searcher draws its own.")
+    lines += ["",
              f"  {'trial':<{width}}  {'M*K':>5}  {'layers':>6}  {'passes':>6}  {'steps':>11}  {'estimate':>9}"]
     lines += [f"  {t.label:<{width}}  {t.samples:>5}  {t.layers:>6}  {t.passes:>6}  {t.steps:>11,}  "
               f"{duration(t.seconds):>9}" for t in plan.trials]
@@ -139,7 +175,9 @@ def render(space: SweepSpace, plan: SweepPlan, where: str) -> str:
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
         f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
         f"-> about {duration(plan.eval_seconds)} on {space.resources.eval_actors} actor(s).",
-        f"Estimated wall time: {duration(plan.wall_seconds)}.",
+        f"Estimated wall time: {duration(plan.wall_seconds)}."
+        + (" With ASHA, trials worse than the ones before them stop early: the real time is less, and this "
+           "figure is a bound, not an estimate." if asha else ""),
         "",
         f"An estimate, calibrated by timing {CALIBRATION_STEPS} training steps per model and a {CALIBRATION_IMAGES}"
         f"-image k-sample evaluation on this machine ({plan.device}, {plan.threads} thread(s) per trial as Ray "

@@ -3,6 +3,10 @@
     python -m sweep.query SWEEP_DIR_OR_PARQUET [--where objective=iwae] [--format markdown|csv|json]
                           [--plot nll_vs_k.png] [--snr-plot snr_vs_k.png] [--baseline TRIAL]
     python -m sweep.query SWEEP_DIR --compare A B
+    python -m sweep.query SEARCH_DIR [--importance] [--parallel-plot PNG] [--slice-plot PNG]
+
+A search's results print as its trials, best first by the metric that ranked them, with the
+values drawn (sweep/study.py).
 """
 
 from __future__ import annotations
@@ -10,11 +14,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pyarrow import fs as pafs
+
 from iwae_model.errors import IWAEError
 
 from .compare import comparison_text, load_per_image, select_one, where
 from .results import ResultsError, read_results
+from .folder import SPEC_FILE, read_spec
+from .space import Distribution
+from .storage import filesystem_and_path
+from .study import importance_text, save_plots, search_table, searched
 from .tables import plot, render, snr_plot, summarise
+
+
+def search_distributions(location: str) -> dict[str, Distribution]:
+    """The distributions of the search in sweep folder `location` ({} for a Parquet file)."""
+    filesystem, path = filesystem_and_path(location)
+    if filesystem.get_file_info(f"{path}/{SPEC_FILE}").type != pafs.FileType.File:
+        return {}
+    space, _ = read_spec(path, filesystem)
+    return space.search.distributions if space.search else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", metavar="TRIAL",
                         help="show in each cell the paired per-image NLL difference to this checkpoint: a trial label "
                              "or COLUMN=VALUE[,COLUMN=VALUE] naming one row")
+    parser.add_argument("--importance", action="store_true",
+                        help="a search: each searched parameter's importance for the ranking metric (Optuna's fANOVA)")
+    parser.add_argument("--parallel-plot", metavar="PNG", help="a search: save its parallel-coordinates plot")
+    parser.add_argument("--slice-plot", metavar="PNG", help="a search: save the ranking metric against each parameter")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="print NLL(A) - NLL(B) with its paired and unpaired standard errors instead of the table; "
                              "A and B as for --baseline")
@@ -44,6 +67,21 @@ def main(argv: list[str] | None = None) -> None:
             a, b = (select_one(frame, selector, what) for selector, what in zip(args.compare, ("--compare A", "--compare B")))
             print(comparison_text(a, b, load_per_image(args.location)))
             return
+        if frame["searched"].notna().any():
+            space = search_distributions(args.location)
+            if args.format == "markdown":
+                print(search_table(frame))
+            else:
+                sys.stdout.write(render(frame, summarise(frame), args.format))
+            if args.importance:
+                print("\n" + importance_text(frame, space))
+            if args.parallel_plot or args.slice_plot:
+                save_plots(frame, args.parallel_plot, args.slice_plot, space)
+                print(f"plot(s) written: {', '.join(filter(None, (args.parallel_plot, args.slice_plot)))}",
+                      file=sys.stderr)
+            return
+        if args.importance or args.parallel_plot or args.slice_plot:
+            searched(frame)  # the error: not a search
         baseline = (load_per_image(args.location), select_one(frame, args.baseline, "--baseline")) if args.baseline else None
         summary = summarise(frame, baseline)
         sys.stdout.write(render(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")

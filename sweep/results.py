@@ -50,6 +50,14 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
                                      generator seeded from (seed, step)): from it on the run is not
                                      bit-identical to one that never moved; null: never
 
+  rank_metric, rank_metric_k, rank_metric_value
+                                     what ranked the trials and checkpoints (never a test figure):
+                                     valid_ll, an importance-sampled log-likelihood on the validation
+                                     images with k = rank_metric_k, where trials differ in objective,
+                                     K or M and are ranked against each other; else valid_bound; its
+                                     value at the evaluated checkpoint
+  searched                           a search's drawn values as JSON {key: value} (null: a grid)
+
 per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
   image                              index into the fixed-binarised test set
@@ -107,6 +115,8 @@ SCHEMA = pa.schema(
         ("eval_float32", pa.string()), ("eval_gpu_name", pa.string()), ("eval_gpu_capability", pa.string()),
         ("train_float32", pa.string()), ("train_gpu_name", pa.string()), ("train_gpu_capability", pa.string()),
         ("generator_reseeded_at", pa.int64()),
+        ("rank_metric", pa.string()), ("rank_metric_k", pa.int64()), ("rank_metric_value", pa.float64()),
+        ("searched", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
@@ -126,12 +136,15 @@ class EvaluationRecord:
 
     sweep: str
     trial_id: str
+    trial_name: str  # the configuration's label (sweep.folder.trial_name)
     checkpoint_uri: str
     evaluation_id: str
     config: TrainConfig
     state: dict[str, Any]  # the checkpoint's
     nodes: list[dict]  # the trial's node record (the trainable's nodes.json)
     eval_node: dict[str, Any]  # eval_node_id, eval_node_ip, eval_hostname
+    metric: str  # what ranked the trials and checkpoints: valid_ll or valid_bound
+    searched: list[str]  # the keys a search drew ([] for a grid)
 
 
 def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
@@ -141,7 +154,7 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
     snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
     snr = snr_row["snr"] if snr_row else {}
     return {
-        "sweep": record.sweep, "trial_id": record.trial_id, "trial_name": config.label(),
+        "sweep": record.sweep, "trial_id": record.trial_id, "trial_name": record.trial_name,
         "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
         "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
         "schedule": config.schedule, "dataset": config.dataset, "binarization": result.binarization,
@@ -172,12 +185,15 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
         "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
                                       None),
         **record.eval_node,
+        "rank_metric": record.metric, "rank_metric_k": config.valid_ll_k if record.metric == "valid_ll" else None,
+        "rank_metric_value": last[record.metric],
+        "searched": json.dumps({key: getattr(config, key) for key in record.searched}) if record.searched else None,
     }
 
 
 def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
     """The per_image.parquet columns (PER_IMAGE_SCHEMA) of one evaluated checkpoint."""
-    return {"evaluation_id": record.evaluation_id, "trial_id": record.trial_id, "trial_name": record.config.label(),
+    return {"evaluation_id": record.evaluation_id, "trial_id": record.trial_id, "trial_name": record.trial_name,
             "checkpoint_uri": record.checkpoint_uri, "image": result.per_image["image"],
             "nll": -result.per_image["log_likelihood"], "ess": result.per_image["ess"],
             "pareto_k": result.per_image["pareto_k"]}

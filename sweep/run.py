@@ -17,12 +17,15 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
 from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 
 from iwae_model import TrainConfig
 from iwae_model.data import default_data_dir
@@ -32,7 +35,6 @@ from iwae_model.errors import IWAEError
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
 from .evaluate import run_evaluation
 from .folder import (
-    METRIC,
     SPEC_FILE,
     STAGE_2,
     best_checkpoint,
@@ -48,11 +50,11 @@ from .folder import (
     write_spec,
 )
 from .live import LiveView
-from .plan import plan_sweep, render
+from .plan import drawn_trials, plan_sweep, render
 from .storage import filesystem_and_path
-from .space import DEFAULT_SPACE, SpaceError, SweepSpace, load_space
+from .space import DEFAULT_SPACE, Distribution, SpaceError, SweepSpace, load_space
 from .tables import print_results
-from .trainable import train_trial
+from .trainable import train_trial, trial_config
 
 
 class SweepInterrupted(IWAEError, RuntimeError):
@@ -89,14 +91,34 @@ class Stage:
     parents: dict[str, tune.Checkpoint] | None = None
 
 
+def search_domain(distribution: Distribution) -> Any:
+    """A space file's distribution as Ray Tune's."""
+    if distribution.kind == "choice":
+        return tune.choice(list(distribution.values))
+    return getattr(tune, distribution.kind)(*distribution.values)
+
+
 def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
     space, parents = options.space, stage.parents
+    search = None if parents else space.search  # a continued stage is a grid
     passes = max(t.passes for t in stage.trials)
+    if search and "passes" in search.distributions:
+        passes = max(passes, *search.distributions["passes"].values)
     filesystem, storage_path = filesystem_and_path(stage.storage)
+    # A single grid point is a constant (Optuna takes no grid axis).
+    train = stage.trials[0].to_dict() if search and len(stage.trials) == 1 else tune.grid_search(
+        [t.to_dict() for t in stage.trials])
+    searcher = None
+    if search and search.algorithm == "optuna":
+        searcher = OptunaSearch(seed=search.seed)  # metric and mode from TuneConfig
+    elif search:
+        searcher = BasicVariantGenerator(random_state=search.seed)
+    max_concurrent = (search.max_concurrent if search else None) or options.max_concurrent or None
     return tune.Tuner(
         trainable(space),
         param_space={
-            "train": tune.grid_search([t.to_dict() for t in stage.trials]),
+            "train": train,
+            **({"search": {key: search_domain(d) for key, d in search.distributions.items()}} if search else {}),
             "data_dir": options.data_dir,
             "checkpoint_every": space.checkpoints.every,
             # Stage 2: each trial its own parent's checkpoint (an object, not a path, so that it is
@@ -106,15 +128,17 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
             "storage_marker": options.marker,
         },
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", max_concurrent_trials=options.max_concurrent or None,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes,
-                                    grace_period=max(1, passes // 8), reduction_factor=3) if options.asha else None,
+            metric=space.metric, mode="max", max_concurrent_trials=max_concurrent,
+            search_alg=searcher, num_samples=search.samples if search else 1,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes, grace_period=max(1, passes // 8),
+                                    reduction_factor=3) if options.asha or (search and search.asha) else None,
             trial_name_creator=trial_label,
             trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=stage.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+                num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=space.metric,
+                checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[LiveView(), *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
@@ -146,8 +170,8 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
     saved = saved_results(experiment, filesystem)
     pending = len(saved) - saved.num_terminated - saved.num_errors
     if pending:
-        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{r.config['train']['passes']} passes)"
-                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < r.config["train"]["passes"]]
+        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{trial_config(r.config).passes} passes)"
+                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < trial_config(r.config).passes]
         raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
                                f"lost: continue with the same command plus --resume")
     return grid
@@ -156,7 +180,7 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
 def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainConfig], dict[str, tune.Checkpoint]]:
     """The stage-2 trials whose parents finished, each with its parent's best checkpoint (by
     validation bound, as the evaluation picks it) recorded in init_from."""
-    best = {trial_label(result): best_checkpoint(result) for result in first
+    best = {trial_label(result): best_checkpoint(result, space.metric) for result in first
             if result.error is None and result.checkpoint is not None}
     missing = sorted({child.init_label for child in space.continued} - set(best))
     if space.init_from_sweep and missing:
@@ -236,7 +260,7 @@ def run_sweep(
     return path, rows, [Path(result.path).name for result in failed]
 
 
-def dry_run(space: SweepSpace, address: str | None, max_concurrent: int) -> str:
+def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: bool = False) -> str:
     """The plan of `space` as text: trials, evaluation work and estimated times."""
     resources = space.resources
     if address:
@@ -256,11 +280,13 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int) -> str:
     if concurrent < 1:
         raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
                            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
-    concurrent = min(concurrent, max_concurrent or concurrent, len(space.trials))
+    limit = (space.search.max_concurrent if space.search else None) or max_concurrent or concurrent
+    concurrent = min(concurrent, limit, len(drawn_trials(space)))
     use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
-    return render(space, plan_sweep(space, device, concurrent, eval_threads), where)
+    asha = asha or bool(space.search and space.search.asha)
+    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, asha)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -323,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
             parent = args.init_from_sweep
             space = replace(space, init_from_sweep=parent if "://" in parent else str(Path(parent).expanduser().resolve()))
         if args.dry_run:
-            print(dry_run(space, args.address, args.max_concurrent))
+            print(dry_run(space, args.address, args.max_concurrent, args.asha))
             return
         data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
         for dataset in sorted({trial.dataset for trial in space.trials + space.continued}):

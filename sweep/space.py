@@ -35,6 +35,30 @@ Format (every section but `experiments` is optional; defaults below):
           to: {objective: iwae, k: 50}
 
 Experiment keys: objective, k, m, mk, beta, layers, estimator, plus any `training` key.
+
+A search (instead of only grids): any trial or training key, in `experiments` or `training`,
+may be a distribution instead of a constant or a grid list, and a `search` section says how
+the trials are drawn:
+
+    experiments:
+      - objective: ciwae
+        k: 64
+        beta: {uniform: [0.0, 1.0]}        # also loguniform: [low, high], randint / lograndint:
+    training:                               # [low, high) integers, choice: [a, b, ...] any values
+      lr: {loguniform: [1.0e-4, 3.0e-3]}
+    search:
+      algorithm: random                     # random (Ray Tune's own sampling) or optuna (TPE)
+      samples: 20                           # trials drawn (random: per grid point)
+      max_concurrent: 4                     # trials at once (default: as many as fit)
+      seed: 0                               # the searcher's seed: the same seed draws the same trials
+      asha: false                           # stop poor trials early (as sweep.run --asha)
+
+A distribution applies to every grid point of the file. A search ranks trials, for the
+searcher, ASHA and `best: top`, by `valid_ll` (an importance-sampled log-likelihood estimate on
+the validation images, k = FAIR_K unless `training.valid_ll_k` says otherwise) whenever its
+trials can differ in objective, K, M or CIWAE's beta, since each objective's own bound is not
+comparable across them; otherwise by `valid_bound`. Never by a test-set figure.
+
 Errors name the file, the key, the value and what is allowed, before any trial starts.
 """
 
@@ -66,7 +90,17 @@ SECTIONS = {
                   "eval_actors": int},
     "checkpoints": {"keep": int, "every": int},
 }
-TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", *SECTIONS}
+SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
+TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search",
+             *SECTIONS}
+ALGORITHMS = ("random", "optuna")
+RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
+DISTRIBUTIONS = (*RANGES, "choice")
+# Trials that can differ in these (their bounds differ) are ranked by valid_ll, never by their own bounds. FAIR_K is
+# that estimate's k: measured in docs/search.md, it ranks trials as k=5000 does at a fifth of its
+# cost.
+RANKED_BY_LIKELIHOOD = ("objective", "k", "m", "beta")  # beta: CIWAE's bound mixes two bounds
+FAIR_K = 1000
 STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
 BEST_MODES = ("each", "top")
 
@@ -98,6 +132,40 @@ class Checkpoints:
 
 
 @dataclass(frozen=True)
+class Distribution:
+    """One searched key's distribution: a range (`low`, `high`) or the choices."""
+
+    kind: str
+    values: tuple
+
+    def to_dict(self) -> dict[str, list]:
+        return {self.kind: list(self.values)}
+
+    def __str__(self) -> str:
+        return f"{self.kind}{list(self.values)}"
+
+
+@dataclass(frozen=True)
+class Search:
+    algorithm: str = "random"
+    samples: int = 10
+    max_concurrent: int | None = None
+    seed: int = 0
+    asha: bool = False
+    distributions: dict[str, Distribution] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "distributions"},
+                "distributions": {key: d.to_dict() for key, d in self.distributions.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Search:
+        return cls(**{**d, "distributions": {key: Distribution(kind, tuple(values))
+                                             for key, value in d["distributions"].items()
+                                             for kind, values in value.items()}})
+
+
+@dataclass(frozen=True)
 class SweepSpace:
     name: str
     source: str
@@ -111,6 +179,18 @@ class SweepSpace:
     continued: list[TrainConfig] = field(default_factory=list)
     # sweep.run --init-from-sweep: stage 1 is that sweep's (finished) trials, not trained here.
     init_from_sweep: str | None = None
+    # A search: `trials` are its grid points, each with the distributions' keys still at their
+    # defaults; the searcher draws those.
+    search: Search | None = None
+
+    @property
+    def metric(self) -> str:
+        """What ranks trials and checkpoints: valid_ll where trials that are ranked against each
+        other (a search, `best: top`) can differ in objective, K or M; else valid_bound."""
+        differ = len({(t.objective, t.k, t.m, t.beta) for t in self.trials}) > 1 or bool(
+            self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD))
+        ranked = self.search is not None or self.evaluation.best == "top"
+        return "valid_ll" if differ and ranked else "valid_bound"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +199,7 @@ class SweepSpace:
             "init_from_sweep": self.init_from_sweep,
             "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
             "checkpoints": dataclasses.asdict(self.checkpoints),
+            "search": self.search.to_dict() if self.search else None,
         }
 
     @classmethod
@@ -128,7 +209,8 @@ class SweepSpace:
                    evaluation=Evaluation(**d["evaluation"]), resources=Resources(**d["resources"]),
                    checkpoints=Checkpoints(**d["checkpoints"]),
                    continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
-                   init_from_sweep=d.get("init_from_sweep"))
+                   init_from_sweep=d.get("init_from_sweep"),
+                   search=Search.from_dict(d["search"]) if d.get("search") else None)
 
 
 def resolve_space_path(space: str) -> Path:
@@ -208,6 +290,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     for key in training:
         if key not in TRAINING_KEYS:
             raise fail(f"training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+    distributions: dict[str, tuple[str, Distribution]] = {}  # key: (where, distribution)
+    training = _take_distributions(training, "training", distributions, fail)
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise fail("seeds", f"{seeds!r}: expected a non-empty list of integers")
@@ -223,14 +307,111 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         where = f"experiments[{index}]"
         if not isinstance(grid, dict):
             raise fail(where, "expected a mapping such as {objective: iwae, k: [5, 50]}")
+        grid = _take_distributions(grid, where, distributions, fail)
         for point in _expand(grid, where, mk_product, fail):
             for seed in seeds:
                 config = _config({**training, **point, "seed": seed}, where, point, fail)
                 if config not in trials:
                     trials.append(config)
+    search = _search(raw.get("search"), distributions, trials, fail)
+    if search and raw.get("continue") is not None:
+        raise fail("continue", "a search has no second stage: a `continue` stage continues a grid's trials")
     continued = _continued(raw.get("continue"), trials, fail)
-    return SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
-                      checkpoints=checkpoints, description=str(raw.get("description", "")).strip(), continued=continued)
+    space = SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
+                       checkpoints=checkpoints, description=str(raw.get("description", "")).strip(),
+                       continued=continued, search=search)
+    if space.metric == "valid_ll":  # every trial measures the metric that ranks it
+        space = dataclasses.replace(space, trials=[t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K)
+                                                   for t in trials])
+    return space
+
+
+# The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).
+_NUMBER_KEYS = {f.name: {"int": int, "int | None": int, "float": float}[f.type] for f in dataclasses.fields(TrainConfig)
+                if f.type in ("int", "int | None", "float")}
+
+
+def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, Distribution]], fail) -> dict:
+    """`mapping` without its distributions (`{uniform: [0, 1]}` and the like), which go to `found`."""
+    plain = {}
+    for key, value in mapping.items():
+        if not isinstance(value, dict):
+            plain[key] = value
+            continue
+        here = f"{where}.{key}"
+        if key not in (*TRIAL_KEYS, *TRAINING_KEYS):
+            raise fail(here, f"{value!r}: only trial and training keys can be searched "
+                             f"({', '.join((*TRIAL_KEYS, *TRAINING_KEYS))}); give m and k their own distributions")
+        if key in found:
+            raise fail(here, f"already searched at {found[key][0]}: a distribution applies to the whole file, give it once")
+        if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+            raise fail(here, f"{value!r}: expected one distribution, e.g. {{loguniform: [1.0e-4, 3.0e-3]}}; known: "
+                             f"{', '.join(DISTRIBUTIONS)}")
+        kind, values = next(iter(value.items()))
+        if not isinstance(values, list) or not values:
+            raise fail(here, f"{kind}: {values!r}: expected a non-empty list"
+                             + (" of choices" if kind == "choice" else ", [low, high]"))
+        if kind in RANGES:
+            expected, number = RANGES[kind], _NUMBER_KEYS.get(key)
+            if number is not expected:
+                takes = {int: "an integer: randint, lograndint or choice",
+                         float: "a real number: uniform, loguniform or choice"}.get(number, "only choice: [...]")
+                raise fail(here, f"{kind}: {key} takes {takes}")
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                           for v in values) or (expected is int and not all(isinstance(v, int)
+                                                                                            for v in values)):
+                raise fail(here, f"{kind}: {values!r}: expected [low, high], two {'integers' if expected is int else 'numbers'}")
+            low, high = values
+            if not low < high:
+                raise fail(here, f"{kind}: [{low}, {high}]: low must be below high")
+            if kind.startswith("log") and low <= 0:
+                raise fail(here, f"{kind}: [{low}, {high}]: a log range must stay above 0; use uniform or randint to "
+                                 f"reach {low}")
+        found[key] = (here, Distribution(kind, tuple(values)))
+    return plain
+
+
+def _search(section: Any, found: dict[str, tuple[str, Distribution]], trials: list[TrainConfig], fail) -> Search | None:
+    """The `search` section with the file's distributions; each distribution's values are
+    checked on every grid point (a choice of k: [0] fails here, not in a trial)."""
+    if section is None:
+        if found:
+            where = next(iter(found.values()))[0]
+            raise fail(where, "a distribution needs a `search` section (algorithm, samples) saying how trials are drawn")
+        return None
+    if not isinstance(section, dict):
+        raise fail("search", f"expected a mapping with keys {', '.join(SEARCH_SECTION)}")
+    for key, value in section.items():
+        if key not in SEARCH_SECTION:
+            raise fail(f"search.{key}", f"unknown key; allowed: {', '.join(SEARCH_SECTION)}")
+        if not isinstance(value, SEARCH_SECTION[key]) or (SEARCH_SECTION[key] is int and isinstance(value, bool)):
+            raise fail(f"search.{key}", f"{value!r} has the wrong type; expected {_type_names(SEARCH_SECTION[key])}")
+    search = Search(**section, distributions={key: d for key, (_, d) in found.items()})
+    if search.algorithm not in ALGORITHMS:
+        raise fail("search.algorithm", f"{search.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    if search.samples < 1 or (search.max_concurrent is not None and search.max_concurrent < 1):
+        raise fail("search", "samples and max_concurrent must be positive")
+    if not found:
+        raise fail("search", "no key is a distribution, so every sample would train the same trials again; make a "
+                             "key a distribution (e.g. lr: {loguniform: [1.0e-4, 3.0e-3]}) or drop the section")
+    if search.algorithm == "optuna" and len(trials) > 1:
+        raise fail("search.algorithm", f"optuna cannot take a grid axis: the experiments give {len(trials)} "
+                                       f"configurations ({', '.join(t.label() for t in trials[:4])}...); make each "
+                                       f"axis a distribution (e.g. k: {{choice: [1, 5, 50]}}), or use random")
+    for key, (where, distribution) in found.items():
+        if search.algorithm == "optuna" and distribution.kind == "choice" and not all(
+                isinstance(v, (int, float, str, bool)) for v in distribution.values):
+            raise fail(where, f"{distribution}: optuna's choices are numbers or strings; use random for a choice "
+                              f"of lists")
+        if distribution.kind == "choice":
+            probes = list(distribution.values)
+        else:
+            low, high = distribution.values
+            probes = [low, high - 1 if RANGES[distribution.kind] is int else high]
+        for trial in trials:
+            for value in probes:
+                _config({**trial.to_dict(), key: value}, where, {key: value}, fail)
+    return search
 
 
 def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfig]:
@@ -242,9 +423,12 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     training = section.get("training") or {}
     if not isinstance(training, dict):
         raise fail("continue.training", "expected a mapping of TrainConfig fields")
-    for key in training:
+    for key, value in training.items():
         if key not in TRAINING_KEYS:
             raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+        if isinstance(value, dict):
+            raise fail(f"continue.training.{key}", f"{value!r}: a distribution inside `continue`; a second stage "
+                                                  f"continues each first-stage trial with constant settings")
     switches = section["switch"]
     if not isinstance(switches, list) or not switches:
         raise fail("continue.switch", "expected a non-empty list of {from: {...}, to: {...}}")

@@ -17,6 +17,7 @@ import yaml
 
 from .compare import difference, mean_image_nll
 from .results import ResultsError
+from .study import search_table
 
 KEY = ["layers", "m", "k"]
 DATASET_TITLES = {"mnist": "MNIST, dynamically binarized (Burda et al. Table 1)",
@@ -197,7 +198,7 @@ def plot(summary: pd.DataFrame, path: str) -> None:
 def print_results(rows: list[dict], path: str) -> None:
     frame = pd.DataFrame(rows)
     print()
-    print(tables(frame, summarise(frame)))
+    print(search_table(frame) if frame["searched"].notna().any() else tables(frame, summarise(frame)))
     print()
     best = frame.sort_values("test_nll").head(5)
     width = max(28, *map(len, best["trial_name"]))

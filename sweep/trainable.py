@@ -92,15 +92,21 @@ def read_nodes(path: Path) -> list[dict]:
     return nodes
 
 
+def trial_config(config: dict[str, Any]) -> TrainConfig:
+    """A Ray trial's TrainConfig: its grid point, with the values the searcher drew for it."""
+    return TrainConfig.from_dict({**config["train"], **(config.get("search") or {})})
+
+
 def train_trial(config: dict[str, Any]) -> None:
-    """Ray Tune entry point. `config`: {"train": TrainConfig dict, "data_dir": absolute path,
+    """Ray Tune entry point. `config`: {"train": TrainConfig dict, "search": the values a search
+    drew (replacing train's; absent in a grid), "data_dir": absolute path,
     "checkpoint_every": passes, "init_checkpoint": the parent's checkpoint of a stage-2 trial (else
     None), "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
     # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
         verify_storage_marker(config["storage_marker"])
-    train_config = TrainConfig.from_dict(config["train"])
+    train_config = trial_config(config)
     pin_float32()
     device = ray_device()
     here = {**this_node(), **device_record(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],

@@ -17,6 +17,7 @@ from ray._common.utils import get_ray_address_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY_SPACE
+from iwae_model import TrainConfig
 from iwae_model.data import DataError
 from sweep.cluster import init_ray, on_loopback
 from sweep.local_cluster import ADDRESS, process_table, read_state, session_processes
@@ -231,7 +232,7 @@ def test_a_node_without_mnist_or_network_is_named_in_the_error(cluster, tmp_path
     load = ray.remote(num_cpus=1, num_gpus=1)(load_node_data).options(  # a GPU: it runs on a gpu_worker node
         runtime_env={"env_vars": {"IWAE_MNIST_MIRRORS": "http://127.0.0.1:9/"}})
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
-        ray.get(load.remote(str(tmp_path / "no_mnist"), "cpu", "dynamic"), timeout=120)
+        ray.get(load.remote(TrainConfig(), str(tmp_path / "no_mnist"), "cpu"), timeout=120)
     error = raised.value.cause
     assert isinstance(error, DataError), raised.value
     assert f"Ray node {WORKER_ID_PREFIX}" in str(error) and "http://127.0.0.1:9/" in str(error)

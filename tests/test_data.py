@@ -62,7 +62,7 @@ def test_data_dir_order_argument_then_environment_then_home(monkeypatch, tmp_pat
     assert default_data_dir(tmp_path / "arg") == tmp_path / "arg"
     assert default_data_dir() == tmp_path / "env"
     monkeypatch.delenv("IWAE_DATA_DIR")
-    assert default_data_dir() == Path.home() / ".cache" / "iwae-sweep" / "mnist"
+    assert default_data_dir() == Path.home() / ".cache" / "iwae-sweep" / "data"
 
 
 @pytest.fixture(scope="module")

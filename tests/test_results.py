@@ -33,7 +33,7 @@ def write_bad(path, kind):
     ("text", ["not a readable Parquet file", "sweep.evaluate"]),
     ("empty", ["not a readable Parquet file"]),
     ("not ours", ["not iwae-sweep results", "schema_version"]),
-    ("other version", ["schema version 7", "reads 4"]),
+    ("other version", ["schema version 7", "reads 5"]),
     ("missing columns", ["['test_nll'] are missing"]),
 ])
 def test_bad_parquet_files_are_named_with_the_fix(tmp_path, kind, words):

@@ -80,7 +80,8 @@ def test_bad_files_name_the_file_key_value_and_fix(tmp_path, change, expected):
 
 
 def test_unknown_space_name_lists_the_shipped_ones():
-    with pytest.raises(SpaceError, match="burda2016, burda2016_table2, quick, rainforth2018"):
+    with pytest.raises(SpaceError, match="burda2016, burda2016_fixed_binarization, burda2016_omniglot, burda2016_table2, "
+                                         "ciwae_search, ciwae_search_quick, quick, rainforth2018"):
         load_space("burda2017")
 
 

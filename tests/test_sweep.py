@@ -138,6 +138,8 @@ def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):
     assert (tmp_path / "nll.png").stat().st_size > 10_000
     bad = subprocess.run([*run, "--where", "colour=red"], capture_output=True, text=True)
     assert bad.returncode == 1 and "colour=red" in bad.stderr
+    not_a_search = subprocess.run([*run, "--importance"], capture_output=True, text=True)
+    assert not_a_search.returncode == 1 and "not a search's" in not_a_search.stderr
 
 
 def test_importance_sampling_health_and_snr_reach_parquet_and_tensorboard(finished_sweep):

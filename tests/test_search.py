@@ -1,0 +1,158 @@
+"""Searches: distributions in a space file, random and Optuna search through Ray Tune, the fair
+metric, a killed and resumed search, and what the query makes of one (real Ray, real MNIST)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from test_sweep import trial_dirs, wait_for_checkpoint
+
+from iwae_model import TrainConfig
+from iwae_model.checkpoint import load_checkpoint
+from sweep.run import run_sweep
+from sweep.space import FAIR_K, SpaceError, load_space, parse_space
+
+TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 20, "latent_dims": [4], "hidden_dims": [16],
+                 "schedule": "constant"}
+
+
+def search_space(name: str, search: dict, experiments=None, **training) -> dict:
+    return {"name": name, "experiments": experiments or [{"objective": "iwae", "k": 2}],
+            "training": {**TINY_TRAINING, "lr": {"loguniform": [1.0e-4, 1.0e-2]}, **training},
+            "search": search, "evaluation": {"k": 20, "images": 10}, "checkpoints": {"keep": 1, "every": 1}}
+
+
+BAD_SPECS = {  # name: (the space's changes, words the error must hold)
+    "unknown distribution": ({"training": {"lr": {"normal": [0, 1]}}}, ["training.lr", "known: uniform"]),
+    "low >= high": ({"training": {"lr": {"uniform": [0.01, 0.001]}}}, ["training.lr", "low must be below high"]),
+    "log range reaching 0": ({"training": {"lr": {"loguniform": [0.0, 0.01]}}}, ["a log range must stay above 0"]),
+    "empty choice": ({"experiments": [{"objective": "iwae", "k": {"choice": []}}]}, ["experiments[0].k", "non-empty"]),
+    "continuous layers": ({"experiments": [{"objective": "iwae", "layers": {"uniform": [1, 2]}}]},
+                          ["experiments[0].layers", "layers takes an integer: randint"]),
+    "a range on a string key": ({"training": {"schedule": {"uniform": [0, 1]}}}, ["schedule takes only choice"]),
+    "a bad value in a choice": ({"experiments": [{"objective": "iwae", "k": {"choice": [1, 0]}}]},
+                                ["experiments[0].k", "{'k': 0}", "positive integer"]),
+    "searched twice": ({"experiments": [{"objective": "iwae", "lr": {"uniform": [0.001, 0.002]}}]},
+                       ["already searched at training.lr"]),
+    "no search section": ({"search": None}, ["needs a `search` section"]),
+    "a search of nothing": ({"training": TINY_TRAINING}, ["no key is a distribution"]),
+    "unknown algorithm": ({"search": {"algorithm": "hyperband"}}, ["search.algorithm", "random, optuna"]),
+    "optuna with a grid axis": ({"experiments": [{"objective": "iwae", "k": [2, 3]}], "search": {"algorithm": "optuna"}},
+                                ["optuna cannot take a grid axis", "{choice: [1, 5, 50]}"]),
+    "optuna with a choice of lists": ({"search": {"algorithm": "optuna"},
+                                       "experiments": [{"objective": "iwae", "latent_dims": {"choice": [[4], [8]]}}]},
+                                      ["optuna's choices are numbers or strings"]),
+    "a distribution inside continue": ({"continue": {"training": {"lr": {"uniform": [0.001, 0.002]}},
+                                                     "switch": [{"from": {"objective": "iwae"}, "to": {"k": 3}}]},
+                                        "search": None, "training": TINY_TRAINING},
+                                       ["continue.training.lr", "a distribution inside `continue`"]),
+    "negative samples": ({"search": {"samples": 0}}, ["samples and max_concurrent must be positive"]),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_SPECS)
+def test_a_bad_search_spec_is_named_before_anything_runs(bad):
+    changes, words = BAD_SPECS[bad]
+    spec = {**search_space("bad", {"algorithm": "random", "samples": 2}), **changes}
+    with pytest.raises(SpaceError) as raised:
+        parse_space({key: value for key, value in spec.items() if value is not None}, "bad.yaml")
+    assert str(raised.value).startswith("bad.yaml: ") and all(word in str(raised.value) for word in words), raised.value
+
+
+def test_a_search_ranks_by_the_fair_metric_where_objectives_or_k_differ():
+    optimizer_only = parse_space(search_space("lr", {"samples": 2}), "<lr>")
+    assert optimizer_only.metric == "valid_bound" and optimizer_only.trials[0].valid_ll_k == 0
+    over_k = parse_space(search_space("k", {"samples": 2}, [{"objective": "iwae", "k": {"choice": [1, 5]}}]), "<k>")
+    assert over_k.metric == "valid_ll" and over_k.trials[0].valid_ll_k == FAIR_K
+    grid = parse_space(search_space("grid", {"samples": 2}, [{"objective": ["vae", "iwae"], "k": 2}]), "<grid>")
+    assert grid.metric == "valid_ll" and len(grid.trials) == 2
+
+
+def drawn(sweep_dir) -> list[dict]:
+    """Each trial's drawn values, as its checkpoint's configuration says it trained."""
+    configs = [TrainConfig.from_dict(load_checkpoint(sorted(trial.glob("checkpoint_*"))[-1])["config"])
+               for trial in trial_dirs(sweep_dir)]
+    return sorted(({"lr": c.lr, "k": c.k} for c in configs), key=lambda d: d["lr"])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mnist_dir, tmp_path):
+    spec = search_space("random", {"algorithm": "random", "samples": 3, "seed": 7},
+                        [{"objective": "iwae", "k": {"choice": [1, 2, 3]}}])
+    runs = []
+    for folder in ("first", "second"):
+        path, rows, failed = run_sweep(parse_space(spec, "<random>"), str(tmp_path / folder), str(mnist_dir))
+        assert not failed and len(rows) == 3
+        runs.append(drawn(tmp_path / folder / "random"))
+    first, second = runs
+    assert first == second  # the same seed draws the same trials
+    assert len({d["lr"] for d in first}) == 3 and all(1e-4 <= d["lr"] <= 1e-2 and d["k"] in (1, 2, 3) for d in first)
+    table = pq.read_table(path).to_pylist()
+    assert {r["rank_metric"] for r in table} == {"valid_ll"} and {r["rank_metric_k"] for r in table} == {FAIR_K}
+    for row in table:  # the drawn values in Parquet, and in the label with the trial's number
+        values = json.loads(row["searched"])
+        assert f"_lr{values['lr']:.3g}_trial" in row["trial_name"] and f"_K{values['k']}_" in row["trial_name"]
+        assert math.isfinite(row["rank_metric_value"])
+
+
+def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
+    spec = search_space("optuna", {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
+                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=5, train_images=1000)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(mnist_dir)]
+    whole = subprocess.run([*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    driver = subprocess.Popen([*command, "--storage", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_checkpoint(driver, tmp_path / "killed" / "optuna", "checkpoint_000001")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    started = len(trial_dirs(tmp_path / "killed" / "optuna"))
+    resumed = subprocess.run([*command, "--storage", str(tmp_path / "killed"), "--resume"], capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 1 <= started < 5
+    # Optuna's suggestions are what the trials trained, and the resumed study drew the rest:
+    # five trials in all, none twice, the same as the uninterrupted search with that seed.
+    assert drawn(tmp_path / "killed" / "optuna") == drawn(tmp_path / "whole" / "optuna")
+    assert len(trial_dirs(tmp_path / "killed" / "optuna")) == 5
+    for sweep in ("whole", "killed"):
+        ray_configs = sorted(json.loads((trial / "params.json").read_text())["search"]["lr"]
+                             for trial in trial_dirs(tmp_path / sweep / "optuna"))
+        assert ray_configs == [d["lr"] for d in drawn(tmp_path / sweep / "optuna")]
+    # The query: trials best first by the fair metric, the drawn values, the test NLL beside them.
+    query = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "whole" / "optuna"), "--importance",
+                            "--parallel-plot", str(tmp_path / "parallel.png"), "--slice-plot", str(tmp_path / "slice.png")],
+                           capture_output=True, text=True, timeout=300)
+    assert query.returncode == 0, query.stderr[-3000:]
+    assert f"best first by valid_ll (k={FAIR_K})" in query.stdout and "| trial | k | lr |" in query.stdout
+    names = [line.split(" | ")[0][2:] for line in query.stdout.splitlines() if line.startswith("| iwae_")]
+    assert len(set(names)) == 5 and all("_trial" in name for name in names)  # each trial named apart
+    values = [float(line.split(" | ")[3]) for line in query.stdout.splitlines() if line.startswith("| iwae_")]
+    assert len(values) == 5 and values == sorted(values, reverse=True)
+    assert "Importance of each searched parameter for valid_ll" in query.stdout and "the figures become meaningful" in query.stdout
+    shares = {line.split()[0]: float(line.split()[1]) for line in query.stdout.splitlines() if line.startswith("  ")}
+    assert set(shares) == {"k", "lr"} and abs(sum(shares.values()) - 1) < 1e-6
+    assert (tmp_path / "parallel.png").stat().st_size > 10_000 and (tmp_path / "slice.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", ["ciwae_search", "ciwae_search_quick"])
+def test_the_shipped_searches_are_optuna_searches_ranked_fairly(name):
+    space = load_space(name)
+    assert space.search.algorithm == "optuna" and set(space.search.distributions) == {"beta", "lr"}
+    assert space.metric == "valid_ll" and all(t.valid_ll_k == FAIR_K for t in space.trials)
