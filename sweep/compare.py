@@ -39,16 +39,16 @@ def difference(nll_a: np.ndarray, nll_b: np.ndarray) -> Difference:
     return Difference(float((nll_a - nll_b).mean()), float((nll_a - nll_b).std(ddof=1) / math.sqrt(n)), unpaired, n)
 
 
-def per_image_location(location: str) -> str:
-    """The per-image file beside a results file, or in a sweep folder."""
+def beside_results(location: str, file: str = PER_IMAGE_FILE) -> str:
+    """Results `file` (results/per_image.parquet, ...) beside a results file, or in a sweep folder."""
     results_name = RESULTS_FILE.rsplit("/", 1)[1]
     if location.rstrip("/").endswith(results_name):
-        return location.rstrip("/")[:-len(results_name)] + PER_IMAGE_FILE.rsplit("/", 1)[1]
+        return location.rstrip("/")[:-len(results_name)] + file.rsplit("/", 1)[1]
     return location
 
 
 def load_per_image(location: str) -> pd.DataFrame:
-    return read_per_image(per_image_location(location)).to_pandas()
+    return read_per_image(beside_results(location)).to_pandas()
 
 
 def where(frame: pd.DataFrame, conditions: list[str], what: str) -> pd.DataFrame:

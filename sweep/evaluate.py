@@ -35,16 +35,18 @@ from iwae_model.errors import IWAEError
 from iwae_model.evaluation import evaluate_model
 
 from .cluster import check_gpus, init_ray, ray_device, this_node
-from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints, trial_name
+from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints, trial_name, trial_rows
 from .results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
+    TRIALS_FILE,
     EvaluationRecord,
     per_image_part,
     per_image_table,
     results_row,
     write_results,
     write_table,
+    write_trials,
 )
 from .space import SweepSpace
 from .storage import filesystem_and_path
@@ -128,9 +130,10 @@ def run_evaluation(
         raise
     evaluated.sort(key=lambda pair: pair[0]["trial_name"])
     rows = [row for row, _ in evaluated]
-    # The per-image file first: results.parquet names the evaluation_id its per-image rows carry,
+    # The per-image and trials files first: results.parquet names the evaluation_id its per-image rows carry,
     # so a crash between the two writes is detected by sweep.query rather than mixing evaluations.
     write_table(per_image_table([per_image for _, per_image in evaluated]), f"{folder}/{PER_IMAGE_FILE}", filesystem)
+    write_trials(trial_rows(grids, space), f"{folder}/{TRIALS_FILE}", filesystem)
     path = f"{folder}/{RESULTS_FILE}"
     write_results(rows, path, filesystem)
     checkpoints = dict(selected)

@@ -73,6 +73,28 @@ def best_checkpoint(result: tune.Result, metric: str) -> tune.Checkpoint:
     return result.get_best_checkpoint(metric, "max") or result.checkpoint
 
 
+def _score(result: tune.Result, metric: str) -> float | None:
+    """A trial's best value of `metric` over its kept checkpoints (its last report's without one)."""
+    return max((m[metric] for _, m in result.best_checkpoints), default=result.metrics.get(metric))
+
+
+def trial_rows(grids: list[tune.ResultGrid], space: SweepSpace) -> list[dict[str, Any]]:
+    """Every trial as a trials.parquet row (results.TRIALS_SCHEMA), evaluated or not."""
+    searched = sorted(space.search.distributions) if space.search else []
+    rows = []
+    for result in (result for grid in grids for result in grid):
+        config, epochs = trial_config(result.config), result.metrics.get("epoch", 0)
+        status = "failed" if result.error is not None else "finished" if epochs >= config.passes else \
+            "stopped early (ASHA)"
+        rows.append({
+            "trial_id": result.metrics.get("trial_id") or result.path.rsplit("_", 1)[-1],
+            "trial_name": trial_label(result), "status": status, "epochs": epochs,
+            "searched": json.dumps({key: getattr(config, key) for key in searched}) if searched else None,
+            "rank_metric": space.metric, "rank_metric_k": config.valid_ll_k if space.metric == "valid_ll" else None,
+            "rank_metric_value": _score(result, space.metric) if result.metrics else None})
+    return rows
+
+
 def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
     """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by the space's
     metric (`best: each`), or of the `top` trials best by it (`best: top`). Never a test figure."""
@@ -82,7 +104,7 @@ def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[
         if result.error is not None or result.checkpoint is None:
             continue
         best = best_checkpoint(result, metric)
-        score = max((m[metric] for _, m in result.best_checkpoints), default=result.metrics.get(metric))
+        score = _score(result, metric)
         chosen.append((score, result.metrics["trial_id"], best))
     chosen.sort(key=lambda item: item[0], reverse=True)
     if evaluation.best == "top":

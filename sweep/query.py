@@ -18,8 +18,8 @@ from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError
 
-from .compare import comparison_text, load_per_image, select_one, where
-from .results import ResultsError, read_results
+from .compare import beside_results, comparison_text, load_per_image, select_one, where
+from .results import TRIALS_FILE, ResultsError, read_results, read_trials
 from .folder import SPEC_FILE, read_spec
 from .space import Distribution
 from .storage import filesystem_and_path
@@ -69,14 +69,16 @@ def main(argv: list[str] | None = None) -> None:
             return
         if frame["searched"].notna().any():
             space = search_distributions(args.location)
+            trials = read_trials(beside_results(args.location, TRIALS_FILE)).to_pandas()
             if args.format == "markdown":
-                print(search_table(frame))
+                print(search_table(trials, frame))
             else:
-                sys.stdout.write(render(frame, summarise(frame), args.format))
+                sys.stdout.write(trials.to_csv(index=False) if args.format == "csv" else
+                                 trials.to_json(orient="records", indent=1) + "\n")
             if args.importance:
-                print("\n" + importance_text(frame, space))
+                print("\n" + importance_text(trials, space))
             if args.parallel_plot or args.slice_plot:
-                save_plots(frame, args.parallel_plot, args.slice_plot, space)
+                save_plots(trials, args.parallel_plot, args.slice_plot, space)
                 print(f"plot(s) written: {', '.join(filter(None, (args.parallel_plot, args.slice_plot)))}",
                       file=sys.stderr)
             return

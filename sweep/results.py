@@ -58,6 +58,13 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
                                      value at the evaluated checkpoint
   searched                           a search's drawn values as JSON {key: value} (null: a grid)
 
+trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
+or not (a search's analyses need every trial, `best: top` evaluates a few)
+  trial_id, trial_name, status       status: finished, stopped early (ASHA), or failed
+  epochs                             passes trained
+  searched                           the values a search drew, as JSON (null: a grid)
+  rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
+
 per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
   image                              index into the fixed-binarised test set
@@ -88,6 +95,8 @@ SCHEMA_VERSION = 5
 RESULTS_FILE = "results/results.parquet"
 PER_IMAGE_FILE = "results/per_image.parquet"
 PER_IMAGE_SCHEMA_VERSION = 1
+TRIALS_FILE = "results/trials.parquet"
+TRIALS_SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
     [
@@ -119,6 +128,14 @@ SCHEMA = pa.schema(
         ("searched", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
+)
+TRIALS_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()), ("trial_name", pa.string()), ("status", pa.string()), ("epochs", pa.int64()),
+        ("searched", pa.string()), ("rank_metric", pa.string()), ("rank_metric_k", pa.int64()),
+        ("rank_metric_value", pa.float64()),
+    ],
+    metadata={"iwae_sweep.trials_schema_version": str(TRIALS_SCHEMA_VERSION)},
 )
 PER_IMAGE_SCHEMA = pa.schema(
     [
@@ -207,6 +224,10 @@ def write_results(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSy
     write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem)
 
 
+def write_trials(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:
+    write_table(pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA), path, filesystem)
+
+
 def per_image_table(parts: list[dict[str, Any]]) -> pa.Table:
     """One table from each checkpoint's per-image columns (constants broadcast to every image)."""
     tables = []
@@ -239,6 +260,13 @@ def read_results(location: str) -> pa.Table:
     """A sweep folder's results, or a Parquet file, local or on object storage."""
     table = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION)
     _require_columns(location, table, SCHEMA.names, SCHEMA_VERSION)
+    return table
+
+
+def read_trials(location: str) -> pa.Table:
+    """A sweep folder's table of trials (or that Parquet file), local or on object storage."""
+    table = _read_versioned(location, TRIALS_FILE, "iwae_sweep.trials_schema_version", TRIALS_SCHEMA_VERSION)
+    _require_columns(location, table, TRIALS_SCHEMA.names, TRIALS_SCHEMA_VERSION)
     return table
 
 

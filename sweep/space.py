@@ -96,9 +96,8 @@ TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "train
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
 DISTRIBUTIONS = (*RANGES, "choice")
-# Trials that can differ in these (their bounds differ) are ranked by valid_ll, never by their own bounds. FAIR_K is
-# that estimate's k: measured in docs/search.md, it ranks trials as k=5000 does at a fifth of its
-# cost.
+# Trials that can differ in these (their bounds differ) are ranked by valid_ll, never by their
+# own bounds. FAIR_K is that estimate's k (docs/search.md: the k=5000 order at a fifth of its cost).
 RANKED_BY_LIKELIHOOD = ("objective", "k", "m", "beta")  # beta: CIWAE's bound mixes two bounds
 FAIR_K = 1000
 STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known

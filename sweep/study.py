@@ -1,6 +1,7 @@
-"""A search's results (rows of results.parquet with `searched` values) as a table sorted by the
-metric that ranked them, and as an Optuna study for the figures people expect from sweep tools:
-each searched parameter's importance, parallel coordinates, the metric against each parameter.
+"""A search's trials (results/trials.parquet: every trial, with its drawn values and the metric
+that ranked it) as a table, best first, beside the test NLL of the evaluated ones
+(results.parquet), and as an Optuna study for the figures people expect from sweep tools: each
+searched parameter's importance, parallel coordinates, the metric against each parameter.
 
 The study is built in memory from the Parquet rows (Optuna need not have run the trials, and
 random search works the same); each parameter's distribution is the space file's (log scales
@@ -23,31 +24,36 @@ MIN_TRIALS_PER_PARAMETER = 10  # below this, importance figures are mostly noise
 
 
 def searched(frame: pd.DataFrame) -> pd.DataFrame:
-    """The drawn values, one column per searched key; ResultsError unless these rows are a search's."""
-    rows = frame[frame["searched"].notna()]
+    """The drawn values of the trials that reported the metric, one column per searched key;
+    ResultsError unless these rows are a search's."""
+    rows = frame[frame["searched"].notna() & frame["rank_metric_value"].notna()]
     if rows.empty:
         raise ResultsError("these results are not a search's: no row has drawn values (`searched`); a grid sweep's "
                            "table is python -m sweep.query SWEEP_DIR without --importance or --parallel-plot")
     return pd.DataFrame([json.loads(values) for values in rows["searched"]], index=rows.index)
 
 
-def search_table(frame: pd.DataFrame) -> str:
+def search_table(trials: pd.DataFrame, results: pd.DataFrame) -> str:
     """The trials best first by the metric that ranked them, the drawn values as columns, the
-    k-sample test NLL beside them."""
-    values = searched(frame)
-    rows = frame.loc[values.index].assign(**{f"drawn {key}": values[key] for key in values.columns})
+    k-sample test NLL of the evaluated ones beside them."""
+    values = searched(trials)
+    rows = trials.loc[values.index].assign(**{f"drawn {key}": values[key] for key in values.columns})
+    rows = rows.merge(results[["trial_id", "test_nll", "test_nll_se"]], on="trial_id", how="left")
     rows = rows.sort_values("rank_metric_value", ascending=False)
-    metric = rows["rank_metric"].iloc[0]
-    k = rows["rank_metric_k"].iloc[0]
+    metric, k = rows["rank_metric"].iloc[0], rows["rank_metric_k"].iloc[0]
     metric_name = f"{metric} (k={int(k)})" if pd.notna(k) else metric
-    header = ["trial", *values.columns, metric_name, f"test NLL (k={int(rows['eval_k'].min())})"]
+    header = ["trial", *values.columns, metric_name, "passes", f"test NLL (k={int(results['eval_k'].min())})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in rows.iterrows():
         drawn = [_shown(row[f"drawn {key}"]) for key in values.columns]
-        lines.append(f"| {row['trial_name']} | " + " | ".join(drawn) +
-                     f" | {row['rank_metric_value']:.2f} | {row['test_nll']:.2f} ± {row['test_nll_se']:.2f} |")
+        nll = f"{row['test_nll']:.2f} ± {row['test_nll_se']:.2f}" if pd.notna(row["test_nll"]) else "not evaluated"
+        passes = str(row["epochs"]) + (" (stopped early)" if row["status"] != "finished" else "")
+        lines.append(f"| {row['trial_name']} | " + " | ".join(drawn) + f" | {row['rank_metric_value']:.2f} | "
+                     f"{passes} | {nll} |")
+    failed = int((trials["status"] == "failed").sum())
     return "\n".join([f"Search: {len(rows)} trials, best first by {metric_name} on the validation images "
-                      f"(higher is better; the test NLL is shown, never used to rank)", *lines])
+                      f"(higher is better; the test NLL is shown, never used to rank)"
+                      + (f"; {failed} failed" if failed else ""), *lines])
 
 
 def _shown(value) -> str:

@@ -15,8 +15,8 @@ from importlib import resources
 import pandas as pd
 import yaml
 
-from .compare import difference, mean_image_nll
-from .results import ResultsError
+from .compare import beside_results, difference, mean_image_nll
+from .results import TRIALS_FILE, ResultsError, read_trials
 from .study import search_table
 
 KEY = ["layers", "m", "k"]
@@ -198,7 +198,10 @@ def plot(summary: pd.DataFrame, path: str) -> None:
 def print_results(rows: list[dict], path: str) -> None:
     frame = pd.DataFrame(rows)
     print()
-    print(search_table(frame) if frame["searched"].notna().any() else tables(frame, summarise(frame)))
+    if frame["searched"].notna().any():
+        print(search_table(read_trials(beside_results(path, TRIALS_FILE)).to_pandas(), frame))
+    else:
+        print(tables(frame, summarise(frame)))
     print()
     best = frame.sort_values("test_nll").head(5)
     width = max(28, *map(len, best["trial_name"]))

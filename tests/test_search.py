@@ -16,6 +16,7 @@ from test_sweep import trial_dirs, wait_for_checkpoint
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
+from sweep.results import read_trials
 from sweep.run import run_sweep
 from sweep.space import FAIR_K, SpaceError, load_space, parse_space
 
@@ -106,6 +107,9 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
         values = json.loads(row["searched"])
         assert f"_lr{values['lr']:.3g}_trial" in row["trial_name"] and f"_K{values['k']}_" in row["trial_name"]
         assert math.isfinite(row["rank_metric_value"])
+    trials = read_trials(str(tmp_path / "second" / "random")).to_pylist()  # every trial, evaluated or not
+    assert sorted(t["trial_name"] for t in trials) == sorted(r["trial_name"] for r in table)
+    assert {t["status"] for t in trials} == {"finished"} and {t["rank_metric"] for t in trials} == {"valid_ll"}
 
 
 def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
