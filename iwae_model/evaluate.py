@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=5000, help="importance samples per image (default 5000, as the papers)")
     parser.add_argument("--images", type=int, default=None,
                         help="evaluate the first N test images only (default: all 10,000; a subset is not comparable to the papers)")
-    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
+    parser.add_argument("--data-dir", default=None, help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text (progress still goes to stderr)")
     args = parser.parse_args(argv)

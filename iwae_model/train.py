@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         if f.type.startswith("tuple"):
             options["nargs"] = "+"
         p.add_argument(flag, type=CLI_TYPES[f.type], default=f.default, help=f.metadata["help"], **options)
-    p.add_argument("--data-dir", default=None, help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
+    p.add_argument("--data-dir", default=None, help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

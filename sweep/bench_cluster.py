@@ -63,7 +63,7 @@ def timed_sweep(folder: Path, data_dir: str, *cluster_args: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sweep.bench_cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist)")
+    parser.add_argument("--data-dir", help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)")
     args = parser.parse_args(argv)
     data_dir = str(default_data_dir(args.data_dir))
     if (state := read_state()) is not None and session_processes(state["session"]):

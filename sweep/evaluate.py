@@ -36,6 +36,7 @@ from iwae_model.evaluation import evaluate_model
 
 from .cluster import check_gpus, init_ray, ray_device, this_node
 from .folder import SweepFolderError, checkpoint_uri, load_grids, read_spec, select_checkpoints, trial_name, trial_rows
+from .hparams import write_hparams
 from .results import (
     PER_IMAGE_FILE,
     RESULTS_FILE,
@@ -136,6 +137,7 @@ def run_evaluation(
     write_trials(trial_rows(grids, space), f"{folder}/{TRIALS_FILE}", filesystem)
     path = f"{folder}/{RESULTS_FILE}"
     write_results(rows, path, filesystem)
+    write_hparams(folder, filesystem, grids, rows)
     checkpoints = dict(selected)
     for row, per_image in evaluated:
         if checkpoints[row["trial_id"]].path.startswith(f"{folder}/"):  # not into another sweep (--init-from-sweep)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="the sweep folder (<storage>/<name>), a local path or s3://... URI")
     parser.add_argument("--k", type=int, default=None, help="importance samples (default: the space file's, 5000)")
     parser.add_argument("--images", type=int, default=None,
-                        help="first N test images (default: the space file's; 10000 is the whole test set)")
+                        help="first N test images (default: the space file's, null: the whole test set)")
     parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation actor (default: the space file's)")
     parser.add_argument("--eval-actors", type=int, default=None, help="actors sharing the work (default: the space file's)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")

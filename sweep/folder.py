@@ -18,7 +18,7 @@ from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.errors import IWAEError
 
-from .results import write_whole
+from .results import search_columns, write_whole
 from .space import SweepSpace
 from .storage import filesystem_and_path, is_local
 from .trainable import train_trial, trial_config
@@ -84,13 +84,11 @@ def trial_rows(grids: list[tune.ResultGrid], space: SweepSpace) -> list[dict[str
     rows = []
     for result in (result for grid in grids for result in grid):
         config, epochs = trial_config(result.config), result.metrics.get("epoch", 0)
-        status = "failed" if result.error is not None else "finished" if epochs >= config.passes else \
-            "stopped early (ASHA)"
+        status = "failed" if result.error is not None else "finished" if epochs >= config.passes else "not finished"
         rows.append({
-            "trial_id": result.metrics.get("trial_id") or result.path.rsplit("_", 1)[-1],
+            "trial_id": result.metrics.get("trial_id"),
             "trial_name": trial_label(result), "status": status, "epochs": epochs,
-            "searched": json.dumps({key: getattr(config, key) for key in searched}) if searched else None,
-            "rank_metric": space.metric, "rank_metric_k": config.valid_ll_k if space.metric == "valid_ll" else None,
+            **search_columns(config, space.metric, searched),
             "rank_metric_value": _score(result, space.metric) if result.metrics else None})
     return rows
 

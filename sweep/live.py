@@ -16,6 +16,7 @@ from typing import Any
 from ray import tune
 
 from .folder import trial_label
+from .trainable import trial_config
 
 HEADER = ("trial", "status", "pass", "stage", "lr", "train", "valid", "best valid", "img/s", "node")
 STATUS_ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 2, "TERMINATED": 3, "ERROR": 4}
@@ -58,7 +59,7 @@ class LiveView(tune.Callback):
 
     def row(self, trial: Any) -> dict[str, Any]:
         return self.rows.setdefault(trial.trial_id, {"label": trial_label(trial),
-                                                     "passes": trial.config["train"]["passes"]})
+                                                     "passes": trial_config(trial.config).passes})
 
     def show(self, trials: list, trial: Any, event: str, force: bool = False) -> None:
         if sys.stdout.isatty():

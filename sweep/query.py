@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
             print(comparison_text(a, b, load_per_image(args.location)))
             return
         if frame["searched"].notna().any():
+            grid_only = [flag for flag, value in (("--where", args.where), ("--plot", args.plot),
+                                                  ("--snr-plot", args.snr_plot), ("--baseline", args.baseline)) if value]
+            if grid_only:
+                raise ResultsError(f"{args.location} is a search: {', '.join(grid_only)} draw(s) the papers' tables of a "
+                                   f"grid; a search has its table, --importance, --parallel-plot and --slice-plot")
             space = search_distributions(args.location)
             trials = read_trials(beside_results(args.location, TRIALS_FILE)).to_pandas()
             if args.format == "markdown":

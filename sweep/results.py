@@ -60,7 +60,7 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
 
 trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
 or not (a search's analyses need every trial, `best: top` evaluates a few)
-  trial_id, trial_name, status       status: finished, stopped early (ASHA), or failed
+  trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), or failed
   epochs                             passes trained
   searched                           the values a search drew, as JSON (null: a grid)
   rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
@@ -202,10 +202,14 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
         "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
                                       None),
         **record.eval_node,
-        "rank_metric": record.metric, "rank_metric_k": config.valid_ll_k if record.metric == "valid_ll" else None,
-        "rank_metric_value": last[record.metric],
-        "searched": json.dumps({key: getattr(config, key) for key in record.searched}) if record.searched else None,
+        **search_columns(config, record.metric, record.searched), "rank_metric_value": last[record.metric],
     }
+
+
+def search_columns(config: TrainConfig, metric: str, searched: list[str]) -> dict[str, Any]:
+    """rank_metric, rank_metric_k and searched (the drawn values as JSON, null in a grid)."""
+    return {"rank_metric": metric, "rank_metric_k": config.valid_ll_k if metric == "valid_ll" else None,
+            "searched": json.dumps({key: getattr(config, key) for key in searched}) if searched else None}
 
 
 def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:

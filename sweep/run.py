@@ -49,6 +49,7 @@ from .folder import (
     trial_label,
     write_spec,
 )
+from .hparams import RayScalarsOnly
 from .live import LiveView
 from .plan import drawn_trials, plan_sweep, render
 from .storage import filesystem_and_path
@@ -113,7 +114,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
         searcher = OptunaSearch(seed=search.seed)  # metric and mode from TuneConfig
     elif search:
         searcher = BasicVariantGenerator(random_state=search.seed)
-    max_concurrent = (search.max_concurrent if search else None) or options.max_concurrent or None
+    max_concurrent = options.max_concurrent or (search.max_concurrent if search else None) or None
     return tune.Tuner(
         trainable(space),
         param_space={
@@ -140,7 +141,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
                 num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=space.metric,
                 checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[LiveView(), *(options.callbacks or [])],
+            callbacks=[LiveView(), RayScalarsOnly(), *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True)),
@@ -280,7 +281,7 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: b
     if concurrent < 1:
         raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
                            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
-    limit = (space.search.max_concurrent if space.search else None) or max_concurrent or concurrent
+    limit = max_concurrent or (space.search.max_concurrent if space.search else None) or concurrent
     concurrent = min(concurrent, limit, len(drawn_trials(space)))
     use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
@@ -302,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage", default="sweeps",
                         help="where sweeps live: a local folder (default ./sweeps) or a URI such as s3://bucket/path")
     parser.add_argument("--address", help="Ray cluster to join ('auto': the one `ray up` made); default: a local Ray")
-    parser.add_argument("--data-dir", help="MNIST folder (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/mnist); "
+    parser.add_argument("--data-dir", help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data); "
                                            "every node must have it at this path, or have internet to download it")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted sweep: finished trials are kept, running ones continue from "

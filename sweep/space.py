@@ -17,7 +17,7 @@ Format (every section but `experiments` is optional; defaults below):
       schedule: compressed
     evaluation:
       k: 5000
-      images: null                # null: the full 10,000-image test set (comparable to the papers)
+      images: null                # null: the whole test set (comparable to the papers)
       best: each                  # each: the best checkpoint of every trial; top: the `top` best trials
       top: 5
     resources:
@@ -26,12 +26,12 @@ Format (every section but `experiments` is optional; defaults below):
       eval_gpus: 0                # GPUs for each evaluation actor (0: CPU)
       eval_actors: 1
     checkpoints:
-      keep: 2                     # Ray keeps the best `keep` by validation bound, plus the latest
+      keep: 2                     # Ray keeps the best `keep` by the ranking metric, plus the latest
       every: 1                    # passes between checkpoints (the last pass always has one)
     continue:                     # optional second stage (Burda et al.'s Table 2), trained after the first:
       training: {passes: 2187, lr: 0.0001, schedule: constant}   # TrainConfig fields for every stage-2 trial
       switch:                     # each first-stage trial matching `from` continues with `to`'s settings,
-        - from: {objective: vae, k: 1}      # from its best checkpoint (by validation bound)
+        - from: {objective: vae, k: 1}      # from its best checkpoint (by the ranking metric)
           to: {objective: iwae, k: 50}
 
 Experiment keys: objective, k, m, mk, beta, layers, estimator, plus any `training` key.
@@ -183,13 +183,19 @@ class SweepSpace:
     search: Search | None = None
 
     @property
-    def metric(self) -> str:
-        """What ranks trials and checkpoints: valid_ll where trials that are ranked against each
-        other (a search, `best: top`) can differ in objective, K or M; else valid_bound."""
+    def ranked_by_likelihood(self) -> bool:
+        """Whether trials ranked against each other (a search, `best: top`) can differ in
+        objective, K, M or beta, whose bounds are not comparable."""
         differ = len({(t.objective, t.k, t.m, t.beta) for t in self.trials}) > 1 or bool(
             self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD))
-        ranked = self.search is not None or self.evaluation.best == "top"
-        return "valid_ll" if differ and ranked else "valid_bound"
+        return differ and (self.search is not None or self.evaluation.best == "top")
+
+    @property
+    def metric(self) -> str:
+        """What ranks trials and checkpoints: valid_ll where `ranked_by_likelihood` (its trials
+        measure it: parse_space sets their valid_ll_k), else valid_bound."""
+        measured = all(t.valid_ll_k for t in [*self.trials, *self.continued])
+        return "valid_ll" if self.ranked_by_likelihood and measured else "valid_bound"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -319,9 +325,10 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     space = SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
                        checkpoints=checkpoints, description=str(raw.get("description", "")).strip(),
                        continued=continued, search=search)
-    if space.metric == "valid_ll":  # every trial measures the metric that ranks it
-        space = dataclasses.replace(space, trials=[t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K)
-                                                   for t in trials])
+    if space.ranked_by_likelihood:  # every trial measures the metric that ranks it
+        def measured(configs: list[TrainConfig]) -> list[TrainConfig]:
+            return [t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K) for t in configs]
+        space = dataclasses.replace(space, trials=measured(trials), continued=measured(continued))
     return space
 
 

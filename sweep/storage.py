@@ -20,19 +20,36 @@ from iwae_model.files import umask
 
 
 class _WholeFile(io.FileIO):
-    """A temp file beside `path`, renamed onto it when closed."""
+    """A temp file beside `path`, renamed onto it when closed; a write that failed, or a file
+    dropped without closing, leaves `path` as it was."""
 
     def __init__(self, path: str) -> None:
         folder, name = os.path.split(path)
         fd, self._temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
         os.fchmod(fd, 0o666 & ~umask())  # a temp file is private; the file it becomes is not
         super().__init__(fd, "wb")
-        self._path = path
+        self._path, self._failed = path, False
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        if not self.closed:
-            super().close()
+        if self.closed:
+            return
+        super().close()
+        if self._failed:
+            os.unlink(self._temp)
+        else:
             os.replace(self._temp, self._path)
+
+    def __del__(self) -> None:  # garbage, never closed: not a whole file
+        if not self.closed:
+            self._failed = True
+            self.close()
 
 
 class WholeFiles(pafs.FileSystemHandler):
@@ -43,6 +60,9 @@ class WholeFiles(pafs.FileSystemHandler):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WholeFiles)
+
+    def __hash__(self) -> int:
+        return hash(WholeFiles)
 
     def __reduce__(self) -> tuple:  # to the trial workers, which upload the checkpoints
         return WholeFiles, ()

@@ -47,7 +47,7 @@ def search_table(trials: pd.DataFrame, results: pd.DataFrame) -> str:
     for _, row in rows.iterrows():
         drawn = [_shown(row[f"drawn {key}"]) for key in values.columns]
         nll = f"{row['test_nll']:.2f} ± {row['test_nll_se']:.2f}" if pd.notna(row["test_nll"]) else "not evaluated"
-        passes = str(row["epochs"]) + (" (stopped early)" if row["status"] != "finished" else "")
+        passes = str(row["epochs"]) + (f" ({row['status']})" if row["status"] != "finished" else "")
         lines.append(f"| {row['trial_name']} | " + " | ".join(drawn) + f" | {row['rank_metric_value']:.2f} | "
                      f"{passes} | {nll} |")
     failed = int((trials["status"] == "failed").sum())

@@ -15,8 +15,8 @@ from importlib import resources
 import pandas as pd
 import yaml
 
-from .compare import beside_results, difference, mean_image_nll
-from .results import TRIALS_FILE, ResultsError, read_trials
+from .compare import difference, mean_image_nll
+from .results import ResultsError
 from .study import search_table
 
 KEY = ["layers", "m", "k"]
@@ -198,8 +198,9 @@ def plot(summary: pd.DataFrame, path: str) -> None:
 def print_results(rows: list[dict], path: str) -> None:
     frame = pd.DataFrame(rows)
     print()
-    if frame["searched"].notna().any():
-        print(search_table(read_trials(beside_results(path, TRIALS_FILE)).to_pandas(), frame))
+    if frame["searched"].notna().any():  # the evaluated trials; sweep.query shows them all
+        print(search_table(frame.assign(status="finished"), frame))
+        print("(the evaluated trials: python -m sweep.query SWEEP_DIR lists every trial of the search)")
     else:
         print(tables(frame, summarise(frame)))
     print()

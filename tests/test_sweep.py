@@ -18,7 +18,10 @@ import torch
 import yaml
 from pyarrow import fs as pafs
 from ray import tune
+from google.protobuf import json_format
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model import TrainConfig, likelihood
@@ -124,6 +127,35 @@ def test_tensorboard_curves_and_images_read_back(finished_sweep):
             # Ten grids per trial at most; a 3-pass trial gets one every pass.
             assert [shot.step for shot in shots] == list(range(1, PASSES + 1)), tag
             assert shots[-1].width == shots[-1].height == 8 * 28
+
+
+def hparams_sessions(folder: Path) -> dict[str, dict]:
+    """The HParams plugin's sessions under `folder`, read from the event files as TensorBoard's
+    plugin reads them (its data: the `hparams` plugin's summaries), by run."""
+    runs = EventMultiplexer()
+    runs.AddRunsFromDirectory(str(folder))
+    runs.Reload()
+    sessions = {}
+    for run, tags in runs.PluginRunToTagToContent("hparams").items():
+        for content in tags.values():
+            data = HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                hparams = data.session_start_info.hparams
+                sessions[run] = {key: json_format.MessageToDict(value) for key, value in hparams.items()}
+    return sessions
+
+
+def test_tensorboard_hparams_has_one_row_per_trial_with_its_final_figures(finished_sweep):
+    sweep_dir, _, rows = finished_sweep
+    sessions = hparams_sessions(sweep_dir)
+    assert sorted(sessions) == sorted(f"hparams/{row['trial_name']}" for row in rows)  # Ray's own rows left out
+    for row in rows:
+        session = sessions[f"hparams/{row['trial_name']}"]
+        assert session["objective"] == row["objective"] and session["k"] == row["k"] and "lr" in session
+        scalars = EventAccumulator(str(sweep_dir / "hparams" / row["trial_name"]))
+        scalars.Reload()
+        assert scalars.Scalars("final/test_nll")[0].value == pytest.approx(row["test_nll"], rel=1e-6)
+        assert math.isfinite(scalars.Scalars("final/valid_bound")[0].value)
 
 
 def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):

@@ -1,0 +1,72 @@
+"""TensorBoard's HParams tab for a sweep, grid or search: one session per trial, its
+configuration (the settings that vary across the sweep and the ones a reader needs) and its
+final figures (the metric that ranked it, the validation bound, and the k-sample test NLL once
+evaluated), in `<sweep>/hparams/<trial>`.
+
+Ray Tune's own HParams rows (each trial's 25 flattened settings and training scalars, nothing
+from the evaluation) are left out (`RayScalarsOnly`), so the tab shows one row per trial.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Any
+
+from pyarrow import fs as pafs
+from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from torch.utils.tensorboard import SummaryWriter
+
+from .folder import trial_label
+from .trainable import trial_config
+
+HPARAMS_DIR = "hparams"
+ALWAYS_SHOWN = ("dataset", "objective", "layers", "m", "k", "estimator", "lr", "passes", "batch_size", "seed")
+
+
+class RayScalarsOnly(TBXLoggerCallback):
+    """Ray Tune's TensorBoard logger (the training curves) without its HParams rows."""
+
+    def _try_log_hparams(self, trial: Any, result: dict) -> None:
+        pass
+
+
+def _value(value: Any) -> int | float | str | bool:
+    return value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """{trial label: (hparams, metrics)} of every trial that reported a pass."""
+    results = [result for grid in grids for result in grid if result.metrics]
+    configs = {id(result): trial_config(result.config).to_dict() for result in results}
+    varying = {key for key in next(iter(configs.values()), {})
+               if len({str(config[key]) for config in configs.values()}) > 1}
+    shown = [key for key in next(iter(configs.values()), {}) if key in varying or key in ALWAYS_SHOWN]
+    if any(config["objective"] == "ciwae" for config in configs.values()) and "beta" not in shown:
+        shown.append("beta")
+    evaluated = {row["trial_id"]: row for row in rows}
+    sessions = {}
+    for result in results:
+        config = configs[id(result)]
+        metrics = {name: result.metrics[name] for name in ("valid_bound", "valid_ll") if name in result.metrics}
+        if (row := evaluated.get(result.metrics.get("trial_id"))) is not None and math.isfinite(row["test_nll"]):
+            metrics["test_nll"] = row["test_nll"]
+        sessions[trial_label(result)] = ({key: _value(config[key]) for key in shown}, metrics)
+    return sessions
+
+
+def write_hparams(folder: str, filesystem: pafs.FileSystem, grids: list[tune.ResultGrid], rows: list[dict]) -> None:
+    """The sweep's HParams sessions into `<folder>/hparams` (replacing an earlier evaluation's);
+    written locally, then copied through the storage filesystem (TensorBoard cannot write to S3)."""
+    destination = f"{folder}/{HPARAMS_DIR}"
+    if filesystem.get_file_info(destination).type == pafs.FileType.Directory:
+        filesystem.delete_dir(destination)
+    with tempfile.TemporaryDirectory() as local:
+        with SummaryWriter(local) as writer:
+            for label, (hparams, metrics) in hparam_rows(grids, rows).items():
+                writer.add_hparams(hparams, {f"final/{name}": value for name, value in metrics.items()},
+                                   run_name=label)
+        filesystem.create_dir(destination, recursive=True)
+        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=filesystem)
