@@ -23,6 +23,7 @@ from iwae_model import TrainConfig
 from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
 
+from .folder import trial_name
 from .space import Distribution, SweepSpace
 
 CALIBRATION_STEPS = 15
@@ -104,10 +105,12 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     try:
         torch.set_num_threads(trial_threads)
         trials = drawn_trials(space)
+        searched = list(space.search.distributions) if space.search else []
         trained = [] if space.init_from_sweep else trials  # --init-from-sweep: stage 1 exists
         for config in [*trained, *space.continued]:
             # Only the model, objective and estimator set the cost: calibrate each once.
-            key = replace(config, seed=0, lr=TrainConfig.lr, passes=1, schedule="compressed", train_images=None,
+            key = replace(config, seed=0, lr=TrainConfig.lr, beta=TrainConfig.beta, adam_beta1=TrainConfig.adam_beta1,
+                          adam_beta2=TrainConfig.adam_beta2, adam_eps=TrainConfig.adam_eps, passes=1, schedule="compressed", train_images=None,
                           test_images=None, nll_every=0, snr_every=0, init_from=None, init_label=None,
                           init_optimizer=False)
             if key not in step_cache:
@@ -126,7 +129,7 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
             if config.valid_ll_k:  # the fair metric, every pass
                 nll += config.passes * valid_images * likelihood_seconds_per_image(key, device, config.valid_ll_k,
                                                                                    CALIBRATION_IMAGES)
-            plans.append(TrialPlan(config.label(), config.build_objective().num_samples, config.layers,
+            plans.append(TrialPlan(trial_name(config, searched, None), config.build_objective().num_samples, config.layers,
                                    config.passes, steps, steps * step, steps * step + bounds + nll))
         torch.set_num_threads(max(1, eval_threads))
         evaluation = space.evaluation
@@ -161,7 +164,7 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
              f"and no folder is written."]
     if space.search:
         search = space.search
-        lines.append(f"A {search.algorithm} search: {search.samples} sample(s) x {len(space.trials)} grid point(s) of "
+        lines.append(f"A search ({search.algorithm}): {search.samples} sample(s) x {len(space.trials)} grid point(s) of "
                      f"{', '.join(f'{key} ~ {d}' for key, d in search.distributions.items())}, ranked by "
                      f"{space.metric}. The values below are drawn here for the estimate; the searcher draws its own.")
     lines += ["",

@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from .compare import difference, mean_image_nll
-from .results import ResultsError
+from .results import TRIALS_SCHEMA, ResultsError
 from .study import search_table
 
 KEY = ["layers", "m", "k"]
@@ -199,7 +199,8 @@ def print_results(rows: list[dict], path: str) -> None:
     frame = pd.DataFrame(rows)
     print()
     if frame["searched"].notna().any():  # the evaluated trials; sweep.query shows them all
-        print(search_table(frame.assign(status="finished"), frame))
+        trials = frame[[name for name in TRIALS_SCHEMA.names if name != "status"]].assign(status="finished")
+        print(search_table(trials, frame))
         print("(the evaluated trials: python -m sweep.query SWEEP_DIR lists every trial of the search)")
     else:
         print(tables(frame, summarise(frame)))

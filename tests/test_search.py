@@ -114,7 +114,7 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
 
 def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
     spec = search_space("optuna", {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
-                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=5, train_images=1000)
+                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=3, train_images=600)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(mnist_dir)]
     whole = subprocess.run([*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900)

@@ -15,7 +15,7 @@ from iwae_model.train import parse_args
 from iwae_model.training import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
 
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
-METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "test_bound", "test_nll",
+METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "valid_ll", "test_bound", "test_nll",
                  "active_units", "train_seconds", "images_per_s", "snr", "generator_reseeded"}
 TIMING_FIELDS = {"train_seconds", "images_per_s"}
 
