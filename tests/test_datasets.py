@@ -2,11 +2,14 @@
 formats (the real files cannot be downloaded here), checked against an independent few-line
 reimplementation of the authors' `datasets.py`."""
 
+import functools
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +26,7 @@ from iwae_model.omniglot import GIT_BLOB_VARIABLE, git_blob_id, load_omniglot
 from iwae_model.training import train
 from sweep.run import run_sweep
 from sweep.space import parse_space
+from test_data import QuietHandler
 
 OMNIGLOT_TRAIN, OMNIGLOT_TEST = 1400, 60  # the authors' file: 24,345 and 8,070
 TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 40, "latent_dims": [4], "hidden_dims": [16]}
@@ -204,3 +208,30 @@ def test_a_sweep_with_a_dataset_axis_has_rows_and_a_table_per_dataset(data_dir, 
     mnist_at = query.stdout.index("MNIST, dynamically binarized (Burda et al. Table 1):")
     fixed_at = query.stdout.index("MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D):")
     assert mnist_at < fixed_at and query.stdout.count("| layers | M | K | IWAE |") == 2
+
+
+def test_omniglot_downloads_from_the_first_mirror_with_the_right_bytes(data_dir, tmp_path, monkeypatch):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    shutil.copy(data_dir / "chardata.mat", good / "chardata.mat")
+    (bad / "chardata.mat").write_bytes((data_dir / "chardata.mat").read_bytes()[:-10])  # truncated
+    servers = []
+    for folder in (bad, good):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        monkeypatch.setenv(GIT_BLOB_VARIABLE, git_blob_id((good / "chardata.mat").read_bytes()))
+        monkeypatch.setenv("IWAE_OMNIGLOT_MIRRORS", ",".join(f"http://127.0.0.1:{s.server_address[1]}/" for s in servers))
+        data = load_omniglot(tmp_path / "cache")
+        assert data.test.shape == (OMNIGLOT_TEST, 784)
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["chardata.mat"]  # verified, whole, no temp file
+        assert (tmp_path / "cache" / "chardata.mat").read_bytes() == (good / "chardata.mat").read_bytes()
+        monkeypatch.setenv("IWAE_OMNIGLOT_MIRRORS", f"http://127.0.0.1:{servers[0].server_address[1]}/")
+        with pytest.raises(DataError, match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/chardata\.mat: "
+                                            r".*git blob id.*Put the IWAE authors' chardata\.mat"):
+            load_omniglot(tmp_path / "other")
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
