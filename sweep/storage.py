@@ -20,11 +20,12 @@ from iwae_model.files import umask
 
 
 class _WholeFile(io.FileIO):
-    """A temp file beside `path`, renamed onto it when closed; a write that failed, or a file
-    dropped without closing, leaves `path` as it was."""
+    """A temp file beside `path`, renamed onto it when closed (pyarrow's copy_files leaves that to
+    garbage collection: IOBase's finaliser closes); a write that failed leaves `path` as it was."""
 
     def __init__(self, path: str) -> None:
         folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)  # as LocalFileSystem's output streams do
         fd, self._temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
         os.fchmod(fd, 0o666 & ~umask())  # a temp file is private; the file it becomes is not
         super().__init__(fd, "wb")
@@ -46,10 +47,6 @@ class _WholeFile(io.FileIO):
         else:
             os.replace(self._temp, self._path)
 
-    def __del__(self) -> None:  # garbage, never closed: not a whole file
-        if not self.closed:
-            self._failed = True
-            self.close()
 
 
 class WholeFiles(pafs.FileSystemHandler):
