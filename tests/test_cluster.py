@@ -194,11 +194,13 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
 
 def test_a_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_run_twice(cluster, mnist_dir, tmp_path):
     command = sweep_command(space_file(tmp_path, "driver_loss", passes=6, train_images=4000), tmp_path, mnist_dir)
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_checkpoint(driver, tmp_path / "driver_loss", "checkpoint_000001")
+        wait_for_checkpoint(driver, tmp_path / "driver_loss", "checkpoint_000001", log=tmp_path / "driver.log")
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the cluster is in its own session
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the cluster is in its own session
         driver.wait()
     assert not (tmp_path / "driver_loss" / "results").exists()
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)

@@ -384,12 +384,15 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_p
     assert {r["epochs"] for r in rows} == {5}
 
 
-def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240) -> None:
+def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240,
+                        log: Path | None = None) -> None:
     """Until some trial of the running sweep has written checkpoint `name`, every file of it (polled:
-    the files are all there is to wait on; Ray copies them into place one by one)."""
+    the files are all there is to wait on; Ray copies them into place one by one). `log`: the
+    driver's output, shown if it ends first."""
     deadline = time.monotonic() + seconds
     while not list(sweep_dir.glob(f"*/{name}/{NODES_FILE}")) or not list(sweep_dir.glob(f"*/{name}/checkpoint.pt")):
-        assert driver.poll() is None, "the sweep ended before it could be stopped"
+        assert driver.poll() is None, "the sweep ended before it could be stopped" + (
+            f":\n{log.read_text()[-3000:]}" if log else "")
         assert time.monotonic() < deadline, f"no {name} within {seconds} s"
         time.sleep(0.2)
 
@@ -457,7 +460,8 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ("stopped before Ray Tune first saved its state" in resumed.stderr) == bool(begun)
-    assert ("continue from their newest checkpoint" in resumed.stderr) == (tune_state == "names a deleted checkpoint")
+    if tune_state == "names a deleted checkpoint":  # (a kill can also land in that instant by itself)
+        assert "continue from their newest checkpoint" in resumed.stderr
     assert "| layers | M | K | VAE | IWAE |" in resumed.stdout
     table = read_results(str(sweep_dir))
     assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
