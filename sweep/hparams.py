@@ -9,6 +9,7 @@ from the evaluation) are left out (`RayScalarsOnly`), so the tab shows one row p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from typing import Any
@@ -17,6 +18,8 @@ from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 from torch.utils.tensorboard import SummaryWriter
+
+from iwae_model import TrainConfig
 
 from .folder import trial_label
 from .trainable import trial_config
@@ -40,9 +43,8 @@ def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tup
     """{trial label: (hparams, metrics)} of every trial that reported a pass."""
     results = [result for grid in grids for result in grid if result.metrics]
     configs = {id(result): trial_config(result.config).to_dict() for result in results}
-    varying = {key for key in next(iter(configs.values()), {})
-               if len({str(config[key]) for config in configs.values()}) > 1}
-    shown = [key for key in next(iter(configs.values()), {}) if key in varying or key in ALWAYS_SHOWN]
+    shown = [field.name for field in dataclasses.fields(TrainConfig) if field.name in ALWAYS_SHOWN
+             or len({str(config[field.name]) for config in configs.values()}) > 1]  # the settings that vary
     if any(config["objective"] == "ciwae" for config in configs.values()) and "beta" not in shown:
         shown.append("beta")
     evaluated = {row["trial_id"]: row for row in rows}
