@@ -80,17 +80,26 @@ def _score(result: tune.Result, metric: str) -> float | None:
 
 def trial_rows(grids: list[tune.ResultGrid], space: SweepSpace) -> list[dict[str, Any]]:
     """Every trial as a trials.parquet row (results.TRIALS_SCHEMA), evaluated or not."""
-    searched = sorted(space.search.distributions) if space.search else []
-    rows = []
-    for result in (result for grid in grids for result in grid):
-        config, epochs = trial_config(result.config), result.metrics.get("epoch", 0)
+    return [trial_row(result, space) for grid in grids for result in grid]
+
+
+def trial_row(result: tune.Result, space: SweepSpace, status: str | None = None) -> dict[str, Any]:
+    """A trial's trials.parquet row; `status` where the result does not tell (a running trial)."""
+    config, epochs = trial_config(result.config), result.metrics.get("epoch", 0)
+    if status is None:
         status = "failed" if result.error is not None else "finished" if epochs >= config.passes else "not finished"
-        rows.append({
-            "trial_id": result.metrics.get("trial_id"),
-            "trial_name": trial_label(result), "status": status, "epochs": epochs,
-            **search_columns(config, space.metric, searched),
-            "rank_metric_value": _score(result, space.metric) if result.metrics else None})
-    return rows
+    searched = sorted(space.search.distributions) if space.search else []
+    return {"trial_id": result.metrics.get("trial_id"), "trial_name": trial_label(result), "status": status,
+            "epochs": epochs, **search_columns(config, space.metric, searched),
+            "rank_metric_value": _score(result, space.metric) if result.metrics else None}
+
+
+def trial_result(trial: Any) -> tune.Result:
+    """A Ray Tune trial (as a callback gets it) as the Result its ResultGrid will hold: Tune
+    builds those from the trial's checkpoint manager, which a Trial has no public accessor for."""
+    kept = trial.run_metadata.checkpoint_manager.best_checkpoint_results
+    return tune.Result(metrics={**trial.last_result, "config": trial.config}, checkpoint=trial.checkpoint, error=None, path=trial.path,
+                       best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept])
 
 
 def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:

@@ -3,8 +3,9 @@ parameter column is the whole nested training config, cut off).
 
 On a terminal: one table, redrawn at most once a second, a row per trial: its label, status,
 pass / total, schedule stage, learning rate, training and validation bound, the best
-validation bound so far, images/s and the node it runs on. Elsewhere (CI, nohup, a pipe): one
-line per trial per pass, and a line when a trial starts, ends or fails.
+validation bound so far, images/s and the node it runs on, with news (a finished trial's
+evaluation) above it. Elsewhere (CI, nohup, a pipe): one line per trial per pass, and a line
+when a trial starts, ends, fails or is evaluated.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class LiveView(tune.Callback):
             self.redraw(trials)
         else:
             print(self.table(trials), flush=True)
+
+    def note(self, trials: list, text: str) -> None:
+        """A line of news (an evaluation's result): above the table on a terminal."""
+        if sys.stdout.isatty():
+            erase = f"\x1b[{self.drawn_lines}F\x1b[J" if self.drawn_lines else ""
+            sys.stdout.write(erase + text + "\n")
+            self.drawn_lines = 0
+            self.redraw(trials)
+        else:
+            print(f"[{time.monotonic() - self.start:6.0f} s] {text}", flush=True)
 
     def row(self, trial: Any) -> dict[str, Any]:
         return self.rows.setdefault(trial.trial_id, {"label": trial_label(trial),

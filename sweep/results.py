@@ -28,7 +28,7 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
   ess_mean, ess_median               effective sample size of the k importance weights, over test images
   pareto_k_above_0_7, pareto_k_max   share of test images whose PSIS k̂ > 0.7 (NLL estimate unreliable); max k̂
   noise                              the q-noise stream: rows with equal values saw the same noise per image
-  evaluation_id                      this evaluation run; its per-image rows carry the same id
+  evaluation_id                      this checkpoint's evaluation; its per-image rows carry the same id
   snr_epoch                          the pass of the last gradient-SNR measurement (null: none was made)
   snr_encoder_mean, snr_encoder_median, snr_decoder_mean, snr_decoder_median
                                      gradient SNR |mean| / std over parameter components (Rainforth et al.)
@@ -60,7 +60,8 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
 
 trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
 or not (a search's analyses need every trial, `best: top` evaluates a few)
-  trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), or failed
+  trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), failed, or
+                                     while the sweep runs, running or paused
   epochs                             passes trained
   searched                           the values a search drew, as JSON (null: a grid)
   rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
@@ -222,6 +223,61 @@ def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, An
 
 class ResultsError(IWAEError, ValueError):
     """A file that is not iwae-sweep results this version reads; the message names it and the fix."""
+
+
+Evaluated = dict[str, tuple[dict[str, Any], dict[str, Any]]]  # {trial id: (results row, per-image columns)}
+
+
+def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
+    """The checkpoints already evaluated in sweep `folder`, as its results and per-image files
+    hold them; {} where there are none, or none this version reads (they are evaluated again)."""
+    try:
+        rows = pq.read_table(f"{folder}/{RESULTS_FILE}", filesystem=filesystem)
+        per_image = pq.read_table(f"{folder}/{PER_IMAGE_FILE}", filesystem=filesystem)
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        return {}
+    if (_version(rows, "iwae_sweep.schema_version"), _version(per_image, "iwae_sweep.per_image_schema_version")) != (
+            str(SCHEMA_VERSION), str(PER_IMAGE_SCHEMA_VERSION)):
+        return {}
+    images = per_image.to_pandas().groupby(["trial_id", "evaluation_id"])
+    evaluated = {}
+    for row in rows.to_pylist():
+        key = (row["trial_id"], row["evaluation_id"])
+        if key in images.groups:
+            part = images.get_group(key)
+            evaluated[row["trial_id"]] = (row, {name: part[name].to_numpy() if name in _PER_IMAGE_ARRAYS
+                                                else part[name].iloc[0] for name in PER_IMAGE_SCHEMA.names})
+    return evaluated
+
+
+_PER_IMAGE_ARRAYS = ("image", "nll", "ess", "pareto_k")
+
+
+def _version(table: pa.Table, key: str) -> str | None:
+    found = (table.schema.metadata or {}).get(key.encode())
+    return found.decode(errors="replace") if found is not None else None
+
+
+def write_evaluated(folder: str, filesystem: pafs.FileSystem, evaluated: Evaluated) -> list[dict[str, Any]]:
+    """Sweep `folder`'s results and per-image files, holding `evaluated`; returns the rows by
+    trial name. The per-image file first: each results row names the evaluation its per-image
+    rows carry, so a crash between the two writes leaves no row without its images."""
+    ordered = sorted(evaluated.values(), key=lambda pair: pair[0]["trial_name"])
+    write_table(per_image_table([part for _, part in ordered]), f"{folder}/{PER_IMAGE_FILE}", filesystem)
+    rows = [row for row, _ in ordered]
+    write_results(rows, f"{folder}/{RESULTS_FILE}", filesystem)
+    return rows
+
+
+def merge_trials(rows: list[dict[str, Any]], folder: str, filesystem: pafs.FileSystem) -> None:
+    """`rows` into sweep `folder`'s trials file, replacing the rows of the same trials."""
+    try:
+        merged = {row["trial_id"]: row for row in pq.read_table(f"{folder}/{TRIALS_FILE}",
+                                                                 filesystem=filesystem).to_pylist()}
+    except (FileNotFoundError, pa.ArrowException, OSError):
+        merged = {}
+    merged.update({row["trial_id"]: row for row in rows})
+    write_trials(list(merged.values()), f"{folder}/{TRIALS_FILE}", filesystem)
 
 
 def write_results(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:

@@ -33,7 +33,7 @@ from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
-from .evaluate import run_evaluation
+from .evaluation import EvaluateAsTrialsFinish, evaluate_sweep
 from .folder import (
     SPEC_FILE,
     STAGE_2,
@@ -73,9 +73,9 @@ class StageOptions:
 
     space: SweepSpace
     data_dir: str
+    folder: str  # the sweep folder, on the storage's filesystem
     resume: bool = False
     max_concurrent: int = 0
-    asha: bool = False
     max_failures: int = 2
     callbacks: list[tune.Callback] | None = None  # extra Ray Tune callbacks, when a stage starts
     marker: dict[str, str] | None = None  # a local-path storage's marker (cluster.storage_marker)
@@ -115,6 +115,8 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
     elif search:
         searcher = BasicVariantGenerator(random_state=search.seed)
     max_concurrent = options.max_concurrent or (search.max_concurrent if search else None) or None
+    view = LiveView()
+    evaluate = [EvaluateAsTrialsFinish(options.folder, filesystem, view)] if space.evaluation.best == "each" else []
     return tune.Tuner(
         trainable(space),
         param_space={
@@ -132,7 +134,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
             metric=space.metric, mode="max", max_concurrent_trials=max_concurrent,
             search_alg=searcher, num_samples=search.samples if search else 1,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes, grace_period=max(1, passes // 8),
-                                    reduction_factor=3) if options.asha or (search and search.asha) else None,
+                                    reduction_factor=3) if space.early_stopped else None,
             trial_name_creator=trial_label,
             trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
         run_config=tune.RunConfig(
@@ -141,7 +143,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
                 num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=space.metric,
                 checkpoint_score_order="max"),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[LiveView(), RayScalarsOnly(), *(options.callbacks or [])],
+            callbacks=[view, RayScalarsOnly(), *evaluate, *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True)),
@@ -216,11 +218,14 @@ def run_sweep(
     callbacks: list[tune.Callback] | None = None,
 ) -> tuple[str, list[dict], list[str]]:
     """Train (or resume) every trial -- the first stage, then a `continue` stage from its best
-    checkpoints -- then evaluate the finished ones; returns the Parquet path, its rows and the
-    names of trials that failed for good. Ray must be initialised (see `cluster.init_ray`).
-    `callbacks`: extra Ray Tune callbacks (used when a stage starts, not on resume). On resume
-    the trials, evaluation settings and data folder are the ones the sweep was started with
-    (its iwae_sweep.json); only `space.resources` is taken anew."""
+    checkpoints -- evaluating each finished one as it finishes (`best: each`) or the best when
+    all have (`best: top`); returns the Parquet path, its rows and the names of trials that
+    failed for good. Ray must be initialised (see `cluster.init_ray`). `asha`: stop poor trials
+    early (SweepSpace.with_asha). `callbacks`: extra Ray Tune callbacks (used when a stage
+    starts, not on resume). On resume the trials, evaluation settings, ASHA and data folder are
+    the ones the sweep was started with (its iwae_sweep.json); only `space.resources` is taken
+    anew, and the evaluations already made are kept."""
+    space = space.with_asha() if asha else space
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
     exists = any(tune.Tuner.can_restore(path, storage_filesystem=filesystem)
@@ -233,6 +238,10 @@ def run_sweep(
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
+        if asha and not started.asha:
+            raise SpaceError(f"--asha: the sweep in {experiment} was started without it, and a sweep's scheduler is "
+                             f"fixed when it starts; resume without --asha, or start a new sweep with --name")
+        space = space.with_asha() if started.asha else space
         if (started.trials, started.continued, started.init_from_sweep) != (space.trials, space.continued,
                                                                              space.init_from_sweep):
             raise SpaceError(
@@ -243,9 +252,8 @@ def run_sweep(
     marker = storage_marker(experiment, filesystem)
     check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
-    if not resume:
-        write_spec(experiment, filesystem, space, data_dir)
-    options = StageOptions(space, data_dir, resume, max_concurrent, asha, max_failures, callbacks, marker)
+    write_spec(experiment, filesystem, space, data_dir)  # on resume, with the resources it resumes with
+    options = StageOptions(space, data_dir, experiment, resume, max_concurrent, max_failures, callbacks, marker)
     if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
         grids = load_grids(space.init_from_sweep)[:1]
     else:
@@ -257,7 +265,7 @@ def run_sweep(
     failed = [result for grid in grids for result in grid if result.error is not None]
     for result in failed:
         print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
-    path, rows = run_evaluation(grids, experiment, filesystem, space, data_dir)
+    path, rows = evaluate_sweep(grids, experiment, filesystem, space, data_dir)
     return path, rows, [Path(result.path).name for result in failed]
 
 
@@ -281,13 +289,13 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: b
     if concurrent < 1:
         raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
                            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
+    space = space.with_asha() if asha else space
     limit = max_concurrent or (space.search.max_concurrent if space.search else None) or concurrent
     concurrent = min(concurrent, limit, len(drawn_trials(space)))
     use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
-    asha = asha or bool(space.search and space.search.asha)
-    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, asha)
+    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -309,7 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue an interrupted sweep: finished trials are kept, running ones continue from "
                              "their last checkpoint, failed ones are retried")
     parser.add_argument("--max-concurrent", type=int, default=0, help="at most N trials at once (default: as resources allow)")
-    parser.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA on the validation bound)")
+    parser.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA, ranking by valid_ll where the trials differ in objective, K, "
+                             "M or beta, else by the validation bound); fixed when the sweep starts")
     parser.add_argument("--cpus-per-trial", type=float, help="override the space file's resources.cpus_per_trial")
     parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
     parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation actor)")

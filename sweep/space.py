@@ -53,11 +53,12 @@ the trials are drawn:
       seed: 0                               # the searcher's seed: the same seed draws the same trials
       asha: false                           # stop poor trials early (as sweep.run --asha)
 
-A distribution applies to every grid point of the file. A search ranks trials, for the
-searcher, ASHA and `best: top`, by `valid_ll` (an importance-sampled log-likelihood estimate on
-the validation images, k = FAIR_K unless `training.valid_ll_k` says otherwise) whenever its
-trials can differ in objective, K, M or CIWAE's beta, since each objective's own bound is not
-comparable across them; otherwise by `valid_bound`. Never by a test-set figure.
+A distribution applies to every grid point of the file. A search, a grid under ASHA
+(sweep.run --asha) and `best: top` rank trials, for the searcher, ASHA and the evaluation, by
+`valid_ll` (an importance-sampled log-likelihood estimate on the validation images, k = FAIR_K
+unless `training.valid_ll_k` says otherwise) whenever the trials can differ in objective, K, M
+or CIWAE's beta, since each objective's own bound is not comparable across them; otherwise by
+`valid_bound`. Never by a test-set figure.
 
 Errors name the file, the key, the value and what is allowed, before any trial starts.
 """
@@ -181,14 +182,35 @@ class SweepSpace:
     # A search: `trials` are its grid points, each with the distributions' keys still at their
     # defaults; the searcher draws those.
     search: Search | None = None
+    # sweep.run --asha on a grid (a search says it in its `search` section).
+    asha: bool = False
+
+    @property
+    def early_stopped(self) -> bool:
+        """Whether ASHA stops poor trials early."""
+        return self.asha or bool(self.search and self.search.asha)
 
     @property
     def ranked_by_likelihood(self) -> bool:
-        """Whether trials ranked against each other (a search, `best: top`) can differ in
+        """Whether trials ranked against each other (a search, ASHA, `best: top`) can differ in
         objective, K, M or beta, whose bounds are not comparable."""
         differ = len({(t.objective, t.k, t.m, t.beta) for t in self.trials}) > 1 or bool(
             self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD))
-        return differ and (self.search is not None or self.evaluation.best == "top")
+        return differ and (self.search is not None or self.asha or self.evaluation.best == "top")
+
+    def with_asha(self) -> SweepSpace:
+        """This sweep with ASHA stopping poor trials early, its trials measuring the metric that
+        ranks them."""
+        return dataclasses.replace(self, asha=True).measuring_rank()
+
+    def measuring_rank(self) -> SweepSpace:
+        """Where `ranked_by_likelihood`, every trial measures valid_ll (at FAIR_K unless it says)."""
+        if not self.ranked_by_likelihood:
+            return self
+
+        def measured(configs: list[TrainConfig]) -> list[TrainConfig]:
+            return [t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K) for t in configs]
+        return dataclasses.replace(self, trials=measured(self.trials), continued=measured(self.continued))
 
     @property
     def metric(self) -> str:
@@ -204,7 +226,7 @@ class SweepSpace:
             "init_from_sweep": self.init_from_sweep,
             "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
             "checkpoints": dataclasses.asdict(self.checkpoints),
-            "search": self.search.to_dict() if self.search else None,
+            "search": self.search.to_dict() if self.search else None, "asha": self.asha,
         }
 
     @classmethod
@@ -215,7 +237,7 @@ class SweepSpace:
                    checkpoints=Checkpoints(**d["checkpoints"]),
                    continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
                    init_from_sweep=d.get("init_from_sweep"),
-                   search=Search.from_dict(d["search"]) if d.get("search") else None)
+                   search=Search.from_dict(d["search"]) if d.get("search") else None, asha=d.get("asha", False))
 
 
 def resolve_space_path(space: str) -> Path:
@@ -325,11 +347,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     space = SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
                        checkpoints=checkpoints, description=str(raw.get("description", "")).strip(),
                        continued=continued, search=search)
-    if space.ranked_by_likelihood:  # every trial measures the metric that ranks it
-        def measured(configs: list[TrainConfig]) -> list[TrainConfig]:
-            return [t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K) for t in configs]
-        space = dataclasses.replace(space, trials=measured(trials), continued=measured(continued))
-    return space
+    return space.measuring_rank()
 
 
 # The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).

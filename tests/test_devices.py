@@ -21,7 +21,7 @@ from iwae_model.likelihood import (
 from iwae_model.objectives import build_objective
 from iwae_model.training import continuation_seed, train
 from sweep.cluster import GPUUnusable, choose_device, ray_device
-from sweep.evaluate import NothingToEvaluate
+from sweep.evaluation import NothingToEvaluate
 from sweep.run import run_sweep
 from sweep.space import parse_space
 

@@ -28,7 +28,7 @@ from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.folder import saved_results, write_spec
-from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_per_image, read_results
+from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, ResultsError, read_per_image, read_results
 from sweep.run import dry_run, run_sweep
 from sweep.plan import drawn_trials, plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
@@ -238,7 +238,7 @@ def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
     out = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20",
                           "--eval-actors", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 actor(s), 0 GPU and 1 CPU each" in out.stderr  # two actors shared the two checkpoints
+    assert "2 at a time, 0 GPU and 1 CPU each" in out.stderr  # two evaluations shared the two cores
     table = read_results(str(sweep_dir)).to_pylist()
     assert {r["eval_k"] for r in table} == {200} and {r["eval_images"] for r in table} == {20}
     assert {r["trial_name"] for r in table} == set(before)
@@ -624,3 +624,53 @@ def test_ctrl_c_stops_before_the_evaluation_and_says_what_is_unfinished(mnist_di
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "did not finish" in stderr and "/8 passes)" in stderr and "--resume" in stderr
     assert not (tmp_path / "interrupted" / "results").exists()
+
+
+def evaluated_rows(sweep_dir: Path) -> list[dict]:
+    """The rows of the sweep's results file as it stands (none before the first is written)."""
+    try:
+        return read_results(str(sweep_dir)).to_pylist()
+    except ResultsError:  # not written yet
+        return []
+
+
+def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps_it(mnist_dir, tmp_path):
+    # One trial at a time, the one-pass VAE first: its evaluation runs on the core it left free
+    # while the IWAE trains its 40 passes.
+    space = {**TINY, "name": "stream",
+             "experiments": [{"objective": "vae", "k": 1, "passes": 1}, {"objective": "iwae", "k": 3}],
+             "training": {"passes": 40, "train_images": 2000, "test_images": 100}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--storage",
+               str(tmp_path / "store"), "--data-dir", str(mnist_dir), "--max-concurrent", "1"]
+    sweep_dir, log = tmp_path / "store" / "stream", tmp_path / "driver.txt"
+    with log.open("w") as out:
+        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (before := evaluated_rows(sweep_dir)):  # polled: the file is what a user sees appear
+            assert driver.poll() is None, f"the sweep ended first:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no results within 300 s"
+            time.sleep(0.2)
+        iwae = next(sweep_dir.glob("iwae_*"))
+        training = sorted(iwae.glob("checkpoint_*"))
+        query = subprocess.run([sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True,
+                               timeout=120)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert [row["trial_name"] for row in before] == ["vae_L1_M1_K1_s0"] and before[0]["epochs"] == 1
+    assert len(training) < 40, "the IWAE trial had finished before the VAE's evaluation appeared"
+    assert query.returncode == 0 and f"{before[0]['test_nll']:.2f}" in query.stdout, query.stderr
+    assert "vae_L1_M1_K1_s0 evaluated: test NLL" in log.read_text()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = {row["trial_name"]: row for row in read_results(str(sweep_dir)).to_pylist()}
+    assert sorted(rows) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"] and rows["iwae_L1_M1_K3_s0"]["epochs"] == 40
+    kept = rows["vae_L1_M1_K1_s0"]
+    assert (kept["evaluation_id"], kept["test_nll"]) == (before[0]["evaluation_id"], before[0]["test_nll"])
+    assert [p.name for p in (sweep_dir.glob("vae_*/tb_evaluation/*"))] == [kept["evaluation_id"]]
+    per_image = read_per_image(str(sweep_dir)).to_pandas()
+    assert per_image.groupby("trial_name")["evaluation_id"].unique().map(list).to_dict() == {
+        name: [row["evaluation_id"]] for name, row in rows.items()}
