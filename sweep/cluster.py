@@ -1,8 +1,8 @@
-"""Connecting to Ray, the device each trial and evaluation actor computes on, and checking
+"""Connecting to Ray, the device each trial and evaluation computes on, and checking
 before any trial starts that the GPUs a sweep asks for can exist and that every node sees a
 local-path storage.
 
-GPUs per trial and per evaluation actor are settings, not detection: on an autoscaling
+GPUs per trial and per evaluation are settings, not detection: on an autoscaling
 cluster with no GPU worker up yet Ray reports 0 GPUs, and a request for a GPU that never
 comes leaves trials pending for ever without an error. So a request is checked before any
 trial starts: it must fit the cluster now, or (with `--wait-for-gpus S`) the autoscaler is
@@ -56,7 +56,7 @@ def this_node() -> dict[str, Any]:
 
 
 def choose_device(gpu_ids: list[str], cuda_usable: bool, advertised_only: bool, node: dict[str, Any]) -> torch.device:
-    """The device of a trial or an evaluation actor, from the GPUs Ray assigned it and whether
+    """The device of a trial or an evaluation, from the GPUs Ray assigned it and whether
     torch can use CUDA. No GPU assigned: the CPU, even where torch sees one (Ray does not hide the
     GPUs from a process that asked for none, and did not count this one on them). On a rehearsal
     node, whose GPUs are advertised only (`advertised_only`): the CPU, also on a machine with a
@@ -188,7 +188,7 @@ def check_gpus(gpus_per_trial: float, eval_gpus: float, wait_s: float = 0) -> No
             request_resources(bundles=[])
     if have < needed:
         raise ClusterError(
-            f"the sweep asks for {gpus_per_trial} GPU(s) per trial and {eval_gpus} per evaluation actor, "
+            f"the sweep asks for {gpus_per_trial} GPU(s) per trial and {eval_gpus} per evaluation, "
             f"but the Ray cluster has {have:g} GPU(s)"
             + (f" after waiting {wait_s:g} s" if wait_s else "")
             + ". Set --gpus-per-trial 0 and --eval-gpus 0 to run on CPU; on an autoscaling cluster check that its "

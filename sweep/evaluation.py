@@ -181,12 +181,13 @@ class EvaluateAsTrialsFinish(tune.Callback):
                 self.view.note(trials, f"{label}: its evaluation failed ({type(error).__name__}: "
                                        f"{str(error).strip()[:300]}); it is tried again when training ends")
                 continue
-            evaluated = read_evaluated(self.folder, self.filesystem)
-            evaluated[row["trial_id"]] = (row, per_image)
-            write_evaluated(self.folder, self.filesystem, evaluated)
+            # The trials file first: a query reading between the two writes sees the trial unevaluated.
             merge_trials([trial_row(trial_result(t), space, _STATUS.get(t.status)) for t in trials
                           if "epoch" in t.last_result],  # (those that have reported a pass)
                          self.folder, self.filesystem)
+            evaluated = read_evaluated(self.folder, self.filesystem)
+            evaluated[row["trial_id"]] = (row, per_image)
+            write_evaluated(self.folder, self.filesystem, evaluated)
             write_evaluation_events(row, per_image, checkpoint, self.folder)
             self.view.note(trials, headline(row))
 

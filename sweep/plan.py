@@ -48,7 +48,7 @@ class SweepPlan:
     checkpoints: int
     eval_images: int  # over all checkpoints
     eval_k: int
-    eval_seconds: float  # all checkpoints, over the evaluation actors
+    eval_seconds: float  # all checkpoints, `eval_actors` at a time
     train_wall_seconds: float
     device: str
     threads: int
@@ -177,8 +177,12 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         f"Training: {total_steps:,} optimizer steps in all, {duration(sum(t.seconds for t in plan.trials))} "
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
         f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
-        f"-> about {duration(plan.eval_seconds)} on {space.resources.eval_actors} actor(s).",
-        f"Estimated wall time: {duration(plan.wall_seconds)}."
+        f"-> about {duration(plan.eval_seconds)}, {space.resources.eval_actors} at a time once training ends"
+        + (" (with best: each, a trial's evaluation starts as soon as it finishes, on the resources it leaves: "
+           "where trials wait for each other, part of it overlaps the training)." if space.evaluation.best == "each"
+           else "."),
+        f"Estimated wall time: {duration(plan.wall_seconds)}"
+        + (", at most." if space.evaluation.best == "each" else ".")
         + (" With ASHA, trials worse than the ones before them stop early: the real time is less, and this "
            "figure is a bound, not an estimate." if asha else ""),
         "",

@@ -160,8 +160,10 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
     with (tmp_path / "driver.log").open("w") as log:
         driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
         timeline = [(time.time(), "sweep started")]
-        wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000001")
-        victim = next(t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*")))
+        wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000000")
+        # The trial with the most passes still to run: the kill command takes seconds to start.
+        victim = min((t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*/checkpoint.pt"))),
+                     key=lambda t: len(list(t.glob("checkpoint_*"))))
         lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
         killed = cli("sweep.local_cluster", "kill-node", lost)
         assert killed.returncode == 0, killed.stderr

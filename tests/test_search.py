@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 import pytest
 import ray
 import yaml
@@ -16,10 +17,14 @@ from test_sweep import trial_dirs, wait_for_checkpoint
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
+from sweep.folder import write_spec
 from sweep.results import read_trials
 from sweep.run import run_sweep
 from sweep.space import FAIR_K, SpaceError, load_space, parse_space
 
+# The fair metric's k in the sweeps below: FAIR_K's estimate costs seconds per pass, and these test
+# what ranks the trials, not its accuracy.
+VALID_LL_K = 100
 TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 20, "latent_dims": [4], "hidden_dims": [16],
                  "schedule": "constant"}
 
@@ -76,6 +81,23 @@ def test_a_search_ranks_by_the_fair_metric_where_objectives_or_k_differ():
     assert grid.metric == "valid_ll" and len(grid.trials) == 2
 
 
+def test_a_grid_under_asha_ranks_by_the_fair_metric_where_objectives_differ(tmp_path):
+    spec = {key: value for key, value in search_space("asha", {}).items() if key != "search"}
+    objectives = parse_space({**spec, "training": TINY_TRAINING, "experiments": [{"objective": ["vae", "iwae"], "k": 2}]},
+                             "<asha>")
+    assert objectives.metric == "valid_bound"  # each trial's own best checkpoint: its own bound is fine
+    early = objectives.with_asha()
+    assert early.metric == "valid_ll" and {t.valid_ll_k for t in early.trials} == {FAIR_K}
+    assert type(early).from_dict(early.to_dict()) == early  # the spec file keeps it
+    optimizer_only = parse_space({**spec, "training": TINY_TRAINING,
+                                  "experiments": [{"objective": "iwae", "k": 2, "lr": [1e-3, 1e-4]}]}, "<lr>").with_asha()
+    assert optimizer_only.metric == "valid_bound" and optimizer_only.early_stopped
+    # The scheduler is fixed when a sweep starts: a resume cannot add it.
+    write_spec(str(tmp_path / "asha"), pafs.LocalFileSystem(), objectives, "data")
+    with pytest.raises(SpaceError, match="--asha: the sweep in .* was started without it"):
+        run_sweep(objectives, str(tmp_path), "data", resume=True, asha=True)
+
+
 def drawn(sweep_dir) -> list[dict]:
     """Each trial's drawn values, as its checkpoint's configuration says it trained."""
     configs = [TrainConfig.from_dict(load_checkpoint(sorted(trial.glob("checkpoint_*"))[-1])["config"])
@@ -92,7 +114,7 @@ def local_ray():
 
 def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mnist_dir, tmp_path):
     spec = search_space("random", {"algorithm": "random", "samples": 3, "seed": 7},
-                        [{"objective": "iwae", "k": {"choice": [1, 2, 3]}}])
+                        [{"objective": "iwae", "k": {"choice": [1, 2, 3]}}], valid_ll_k=VALID_LL_K)
     runs = []
     for folder in ("first", "second"):
         path, rows, failed = run_sweep(parse_space(spec, "<random>"), str(tmp_path / folder), str(mnist_dir))
@@ -102,7 +124,7 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
     assert first == second  # the same seed draws the same trials
     assert len({d["lr"] for d in first}) == 3 and all(1e-4 <= d["lr"] <= 1e-2 and d["k"] in (1, 2, 3) for d in first)
     table = pq.read_table(path).to_pylist()
-    assert {r["rank_metric"] for r in table} == {"valid_ll"} and {r["rank_metric_k"] for r in table} == {FAIR_K}
+    assert {r["rank_metric"] for r in table} == {"valid_ll"} and {r["rank_metric_k"] for r in table} == {VALID_LL_K}
     for row in table:  # the drawn values in Parquet, and in the label with the trial's number
         values = json.loads(row["searched"])
         assert f"_lr{values['lr']:.3g}_trial" in row["trial_name"] and f"_K{values['k']}_" in row["trial_name"]
@@ -114,7 +136,8 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
 
 def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
     spec = search_space("optuna", {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
-                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=3, train_images=600)
+                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=3, train_images=600,
+                        valid_ll_k=VALID_LL_K)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(mnist_dir)]
     whole = subprocess.run([*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900)
@@ -144,7 +167,7 @@ def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnis
                             "--parallel-plot", str(tmp_path / "parallel.png"), "--slice-plot", str(tmp_path / "slice.png")],
                            capture_output=True, text=True, timeout=300)
     assert query.returncode == 0, query.stderr[-3000:]
-    assert f"best first by valid_ll (k={FAIR_K})" in query.stdout and "| trial | k | lr |" in query.stdout
+    assert f"best first by valid_ll (k={VALID_LL_K})" in query.stdout and "| trial | k | lr |" in query.stdout
     names = [line.split(" | ")[0][2:] for line in query.stdout.splitlines() if line.startswith("| iwae_")]
     assert len(set(names)) == 5 and all("_trial" in name for name in names)  # each trial named apart
     values = [float(line.split(" | ")[3]) for line in query.stdout.splitlines() if line.startswith("| iwae_")]
