@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=None, help="importance samples (default: the space file's, 5000)")
     parser.add_argument("--images", type=int, default=None,
                         help="first N test images (default: the space file's, null: the whole test set)")
-    parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation actor (default: the space file's)")
+    parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation (default: the space file's)")
     parser.add_argument("--eval-actors", type=int, default=None,
                         help="evaluations running at once, sharing the cores (default: the space file's)")
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")

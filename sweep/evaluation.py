@@ -1,9 +1,10 @@
 """The sweep's k-sample evaluation of its best checkpoints, as Ray tasks.
 
-With `best: each`, a trial's best checkpoint is evaluated as soon as the trial finishes, on the
-resources it leaves free, while the others train (`EvaluateAsTrialsFinish`); its Parquet rows
-appear at once, so `sweep.query` shows it. When training ends, `evaluate_sweep` evaluates what
-is left: every checkpoint of `best: top`, and any that a killed driver did not finish. A
+With `best: each`, a trial's best checkpoint is evaluated once the trial has finished, on
+resources no trial is waiting for, while the others train (`EvaluateAsTrialsFinish`); its
+Parquet rows appear at once, so `sweep.query` shows it. When training ends, `evaluate_sweep`
+evaluates what is left: every checkpoint of `best: top`, those no resources were free for, and
+any that a killed driver did not finish. A
 checkpoint already in the results with the same k and images is kept, so a resumed sweep evaluates
 nothing twice. The files are rewritten whole as each result arrives: a crash loses at most the
 evaluations in progress.
@@ -16,7 +17,6 @@ import math
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ def _dataset(name: str, data_dir: str, device: str, binarization: str) -> Datase
     return load_dataset(name, data_dir, torch.device(device), binarization)  # kept for the worker's next task
 
 
-@ray.remote
 def evaluate_checkpoint(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(results row, per-image columns) of one checkpoint, on the device Ray gave this task."""
     torch.set_num_threads(job["threads"])
@@ -95,6 +94,13 @@ def evaluate_checkpoint(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return results_row(record, result), per_image_part(record, result)
 
 
+# A GPU task's worker is not reused (Ray's default for a function declared with GPUs, which
+# .options() does not give): a reused one would keep its first task's CUDA_VISIBLE_DEVICES, its
+# CUDA context and the test set cached on the GPU, beside the trials that now share that GPU.
+_ON_CPU = ray.remote(evaluate_checkpoint)
+_ON_GPU = ray.remote(max_calls=1)(evaluate_checkpoint)
+
+
 def evaluation_job(space: SweepSpace, data_dir: str, trial_id: str, checkpoint: tune.Checkpoint,
                    threads: int) -> dict[str, Any]:
     return {"sweep": space.name, "trial_id": trial_id, "checkpoint": checkpoint, "uri": checkpoint_uri(checkpoint),
@@ -103,7 +109,7 @@ def evaluation_job(space: SweepSpace, data_dir: str, trial_id: str, checkpoint: 
 
 
 def submit(job: dict[str, Any], cpus: float, gpus: float) -> ray.ObjectRef:
-    return evaluate_checkpoint.options(num_cpus=cpus, num_gpus=gpus).remote(job)
+    return (_ON_GPU if gpus else _ON_CPU).options(num_cpus=cpus, num_gpus=gpus).remote(job)
 
 
 def result_of(ref: ray.ObjectRef) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -128,16 +134,80 @@ def headline(row: dict[str, Any]) -> str:
             f"(k={row['eval_k']}, {row['eval_images']} images)")
 
 
+class Evaluations:
+    """A sweep folder's evaluations as this driver knows them: those in its Parquet files and
+    those running, which a later stage or `evaluate_sweep` collects rather than starts again."""
+
+    def __init__(self, folder: str, filesystem: pafs.FileSystem, read: bool = True) -> None:
+        self.folder, self.filesystem = folder, filesystem
+        self.done: Evaluated = read_evaluated(folder, filesystem) if read else {}
+        self.running: dict[ray.ObjectRef, tuple[str, tune.Checkpoint]] = {}  # ref: (trial id, checkpoint)
+
+    def alike(self, trial_id: str, checkpoint: tune.Checkpoint, space: SweepSpace) -> bool:
+        """Whether `checkpoint` is evaluated, or being evaluated, as `space` asks."""
+        done = self.done.get(trial_id)
+        return (done is not None and same_evaluation(done[0], checkpoint, space)) or any(
+            (running_id, checkpoint_uri(running)) == (trial_id, checkpoint_uri(checkpoint))
+            for running_id, running in self.running.values())
+
+    def start(self, job: dict[str, Any], cpus: float, gpus: float) -> ray.ObjectRef:
+        ref = submit(job, cpus, gpus)
+        self.running[ref] = (job["trial_id"], job["checkpoint"])
+        return ref
+
+    def collect(self, ready: list[ray.ObjectRef], write: bool = True) -> list[dict[str, Any]]:
+        """The rows of the `ready` evaluations, kept (with `write`: the files rewritten whole, and
+        the trial's TensorBoard events written); a failed one raises (without Ray's traceback
+        for an IWAEError), the others still kept."""
+        rows, failure = [], None
+        for ref in ready:
+            _, checkpoint = self.running.pop(ref)
+            try:
+                row, per_image = result_of(ref)
+            except Exception as error:  # noqa: BLE001 -- raised once the others are kept
+                failure = failure or error
+                continue
+            self.done[row["trial_id"]] = (row, per_image)
+            if write:
+                write_evaluation_events(row, per_image, checkpoint, self.folder)
+            rows.append(row)
+        if rows and write:
+            write_evaluated(self.folder, self.filesystem, self.done)
+        if failure is not None:
+            raise failure
+        return rows
+
+
+_IN_THIS_DRIVER: dict[str, Evaluations] = {}  # by sweep folder: Ray's references are this process's
+
+
+def evaluations(folder: str, filesystem: pafs.FileSystem) -> Evaluations:
+    if folder not in _IN_THIS_DRIVER:
+        _IN_THIS_DRIVER[folder] = Evaluations(folder, filesystem)
+    return _IN_THIS_DRIVER[folder]
+
+
+def forget(folder: str) -> Evaluations | None:
+    """This driver's evaluations of sweep `folder`, no longer kept here (a new run reads the files)."""
+    return _IN_THIS_DRIVER.pop(folder, None)
+
+
 class EvaluateAsTrialsFinish(tune.Callback):
-    """`best: each`: evaluates each trial's best checkpoint as the trial finishes, as a Ray task
-    the size of a trial (its CPUs, or one CPU and `eval_gpus`), and writes its rows at once.
+    """`best: each`: evaluates each trial's best checkpoint once the trial has finished, as a Ray
+    task the size of a trial (its CPUs, or one CPU and `eval_gpus`), and writes its rows at once.
+
+    Training comes first: an evaluation starts only while no trial waits for resources, and on
+    resources free now (else it would hold a core a trial waits for). What has not started when
+    training ends is left to `evaluate_sweep`, which also collects those still running. An error
+    here is shown, never raised into Tune (it would fail the trial or the sweep): that
+    checkpoint is evaluated again when training ends.
 
     Tune pickles its callbacks with the sweep, and a resumed sweep runs the restored copy: this
     one keeps only the sweep folder, and reads the space (resources as resumed) from its spec."""
 
     def __init__(self, folder: str, filesystem: pafs.FileSystem, view: LiveView) -> None:
         self.folder, self.filesystem, self.view = folder, filesystem, view
-        self.pending: dict[ray.ObjectRef, tuple[str, tune.Checkpoint]] = {}
+        self.waiting: list[dict[str, Any]] = []  # jobs of finished trials
         self.spec: tuple[SweepSpace, str] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -147,53 +217,60 @@ class EvaluateAsTrialsFinish(tune.Callback):
         self.__init__(state["folder"], state["filesystem"], state["view"])
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.spec = self.spec or read_spec(self.folder, self.filesystem)
-        space, data_dir = self.spec
-        result = trial_result(trial)
-        if result.checkpoint is None:
-            return
-        gpus = space.resources.eval_gpus
-        cpus = 1 if gpus else space.resources.cpus_per_trial
-        checkpoint = best_checkpoint(result, space.metric)
-        done = read_evaluated(self.folder, self.filesystem).get(trial.trial_id)
-        if done and same_evaluation(done[0], checkpoint, space):  # a resumed sweep's trial that had finished
-            return
-        job = evaluation_job(space, data_dir, trial.trial_id, checkpoint, max(1, int(cpus)))
-        self.pending[submit(job, cpus, gpus)] = (trial_label(trial), checkpoint)
+        try:
+            self.spec = self.spec or read_spec(self.folder, self.filesystem)
+            space, data_dir = self.spec
+            result = trial_result(trial)
+            if result.checkpoint is None:
+                return
+            checkpoint = best_checkpoint(result, space.metric)
+            if not evaluations(self.folder, self.filesystem).alike(trial.trial_id, checkpoint, space):
+                self.waiting.append(evaluation_job(space, data_dir, trial.trial_id, checkpoint,
+                                                   max(1, int(self.ask()[0]))))
+        except Exception as error:  # noqa: BLE001 -- see the class's docstring
+            self.failed(trials, f"{trial_label(trial)}'s evaluation", error)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self.pending:
-            self.collect(trials, ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)[0])
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.pending:
-            self.view.note(trials, f"waiting for {len(self.pending)} evaluation(s) of finished trials")
-        while self.pending:
-            self.collect(trials, ray.wait(list(self.pending), num_returns=1)[0])
-
-    def collect(self, trials: list, ready: list[ray.ObjectRef]) -> None:
-        space, _ = self.spec
-        for ref in ready:
-            label, checkpoint = self.pending.pop(ref)
-            try:
-                row, per_image = result_of(ref)
-            except Exception as error:  # noqa: BLE001 -- the sweep trains on; evaluate_sweep retries and raises
-                self.view.note(trials, f"{label}: its evaluation failed ({type(error).__name__}: "
-                                       f"{str(error).strip()[:300]}); it is tried again when training ends")
-                continue
-            # The trials file first: a query reading between the two writes sees the trial unevaluated.
-            merge_trials([trial_row(trial_result(t), space, _STATUS.get(t.status)) for t in trials
+        state = evaluations(self.folder, self.filesystem)
+        if not (self.waiting or state.running):
+            return
+        try:
+            self.spec = self.spec or read_spec(self.folder, self.filesystem)
+            if self.waiting and not any(t.status == "PENDING" for t in trials):
+                self.start()
+            ready = ray.wait(list(state.running), num_returns=len(state.running), timeout=0)[0]
+            if not ready:
+                return
+            # The trials file first: a query reading between the writes sees the trial unevaluated.
+            merge_trials([trial_row(trial_result(t), self.spec[0], _STATUS.get(t.status)) for t in trials
                           if "epoch" in t.last_result],  # (those that have reported a pass)
                          self.folder, self.filesystem)
-            evaluated = read_evaluated(self.folder, self.filesystem)
-            evaluated[row["trial_id"]] = (row, per_image)
-            write_evaluated(self.folder, self.filesystem, evaluated)
-            write_evaluation_events(row, per_image, checkpoint, self.folder)
-            self.view.note(trials, headline(row))
+            for row in state.collect(ready):
+                self.view.note(trials, headline(row))
+        except Exception as error:  # noqa: BLE001 -- see the class's docstring
+            self.failed(trials, "an evaluation", error)
+
+    def ask(self) -> tuple[float, float]:
+        """(CPUs, GPUs) of one evaluation while trials train."""
+        resources = self.spec[0].resources
+        return (1 if resources.eval_gpus else resources.cpus_per_trial), resources.eval_gpus
+
+    def start(self) -> None:
+        """The waiting evaluations that fit in the cluster's free resources."""
+        cpus, gpus = self.ask()
+        free = ray.available_resources()
+        free_cpus, free_gpus = free.get("CPU", 0), free.get("GPU", 0)
+        while self.waiting and free_cpus >= cpus and free_gpus >= gpus:
+            evaluations(self.folder, self.filesystem).start(self.waiting.pop(0), cpus, gpus)
+            free_cpus, free_gpus = free_cpus - cpus, free_gpus - gpus
+
+    def failed(self, trials: list, what: str, error: Exception) -> None:
+        self.view.note(trials, f"{what} failed ({type(error).__name__}: {str(error).strip()[:300]}); it is tried "
+                               f"again when training ends")
 
 
 # A trial's status in trials.parquet while the sweep runs (a terminated one's says how it ended).
-_STATUS = {"RUNNING": "running", "PENDING": "running", "PAUSED": "paused", "ERROR": "failed"}
+_STATUS = {"RUNNING": "running", "PENDING": "waiting", "PAUSED": "paused", "ERROR": "failed"}
 
 
 def evaluate_sweep(
@@ -208,52 +285,54 @@ def evaluate_sweep(
 ) -> tuple[str, list[dict]]:
     """Evaluate the selected checkpoints of every stage's grid, `eval_actors` at a time; write the
     Parquet files and TensorBoard's HParams into the sweep `folder` (on `filesystem`); return the
-    results path and rows. With `keep`, a checkpoint already evaluated alike is kept and each new
-    result is written as it arrives; without, every one is evaluated anew and the old files
-    replaced when all are done."""
+    results path and rows. With `keep`, a checkpoint already evaluated alike (or being evaluated:
+    EvaluateAsTrialsFinish) is kept and each new result is written as it arrives; without, every
+    one is evaluated anew and the old files replaced when all are done."""
     gpus = space.resources.eval_gpus if eval_gpus is None else eval_gpus
-    actors = space.resources.eval_actors if eval_actors is None else eval_actors
+    at_once = space.resources.eval_actors if eval_actors is None else eval_actors
     selected = select_checkpoints(grids, space)
     if not selected:
         raise NothingToEvaluate(f"{folder}: no finished trial with a checkpoint to evaluate")
-    earlier = read_evaluated(folder, filesystem) if keep else {}
-    evaluated: Evaluated = {trial_id: earlier[trial_id] for trial_id, checkpoint in selected
-                            if trial_id in earlier and same_evaluation(earlier[trial_id][0], checkpoint, space)}
-    todo = [(trial_id, checkpoint) for trial_id, checkpoint in selected if trial_id not in evaluated]
+    state = forget(folder)
+    if not keep:
+        state = Evaluations(folder, filesystem, read=False)
+    elif state is None:
+        state = Evaluations(folder, filesystem)
+    chosen = dict(selected)
+    state.done = {trial_id: done for trial_id, done in state.done.items()  # not those no longer selected
+                  if trial_id in chosen and same_evaluation(done[0], chosen[trial_id], space)}
+    todo = [(trial_id, checkpoint) for trial_id, checkpoint in selected if not state.alike(trial_id, checkpoint, space)]
     images = space.evaluation.images or "all"
-    if evaluated:
-        print(f"{len(evaluated)} of {len(selected)} checkpoint(s) already evaluated with k={space.evaluation.k} on "
-              f"{images} test images: kept", file=sys.stderr)
+    if state.done:
+        print(f"{len(state.done)} of {len(selected)} checkpoint(s) already evaluated with k={space.evaluation.k} on "
+              f"{images} test images (as their trials finished, or before a resume): kept", file=sys.stderr)
+    if state.running:
+        print(f"{len(state.running)} evaluation(s) started as their trials finished: still running", file=sys.stderr)
+    at_once = min(at_once, max(1, len(todo)))
+    # On CPU the evaluations share the cluster's cores (no more than one node has); on GPU one core
+    # each feeds its GPU.
+    node_cpus = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    cpus = 1 if gpus else int(max(1, min(node_cpus, ray.cluster_resources().get("CPU", 1) // at_once)))
     if todo:
-        actors = min(actors, len(todo))
-        # On CPU the evaluations share the cluster's cores (no more than one node has); on GPU one
-        # core each feeds its GPU.
-        node_cpus = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
-        cpus = 1 if gpus else int(max(1, min(node_cpus, ray.cluster_resources().get("CPU", 1) // actors)))
         print(f"Evaluating {len(todo)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
-              f"({actors} at a time, {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
-        jobs = [evaluation_job(space, data_dir, trial_id, checkpoint, cpus) for trial_id, checkpoint in todo]
-        checkpoints = dict(todo)
-        for row, per_image in tqdm(run_jobs(jobs, cpus, gpus, actors), total=len(jobs), desc="k-sample evaluation",
-                                   unit="checkpoint", file=sys.stderr):
-            evaluated[row["trial_id"]] = (row, per_image)
-            if keep:  # else the old results stay whole until the new ones replace them
-                write_evaluated(folder, filesystem, evaluated)
-            write_evaluation_events(row, per_image, checkpoints[row["trial_id"]], folder)
-    rows = write_evaluated(folder, filesystem, evaluated)  # without the rows of checkpoints no longer selected
+              f"({at_once} at a time, {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
+    waiting = [evaluation_job(space, data_dir, trial_id, checkpoint, cpus) for trial_id, checkpoint in todo]
+    mine: set[ray.ObjectRef] = set()
+    with tqdm(total=len(todo) + len(state.running), desc="k-sample evaluation", unit="checkpoint",
+              file=sys.stderr) as progress:
+        while waiting or state.running:
+            while waiting and len(mine & set(state.running)) < at_once:
+                mine.add(state.start(waiting.pop(0), cpus, gpus))
+            ready, _ = ray.wait(list(state.running), num_returns=1)
+            state.collect(ready, write=keep)  # without keep, the old files stay whole until all are done
+            progress.update(len(ready))
+    if not keep:
+        for row, per_image in state.done.values():
+            write_evaluation_events(row, per_image, chosen[row["trial_id"]], folder)
+    rows = write_evaluated(folder, filesystem, state.done)
     write_trials(trial_rows(grids, space), f"{folder}/{TRIALS_FILE}", filesystem)
     write_hparams(folder, filesystem, grids, rows)
     return f"{folder}/{RESULTS_FILE}", rows
-
-
-def run_jobs(jobs: list[dict[str, Any]], cpus: float, gpus: float, at_once: int) -> Iterator[tuple[dict, dict]]:
-    """Each job's (row, per-image columns) as it finishes, `at_once` running at a time."""
-    waiting, running = list(jobs), []
-    while waiting or running:
-        while waiting and len(running) < at_once:
-            running.append(submit(waiting.pop(0), cpus, gpus))
-        [done], running = ray.wait(running, num_returns=1)
-        yield result_of(done)
 
 
 def write_evaluation_events(row: dict[str, Any], per_image: dict[str, Any], checkpoint: tune.Checkpoint,

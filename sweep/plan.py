@@ -178,11 +178,9 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
         f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
         f"-> about {duration(plan.eval_seconds)}, {space.resources.eval_actors} at a time once training ends"
-        + (" (with best: each, a trial's evaluation starts as soon as it finishes, on the resources it leaves: "
-           "where trials wait for each other, part of it overlaps the training)." if space.evaluation.best == "each"
-           else "."),
-        f"Estimated wall time: {duration(plan.wall_seconds)}"
-        + (", at most." if space.evaluation.best == "each" else ".")
+        + (" (with best: each, a trial's evaluation starts when it finishes if resources are free and no trial "
+           "waits for them: part of it can overlap the training)." if space.evaluation.best == "each" else "."),
+        f"Estimated wall time: {duration(plan.wall_seconds)}."
         + (" With ASHA, trials worse than the ones before them stop early: the real time is less, and this "
            "figure is a bound, not an estimate." if asha else ""),
         "",

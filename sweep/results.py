@@ -61,7 +61,7 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
 trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
 or not (a search's analyses need every trial, `best: top` evaluates a few)
   trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), failed, or
-                                     while the sweep runs, running or paused
+                                     while the sweep runs, running, waiting (to resume) or paused
   epochs                             passes trained
   searched                           the values a search drew, as JSON (null: a grid)
   rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
@@ -230,15 +230,22 @@ Evaluated = dict[str, tuple[dict[str, Any], dict[str, Any]]]  # {trial id: (resu
 
 def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
     """The checkpoints already evaluated in sweep `folder`, as its results and per-image files
-    hold them; {} where there are none, or none this version reads (they are evaluated again)."""
+    hold them; {} where there are none, or those of another schema version (they are evaluated
+    again). A file that cannot be read raises ResultsError (an object store's error, OSError,
+    passes through: another try may read it)."""
+    paths = [f"{folder}/{RESULTS_FILE}", f"{folder}/{PER_IMAGE_FILE}"]
     try:
-        rows = pq.read_table(f"{folder}/{RESULTS_FILE}", filesystem=filesystem)
-        per_image = pq.read_table(f"{folder}/{PER_IMAGE_FILE}", filesystem=filesystem)
-    except (FileNotFoundError, pa.ArrowException, OSError):
+        rows, per_image = (pq.read_table(path, filesystem=filesystem) for path in paths)
+    except FileNotFoundError:
         return {}
+    except pa.ArrowInvalid as error:
+        raise ResultsError(f"{folder}/results: {_first_line(error)}; delete {' and '.join(paths)} to evaluate "
+                           f"the sweep's checkpoints again") from None
     if (_version(rows, "iwae_sweep.schema_version"), _version(per_image, "iwae_sweep.per_image_schema_version")) != (
             str(SCHEMA_VERSION), str(PER_IMAGE_SCHEMA_VERSION)):
         return {}
+    _require_columns(paths[0], rows, SCHEMA.names, SCHEMA_VERSION)
+    _require_columns(paths[1], per_image, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
     images = per_image.to_pandas().groupby(["trial_id", "evaluation_id"])
     evaluated = {}
     for row in rows.to_pylist():
@@ -274,7 +281,7 @@ def merge_trials(rows: list[dict[str, Any]], folder: str, filesystem: pafs.FileS
     try:
         merged = {row["trial_id"]: row for row in pq.read_table(f"{folder}/{TRIALS_FILE}",
                                                                  filesystem=filesystem).to_pylist()}
-    except (FileNotFoundError, pa.ArrowException, OSError):
+    except (FileNotFoundError, pa.ArrowInvalid):  # none yet, or damaged: the rows of this stage's trials
         merged = {}
     merged.update({row["trial_id"]: row for row in rows})
     write_trials(list(merged.values()), f"{folder}/{TRIALS_FILE}", filesystem)

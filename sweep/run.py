@@ -1,5 +1,6 @@
-"""Run a sweep: Ray Tune trains one model per configuration and seed, then Ray actors run the
-k=5000 evaluation on the best checkpoints and the results are written as Parquet.
+"""Run a sweep: Ray Tune trains one model per configuration and seed, Ray tasks run the k=5000
+evaluation on the best checkpoints (with `best: each`, each trial's once it finishes) and the
+results are written as Parquet.
 
     python -m sweep.run [--space quick] [--storage ./sweeps] [--name NAME] [--resume] ...
 
@@ -33,7 +34,7 @@ from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
-from .evaluation import EvaluateAsTrialsFinish, evaluate_sweep
+from .evaluation import EvaluateAsTrialsFinish, evaluate_sweep, forget
 from .folder import (
     SPEC_FILE,
     STAGE_2,
@@ -238,9 +239,10 @@ def run_sweep(
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
-        if asha and not started.asha:
-            raise SpaceError(f"--asha: the sweep in {experiment} was started without it, and a sweep's scheduler is "
-                             f"fixed when it starts; resume without --asha, or start a new sweep with --name")
+        if asha and not started.early_stopped:
+            raise SpaceError(f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
+                             f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
+                             f"start a new sweep with --name")
         space = space.with_asha() if started.asha else space
         if (started.trials, started.continued, started.init_from_sweep) != (space.trials, space.continued,
                                                                              space.init_from_sweep):
@@ -253,6 +255,7 @@ def run_sweep(
     check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
     check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
     write_spec(experiment, filesystem, space, data_dir)  # on resume, with the resources it resumes with
+    forget(experiment)  # an earlier run's evaluations in this process: the files say what is done
     options = StageOptions(space, data_dir, experiment, resume, max_concurrent, max_failures, callbacks, marker)
     if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
         grids = load_grids(space.init_from_sweep)[:1]
@@ -321,7 +324,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "M or beta, else by the validation bound); fixed when the sweep starts")
     parser.add_argument("--cpus-per-trial", type=float, help="override the space file's resources.cpus_per_trial")
     parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
-    parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation actor)")
+    parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation)")
     parser.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint")
     parser.add_argument("--init-from-sweep", metavar="SWEEP_DIR",
                         help="with a space that has a `continue` section: take its first stage from this finished "

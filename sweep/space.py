@@ -25,7 +25,8 @@ Format (every section but `experiments` is optional; defaults below):
       gpus_per_trial: 0           # fractions allowed: 0.25 runs four trials per GPU
       eval_gpus: 0                # GPUs for each evaluation (0: CPU)
       eval_actors: 1              # evaluations at once after training, sharing the cores (with
-                                  # best: each, one starts on a trial's resources as it finishes)
+                                  # best: each, each trial's starts when it finishes, if resources
+                                  # are free and no trial waits for them)
     checkpoints:
       keep: 2                     # Ray keeps the best `keep` by the ranking metric, plus the latest
       every: 1                    # passes between checkpoints (the last pass always has one)

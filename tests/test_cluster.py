@@ -107,7 +107,7 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         workers = set(table.column("train_node_id").to_pylist()) | set(table.column("eval_node_id").to_pylist())
         assert head not in workers and all(node.startswith(WORKER_ID_PREFIX) for node in workers)
         # Ray gave each trial a GPU its node advertises only (cluster.local.yaml's label): it trained
-        # on CPU and says so; so did the evaluation actor, given half of one.
+        # on CPU and says so; so did the evaluation, given half of one.
         for nodes in map(json.loads, table.column("train_nodes").to_pylist()):
             assert [(n["device"], n["ray_gpu_ids"], n["gpus_advertised_only"], n["first_epoch"], n["float32"])
                     for n in nodes] == [("cpu", ["0"], True, 1, "ieee")]
@@ -163,7 +163,7 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
         wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000000")
         # The trial with the most passes still to run: the kill command takes seconds to start.
         victim = min((t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*/checkpoint.pt"))),
-                     key=lambda t: len(list(t.glob("checkpoint_*"))))
+                     key=lambda t: max(t.glob("checkpoint_*")).name)
         lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
         killed = cli("sweep.local_cluster", "kill-node", lost)
         assert killed.returncode == 0, killed.stderr
