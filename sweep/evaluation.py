@@ -310,9 +310,14 @@ def evaluate_sweep(
         print(f"{len(state.running)} evaluation(s) started as their trials finished: still running", file=sys.stderr)
     at_once = min(at_once, max(1, len(todo)))
     # On CPU the evaluations share the cluster's cores (no more than one node has); on GPU one core
-    # each feeds its GPU.
+    # each feeds its GPU. Beside evaluations still running at a trial's size, the rest take that
+    # size too, as many at a time as the cores hold: a wider one would leave cores idle until they end.
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
     node_cpus = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
-    cpus = 1 if gpus else int(max(1, min(node_cpus, ray.cluster_resources().get("CPU", 1) // at_once)))
+    cpus = 1 if gpus else int(max(1, min(node_cpus, cluster_cpus // at_once)))
+    if state.running and not gpus:
+        cpus = max(1, int(space.resources.cpus_per_trial))
+        at_once = max(at_once, int(cluster_cpus // cpus))
     if todo:
         print(f"Evaluating {len(todo)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
               f"({at_once} at a time, {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)

@@ -61,8 +61,7 @@ class LiveView(tune.Callback):
     def note(self, trials: list, text: str) -> None:
         """A line of news (an evaluation's result): above the table on a terminal."""
         if sys.stdout.isatty():
-            erase = f"\x1b[{self.drawn_lines}F\x1b[J" if self.drawn_lines else ""
-            sys.stdout.write(erase + text + "\n")
+            sys.stdout.write(self.erase() + text + "\n")
             self.drawn_lines = 0
             self.redraw(trials)
         else:
@@ -102,11 +101,13 @@ class LiveView(tune.Callback):
                                    for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
                          for line in lines)
 
+    def erase(self) -> str:
+        """Back to the table's first line, and clear below it."""
+        return f"\x1b[{self.drawn_lines}F\x1b[J" if self.drawn_lines else ""
+
     def redraw(self, trials: list) -> None:
         text = self.table(trials)
-        # Back to the table's first line and clear below it, then draw it anew.
-        erase = f"\x1b[{self.drawn_lines}F\x1b[J" if self.drawn_lines else ""
-        sys.stdout.write(erase + text + "\n")
+        sys.stdout.write(self.erase() + text + "\n")
         sys.stdout.flush()
         self.drawn_lines = text.count("\n") + 1
         self.last_draw = time.monotonic()

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -28,7 +29,17 @@ from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.folder import saved_results, write_spec
-from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, ResultsError, read_per_image, read_results
+from sweep.results import (
+    PER_IMAGE_FILE,
+    PER_IMAGE_SCHEMA,
+    RESULTS_FILE,
+    SCHEMA,
+    ResultsError,
+    read_evaluated,
+    read_per_image,
+    read_results,
+    write_evaluated,
+)
 from sweep.run import dry_run, run_sweep
 from sweep.plan import drawn_trials, plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
@@ -110,6 +121,21 @@ def test_checkpoints_hold_the_scientific_record(finished_sweep):
         checkpoints = sorted(trial.glob("checkpoint_*"))
         assert 1 <= len(checkpoints) <= 2  # keep=1: the best by validation bound, plus the latest
         assert_complete_history(checkpoints[-1])
+
+
+def test_the_evaluated_rows_read_back_as_written_and_a_damaged_file_is_named(finished_sweep, tmp_path):
+    # What a resumed sweep keeps: the rows and per-image columns, rewritten as they were.
+    sweep_dir, _, rows = finished_sweep
+    local = pafs.LocalFileSystem()
+    evaluated = read_evaluated(str(sweep_dir), local)
+    assert sorted(evaluated) == sorted(row["trial_id"] for row in rows)
+    write_evaluated(str(tmp_path), local, evaluated)
+    for name in (RESULTS_FILE, PER_IMAGE_FILE):
+        assert pq.read_table(tmp_path / name).equals(pq.read_table(sweep_dir / name), check_metadata=True)
+    (tmp_path / RESULTS_FILE).write_bytes(b"not parquet")
+    with pytest.raises(ResultsError, match="delete .*results.parquet and .*per_image.parquet to evaluate"):
+        read_evaluated(str(tmp_path), local)
+    assert read_evaluated(str(tmp_path / "nothing yet"), local) == {}
 
 
 def test_tensorboard_curves_and_images_read_back(finished_sweep):
