@@ -231,8 +231,8 @@ class EvaluateAsTrialsFinish(tune.Callback):
             self.failed(trials, f"{trial_label(trial)}'s evaluation", error)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        state = evaluations(self.folder, self.filesystem)
-        if not (self.waiting or state.running):
+        state = _IN_THIS_DRIVER.get(self.folder)  # made (its files read) when a trial finished
+        if state is None or not (self.waiting or state.running):
             return
         try:
             self.spec = self.spec or read_spec(self.folder, self.filesystem)
