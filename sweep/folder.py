@@ -98,8 +98,8 @@ def trial_result(trial: Any) -> tune.Result:
     """A Ray Tune trial (as a callback gets it) as the Result its ResultGrid will hold: Tune
     builds those from the trial's checkpoint manager, which a Trial has no public accessor for."""
     kept = trial.run_metadata.checkpoint_manager.best_checkpoint_results
-    return tune.Result(metrics={**trial.last_result, "config": trial.config}, checkpoint=trial.checkpoint, error=None, path=trial.path,
-                       best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept])
+    return tune.Result(metrics={**trial.last_result, "config": trial.config}, checkpoint=trial.checkpoint,
+                       error=None, path=trial.path, best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept])
 
 
 def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:

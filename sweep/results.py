@@ -358,12 +358,12 @@ def _read_versioned(location: str, default_file: str, key: str, version: int) ->
     except (pa.ArrowException, OSError) as error:
         raise ResultsError(f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
                            f"python -m sweep.evaluate SWEEP_DIR") from None
-    found = (table.schema.metadata or {}).get(key.encode())
+    found = _version(table, key)
     if found is None:
         raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
                            f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder")
-    if found != str(version).encode():
-        raise ResultsError(f"{location}: results schema version {found.decode(errors='replace')}, this version "
+    if found != str(version):
+        raise ResultsError(f"{location}: results schema version {found}, this version "
                            f"reads {version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
                            f"with the iwae-sweep version that wrote them")
     return table
