@@ -23,8 +23,11 @@ def _linear(n_in: int, n_out: int, fan_out: int | None, device: torch.device) ->
 
 def _stochastic_layer(n_in: int, width: int, n_out: int, device: torch.device) -> list[torch.Tensor]:
     """tanh(W1 .) -> tanh(W2 .) -> one Linear giving mean and log sigma."""
-    return [*_linear(n_in, width, None, device), *_linear(width, width, None, device),
-            *_linear(width, 2 * n_out, n_out, device)]
+    return [
+        *_linear(n_in, width, None, device),
+        *_linear(width, width, None, device),
+        *_linear(width, 2 * n_out, n_out, device),
+    ]
 
 
 def _trunk(h: torch.Tensor, p: list[torch.Tensor]) -> torch.Tensor:
@@ -39,21 +42,29 @@ def _gaussian(h: torch.Tensor, p: list[torch.Tensor]) -> tuple[torch.Tensor, tor
 class BareIWAE:
     """One or two stochastic layers of Burda's sizes, trained on IWAE_K (K = 1 is the VAE)."""
 
-    def __init__(self, layers: int, k: int, device: torch.device, config: TrainConfig = TrainConfig()):
+    def __init__(self, layers: int, k: int, device: torch.device, config: TrainConfig | None = None):
+        config = config or TrainConfig()
         self.layers, self.k = layers, k
         if layers == 1:
             self.q = [_stochastic_layer(784, 200, 50, device)]
             self.prior: list[list[torch.Tensor]] = []
-            self.dec = [*_linear(50, 200, None, device), *_linear(200, 200, None, device),
-                        *_linear(200, 784, None, device)]
+            self.dec = [
+                *_linear(50, 200, None, device),
+                *_linear(200, 200, None, device),
+                *_linear(200, 784, None, device),
+            ]
         else:
             self.q = [_stochastic_layer(784, 200, 100, device), _stochastic_layer(100, 100, 50, device)]
             self.prior = [_stochastic_layer(50, 100, 100, device)]
-            self.dec = [*_linear(100, 200, None, device), *_linear(200, 200, None, device),
-                        *_linear(200, 784, None, device)]
+            self.dec = [
+                *_linear(100, 200, None, device),
+                *_linear(200, 200, None, device),
+                *_linear(200, 784, None, device),
+            ]
         self.params = [p for group in (*self.q, *self.prior, self.dec) for p in group]
-        self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                          eps=config.adam_eps, fused=True)
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, fused=True
+        )
 
     def step(self, grey: torch.Tensor, generator: torch.Generator) -> None:
         x = (torch.rand(grey.shape, generator=generator, device=grey.device) < grey).float()

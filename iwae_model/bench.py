@@ -77,7 +77,7 @@ def matmul_peak(device: torch.device, seconds: float) -> float:
         sync(device)
         elapsed = time.perf_counter() - start
         if elapsed > 0:
-            best = max(best, 2 * n ** 3 / elapsed / 1e9)
+            best = max(best, 2 * n**3 / elapsed / 1e9)
     return best
 
 
@@ -85,8 +85,9 @@ def fraction_of_peak(gflops: float, peak: float) -> float:
     """`gflops` as a share of the measured peak; a peak that is not a positive finite rate is
     an error, never a division."""
     if not (math.isfinite(peak) and peak > 0):
-        raise ValueError(f"matmul peak {peak!r} GFLOP/s is not a rate of real work; cannot express figures as a "
-                         f"fraction of it")
+        raise ValueError(
+            f"matmul peak {peak!r} GFLOP/s is not a rate of real work; cannot express figures as a fraction of it"
+        )
     return round(gflops / peak, 3)
 
 
@@ -96,13 +97,21 @@ def bench_training(name: str, overrides: dict, device: torch.device, steps: int,
     # compiled steps need a few hundred calls to settle
     seconds = training_step_seconds(config, device, steps, warmup=max(100, steps // 4)) * steps
     flops = 3 * 2 * config.build_model().multiply_adds(objective.num_samples) * config.batch_size * steps
-    return {"figure": "train", "name": name, "batch": config.batch_size, "samples": objective.num_samples,
-            "steps_per_s": round(steps / seconds, 1), "images_per_s": round(steps * config.batch_size / seconds, 1),
-            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
+    return {
+        "figure": "train",
+        "name": name,
+        "batch": config.batch_size,
+        "samples": objective.num_samples,
+        "steps_per_s": round(steps / seconds, 1),
+        "images_per_s": round(steps * config.batch_size / seconds, 1),
+        "gflops": round(flops / seconds / 1e9, 1),
+        "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak),
+    }
 
 
-def bench_against_bare_loop(name: str, overrides: dict, device: torch.device, rounds: int,
-                            seconds_per_round: float) -> dict:
+def bench_against_bare_loop(
+    name: str, overrides: dict, device: torch.device, rounds: int, seconds_per_round: float
+) -> dict:
     """The library's training step rate as a ratio to the bare loop's (iwae_model.bare_loop), in
     alternating rounds so that a slow spell of a shared machine hits both: the median of the
     per-round ratios."""
@@ -124,19 +133,31 @@ def bench_against_bare_loop(name: str, overrides: dict, device: torch.device, ro
             library_s, bare_s = seconds_per_call(library, steps), seconds_per_call(bare, steps)
         rounds_seen.append((1 / library_s, 1 / bare_s, bare_s / library_s))
     library_rate, bare_rate, ratio = (statistics.median(column) for column in zip(*rounds_seen))
-    return {"figure": "vs_bare_loop", "name": name, "library_steps_per_s": round(library_rate, 1),
-            "bare_steps_per_s": round(bare_rate, 1), "ratio": round(ratio, 3),
-            "ratio_range": [round(min(r[2] for r in rounds_seen), 3), round(max(r[2] for r in rounds_seen), 3)],
-            "rounds": rounds, "steps_per_round": steps}
+    return {
+        "figure": "vs_bare_loop",
+        "name": name,
+        "library_steps_per_s": round(library_rate, 1),
+        "bare_steps_per_s": round(bare_rate, 1),
+        "ratio": round(ratio, 3),
+        "ratio_range": [round(min(r[2] for r in rounds_seen), 3), round(max(r[2] for r in rounds_seen), 3)],
+        "rounds": rounds,
+        "steps_per_round": steps,
+    }
 
 
 def bench_evaluation(layers: int, device: torch.device, images: int, peak: float, k: int = 5000) -> dict:
     config = TrainConfig(layers=layers)
     seconds = likelihood_seconds_per_image(config, device, k, images) * images
     flops = 2 * config.build_model().multiply_adds(k) * images
-    return {"figure": "evaluate", "name": f"nll_k{k}_L{layers}", "images": images,
-            "images_per_s": round(images / seconds, 2), "test_set_minutes": round(10000 / (images / seconds) / 60, 2),
-            "gflops": round(flops / seconds / 1e9, 1), "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak)}
+    return {
+        "figure": "evaluate",
+        "name": f"nll_k{k}_L{layers}",
+        "images": images,
+        "images_per_s": round(images / seconds, 2),
+        "test_set_minutes": round(10000 / (images / seconds) / 60, 2),
+        "gflops": round(flops / seconds / 1e9, 1),
+        "fraction_of_peak": fraction_of_peak(flops / seconds / 1e9, peak),
+    }
 
 
 def bench_diagnostics_overhead(layers: int, device: torch.device, images: int, rounds: int, k: int = 5000) -> dict:
@@ -148,9 +169,14 @@ def bench_diagnostics_overhead(layers: int, device: torch.device, images: int, r
         order = (True, False) if index % 2 == 0 else (False, True)
         seconds = {d: likelihood_seconds_per_image(config, device, k, images, diagnostics=d) for d in order}
         ratios.append(seconds[True] / seconds[False])
-    return {"figure": "is_diagnostics_overhead", "name": f"nll_k{k}_L{layers}", "images": images, "rounds": rounds,
-            "overhead": round(statistics.median(ratios) - 1, 4),
-            "overhead_range": [round(min(ratios) - 1, 4), round(max(ratios) - 1, 4)]}
+    return {
+        "figure": "is_diagnostics_overhead",
+        "name": f"nll_k{k}_L{layers}",
+        "images": images,
+        "rounds": rounds,
+        "overhead": round(statistics.median(ratios) - 1, 4),
+        "overhead_range": [round(min(ratios) - 1, 4), round(max(ratios) - 1, 4)],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,25 +193,46 @@ def main(argv: list[str] | None = None) -> None:
 
     def print_peak(when: str) -> float:
         peak = matmul_peak(device, peak_seconds)
-        print(json.dumps({"figure": "matmul_peak", "when": when, "device": str(device),
-                          "threads": torch.get_num_threads(), "gflops": round(peak, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "figure": "matmul_peak",
+                    "when": when,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "gflops": round(peak, 1),
+                }
+            ),
+            flush=True,
+        )
         return peak
 
     peak = print_peak("start")
     for name, overrides in TRAINING_CASES:
         print(json.dumps(bench_training(name, overrides, device, steps, peak)), flush=True)
     for name, overrides in BARE_LOOP_CASES:
-        print(json.dumps(bench_against_bare_loop(name, overrides, device, rounds=5 if args.quick else 9,
-                                                 seconds_per_round=0.4 if args.quick else 1.0)), flush=True)
+        print(
+            json.dumps(
+                bench_against_bare_loop(
+                    name, overrides, device, rounds=5 if args.quick else 9, seconds_per_round=0.4 if args.quick else 1.0
+                )
+            ),
+            flush=True,
+        )
     for layers in (1, 2):
         print(json.dumps(bench_evaluation(layers, device, eval_images, peak)), flush=True)
     for layers in (1, 2):
-        print(json.dumps(bench_diagnostics_overhead(layers, device, image_batch, rounds=5 if args.quick else 9)),
-              flush=True)
+        print(
+            json.dumps(bench_diagnostics_overhead(layers, device, image_batch, rounds=5 if args.quick else 9)),
+            flush=True,
+        )
     end = print_peak("end")
     if not 0.8 < end / peak < 1.25:
-        print(f"warning: the matmul peak moved from {peak:.1f} to {end:.1f} GFLOP/s during the run (a shared or "
-              f"throttled machine): the fractions above are not reliable; run again", file=sys.stderr)
+        print(
+            f"warning: the matmul peak moved from {peak:.1f} to {end:.1f} GFLOP/s during the run (a shared or "
+            f"throttled machine): the fractions above are not reliable; run again",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

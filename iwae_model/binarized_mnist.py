@@ -17,8 +17,7 @@ import torch
 
 from .data import DataError, Dataset, default_data_dir, fetch, mirrors_from, sha256
 
-ROWS = {"binarized_mnist_train.amat": 50_000, "binarized_mnist_valid.amat": 10_000,
-        "binarized_mnist_test.amat": 10_000}
+ROWS = {"binarized_mnist_train.amat": 50_000, "binarized_mnist_valid.amat": 10_000, "binarized_mnist_test.amat": 10_000}
 PIXELS = 784
 N_VALIDATION = 10_000
 DEFAULT_MIRRORS = ("http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/",)
@@ -30,16 +29,19 @@ _WHITESPACE = tuple(map(ord, " \t\r\n"))
 def read_amat(raw: bytes, source: str, rows: int) -> np.ndarray:
     """A .amat file's rows as a float32 [rows, 784] array of 0 and 1; DataError unless the file is
     exactly that: `rows` lines of 784 whitespace-separated values, each 0 or 1."""
+
     def damaged(what: str) -> DataError:
-        return DataError(f"{source}: {what}; Larochelle & Murray's file has {rows:,} lines of {PIXELS} values, each "
-                         f"0 or 1. The file is corrupt, truncated or another file: delete it and let it download "
-                         f"again, or copy the original there.")
+        return DataError(
+            f"{source}: {what}; Larochelle & Murray's file has {rows:,} lines of {PIXELS} values, each "
+            f"0 or 1. The file is corrupt, truncated or another file: delete it and let it download "
+            f"again, or copy the original there."
+        )
 
     data = np.frombuffer(raw.rstrip(), dtype=np.uint8)
     digit = (data == _ZERO) | (data == _ONE)
     if not (digit | np.isin(data, _WHITESPACE)).all():
         offset = int(np.flatnonzero(~(digit | np.isin(data, _WHITESPACE)))[0])
-        raise damaged(f"byte {offset} is {raw[offset:offset + 1]!r}, not 0, 1 or whitespace")
+        raise damaged(f"byte {offset} is {raw[offset : offset + 1]!r}, not 0, 1 or whitespace")
     if (digit[1:] & digit[:-1]).any():
         raise damaged("it has a value of several digits")
     line_ends = np.append(np.flatnonzero(data == ord("\n")), len(data))
@@ -63,13 +65,25 @@ def load_binarized_mnist(
     mirrors = mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS)
     splits, files = [], {}
     for name, rows in ROWS.items():
-        raw, images = fetch(name, folder, lambda raw, source, rows=rows: read_amat(raw, source, rows), mirrors,
-                            download, timeout, f"Put Larochelle & Murray's three binarized_mnist_*.amat files in "
-                                               f"{folder}")
+        raw, images = fetch(
+            name,
+            folder,
+            lambda raw, source, rows=rows: read_amat(raw, source, rows),
+            mirrors,
+            download,
+            timeout,
+            f"Put Larochelle & Murray's three binarized_mnist_*.amat files in {folder}",
+        )
         splits.append(torch.from_numpy(images))
         files[name] = sha256(raw)
     train, valid, test = splits
     train_all = torch.cat([train, valid])
     device = torch.device(device)
-    return Dataset("binarized_mnist", train_all[:-N_VALIDATION].to(device), train_all[-N_VALIDATION:].to(device),
-                   test.to(device), "fixed", files)
+    return Dataset(
+        "binarized_mnist",
+        train_all[:-N_VALIDATION].to(device),
+        train_all[-N_VALIDATION:].to(device),
+        test.to(device),
+        "fixed",
+        files,
+    )

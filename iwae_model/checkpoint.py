@@ -45,7 +45,13 @@ READABLE_FORMATS = (1, 2)
 CUDA_GENERATOR_STATE_BYTES = 16  # a Philox seed and offset
 CHECKPOINT_NAME = "checkpoint.pt"
 FIELDS: dict[str, type | tuple[type, ...]] = {
-    "config": dict, "model": dict, "optimizer": dict, "epoch": int, "step": int, "rng": dict, "history": list,
+    "config": dict,
+    "model": dict,
+    "optimizer": dict,
+    "epoch": int,
+    "step": int,
+    "rng": dict,
+    "history": list,
     "train_seconds": (int, float),
 }
 HISTORY_NUMBERS = ("train_bound", "valid_bound")  # what the evaluation reads from the last row
@@ -73,8 +79,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
     if path.is_dir():
         path = checkpoint_path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint there (a run directory holds {CHECKPOINT_NAME}, "
-                              f"written by python -m iwae_model.train after each pass)")
+        raise CheckpointError(
+            f"{path}: no checkpoint there (a run directory holds {CHECKPOINT_NAME}, "
+            f"written by python -m iwae_model.train after each pass)"
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint; copy it again from where the run wrote it")
     try:
@@ -87,34 +95,53 @@ def load_checkpoint(path: str | os.PathLike, map_location: torch.device | str = 
             raise CheckpointError(
                 f"{path}: refused: it carries the Python object {named.group(1)}, not only tensors and plain "
                 f"containers. iwae-sweep checkpoints never do, and unpickling such a file could run code, so it "
-                f"was not loaded. Use checkpoints written by iwae-sweep.") from None
-        raise CheckpointError(f"{path}: not a torch checkpoint file (its pickle has content torch's safe loader "
-                              f"does not accept); pass a checkpoint.pt written by iwae-sweep") from None
+                f"was not loaded. Use checkpoints written by iwae-sweep."
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint file (its pickle has content torch's safe loader "
+            f"does not accept); pass a checkpoint.pt written by iwae-sweep"
+        ) from None
     except Exception as error:  # noqa: BLE001 -- any failure to parse an untrusted file means the same: damaged
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(error).__name__}: {_summary(error)}); the file is "
-            f"truncated, damaged or not a torch file: copy it again, or resume from an earlier one") from None
+            f"truncated, damaged or not a torch file: copy it again, or resume from an earlier one"
+        ) from None
     check_state(state, path)
     return state
 
 
 def check_state(state: Any, path: str | os.PathLike) -> None:
     """Raise CheckpointError unless `state` has every field of this format, of the right type."""
+
     def bad(field: str, problem: str) -> CheckpointError:
-        return CheckpointError(f"{path}: field {field!r}: {problem}; the file is damaged or was not written by "
-                               f"iwae-sweep: copy it again, or resume from an earlier checkpoint")
+        return CheckpointError(
+            f"{path}: field {field!r}: {problem}; the file is damaged or was not written by "
+            f"iwae-sweep: copy it again, or resume from an earlier checkpoint"
+        )
 
     if not isinstance(state, dict) or "format" not in state:
-        what = f"a dict with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise CheckpointError(f"{path}: not an iwae-sweep checkpoint (it holds {what}, not the 'format', 'config', "
-                              f"'model', ... of a run); pass a run directory written by python -m iwae_model.train")
+        what = (
+            f"a dict with keys {sorted(map(str, state))[:8]}"
+            if isinstance(state, dict)
+            else f"a {type(state).__name__}"
+        )
+        raise CheckpointError(
+            f"{path}: not an iwae-sweep checkpoint (it holds {what}, not the 'format', 'config', "
+            f"'model', ... of a run); pass a run directory written by python -m iwae_model.train"
+        )
     version = state["format"]
     is_int = isinstance(version, int) and not isinstance(version, bool)
     if not (is_int and version in READABLE_FORMATS):
         newer = is_int and version > CHECKPOINT_FORMAT
-        fix = "upgrade iwae-sweep to read it" if newer else "load it with the iwae-sweep version that wrote it, or retrain"
-        raise CheckpointError(f"{path}: checkpoint format {version!r}, this version reads formats "
-                              f"{', '.join(map(str, READABLE_FORMATS))}: {fix}")
+        fix = (
+            "upgrade iwae-sweep to read it"
+            if newer
+            else "load it with the iwae-sweep version that wrote it, or retrain"
+        )
+        raise CheckpointError(
+            f"{path}: checkpoint format {version!r}, this version reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}: {fix}"
+        )
     for field, kind in FIELDS.items():
         if field not in state:
             raise bad(field, "missing")
@@ -129,11 +156,14 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
             raise bad(f"rng.{name}", "expected a uint8 tensor (a torch RNG state)")
     if version == 1:  # read as format 2: the generator's device from its state's layout
         generator = state["rng"]["generator"]
-        state["rng"] = {"generator": generator,
-                        "device": "cuda" if generator.numel() == CUDA_GENERATOR_STATE_BYTES else "cpu"}
+        state["rng"] = {
+            "generator": generator,
+            "device": "cuda" if generator.numel() == CUDA_GENERATOR_STATE_BYTES else "cpu",
+        }
     if state["rng"].get("device") not in ("cpu", "cuda"):
-        raise bad("rng.device", f"{state['rng'].get('device')!r}, expected 'cpu' or 'cuda' (the training "
-                                f"generator's device)")
+        raise bad(
+            "rng.device", f"{state['rng'].get('device')!r}, expected 'cpu' or 'cuda' (the training generator's device)"
+        )
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as error:
@@ -165,6 +195,7 @@ def restore(
     """Load a checked checkpoint's weights (and optimizer and generator states) into these
     objects. The generator's state is loaded only if it was saved on the same device type (the
     caller reseeds it otherwise: a CPU and a CUDA generator's states do not convert)."""
+
     def load_optimizer() -> None:
         optimizer.load_state_dict(state["optimizer"])
         _check_optimizer_shapes(optimizer)
@@ -180,7 +211,8 @@ def restore(
             raise CheckpointError(
                 f"{path}: field {field!r} does not fit the configuration the checkpoint names "
                 f"({type(error).__name__}: {_summary(error)}); the file is damaged or was edited: copy it again, "
-                f"or resume from an earlier checkpoint") from None
+                f"or resume from an earlier checkpoint"
+            ) from None
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
@@ -189,8 +221,9 @@ def _check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
         for param in group["params"]:
             for name, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)}, "
-                                     f"its parameter {tuple(param.shape)}")
+                    raise ValueError(
+                        f"optimizer state {name!r} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[IWAEModel, TrainConfig, dict]:

@@ -32,54 +32,87 @@ class TrainConfig:
     added to sqrt(v), the gradient's scale matters."""
 
     layers: int = setting(1, "stochastic layers (Burda's architectures: 1 or 2)", choices=(1, 2))
-    objective: str = setting("iwae", "vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) "
-                                     "objectives", choices=OBJECTIVES)
+    objective: str = setting(
+        "iwae",
+        "vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) objectives",
+        choices=OBJECTIVES,
+    )
     k: int = setting(5, "importance samples K (per group for miwae/piwae)")
     m: int = setting(1, "groups M for miwae/piwae (vae uses M*K samples)")
     beta: float = setting(0.5, "CIWAE mixing weight of the ELBO")
-    estimator: str = setting("reparam", "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg "
-                                        "(Tucker et al. 2019; 1 layer only)", choices=ESTIMATORS)
-    passes: int = setting(FULL_SCHEDULE_PASSES, f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} "
-                                                f"compresses the schedule proportionally")
-    schedule: str = setting("compressed", "how passes < 3280 map onto Burda's 8 stages: compressed keeps every "
-                                          "stage's share; truncated runs the first N passes of the full schedule; "
-                                          "constant holds --lr throughout", choices=SCHEDULES)
+    estimator: str = setting(
+        "reparam",
+        "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; 1 layer only)",
+        choices=ESTIMATORS,
+    )
+    passes: int = setting(
+        FULL_SCHEDULE_PASSES,
+        f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} compresses the schedule proportionally",
+    )
+    schedule: str = setting(
+        "compressed",
+        "how passes < 3280 map onto Burda's 8 stages: compressed keeps every "
+        "stage's share; truncated runs the first N passes of the full schedule; "
+        "constant holds --lr throughout",
+        choices=SCHEDULES,
+    )
     batch_size: int = setting(20, "images per optimizer step")
     lr: float = setting(1e-3, "learning rate of stage 0")
-    adam_beta1: float = setting(0.9, "Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of "
-                                     "the paper); the authors' code used 0.99")
+    adam_beta1: float = setting(
+        0.9,
+        "Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of "
+        "the paper); the authors' code used 0.99",
+    )
     adam_beta2: float = setting(0.999, "Adam beta2")
     adam_eps: float = setting(1e-4, "Adam epsilon (Burda's 1e-4)")
     seed: int = setting(0, "seed of the weights and of the training noise")
-    dataset: str = setting("mnist", "mnist and omniglot: grey levels, binarized as --binarization says; "
-                                    "binarized_mnist: Larochelle & Murray's fixed binarization", choices=DATASETS)
-    binarization: str = setting("dynamic", "how mnist and omniglot become binary: dynamic is the papers' protocol; "
-                                           "static/threshold are NOT comparable to the papers (binarized_mnist is "
-                                           "binary already and takes only dynamic, the default)",
-                                choices=BINARIZATIONS)
+    dataset: str = setting(
+        "mnist",
+        "mnist and omniglot: grey levels, binarized as --binarization says; "
+        "binarized_mnist: Larochelle & Murray's fixed binarization",
+        choices=DATASETS,
+    )
+    binarization: str = setting(
+        "dynamic",
+        "how mnist and omniglot become binary: dynamic is the papers' protocol; "
+        "static/threshold are NOT comparable to the papers (binarized_mnist is "
+        "binary already and takes only dynamic, the default)",
+        choices=BINARIZATIONS,
+    )
     train_images: int | None = setting(None, "train on the first N images only (not comparable)")
     test_images: int | None = setting(None, "per-pass test bound on the first N test images only")
     eval_every: int = setting(1, "passes between test-bound evaluations (the last pass always has one)")
     nll_every: int = setting(0, "passes between k-sample NLL estimates on --nll-images test images (0: never)")
     nll_k: int = setting(5000, "importance samples of those NLL estimates")
     nll_images: int = setting(500, "test images of those NLL estimates")
-    valid_ll_k: int = setting(0, "importance samples of a log-likelihood estimate on the validation images every pass "
-                                 "(valid_ll: ranks trials of different objectives, K or M fairly; 0: never)")
-    snr_every: int = setting(0, "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; "
-                                "0: never)")
+    valid_ll_k: int = setting(
+        0,
+        "importance samples of a log-likelihood estimate on the validation images every pass "
+        "(valid_ll: ranks trials of different objectives, K or M fairly; 0: never)",
+    )
+    snr_every: int = setting(
+        0, "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; 0: never)"
+    )
     snr_draws: int = setting(100, "gradient draws per SNR measurement")
     snr_images: int = setting(100, "the SNR's fixed minibatch: the first N training images, binarized once")
-    init_from: str | None = setting(None, "start from this run's final weights (a run directory or checkpoint "
-                                          "file; Burda's Table 2: with --lr 1e-4 --passes 2187 "
-                                          "--schedule constant); the optimizer starts fresh unless "
-                                          "--init-optimizer", metavar="RUN_DIR")
+    init_from: str | None = setting(
+        None,
+        "start from this run's final weights (a run directory or checkpoint "
+        "file; Burda's Table 2: with --lr 1e-4 --passes 2187 "
+        "--schedule constant); the optimizer starts fresh unless "
+        "--init-optimizer",
+        metavar="RUN_DIR",
+    )
     init_label: str | None = setting(None, "the label of the run init_from names (read from its checkpoint)")
     init_optimizer: bool = setting(False, "with --init-from: also continue its Adam state")
     latent_dims: tuple[int, ...] | None = setting(None, "latent units per stochastic layer (default: Burda's)")
     hidden_dims: tuple[int, ...] | None = setting(None, "hidden units per stochastic layer (default: Burda's)")
     # At batch 20 most of a small model's step is per-op Python overhead, which compiling removes.
-    compile: bool = setting(False, "torch.compile the surrogate loss, forward and backward: faster small-batch steps "
-                                   "after ~10 s of compilation; results differ from eager mode in the last bits")
+    compile: bool = setting(
+        False,
+        "torch.compile the surrogate loss, forward and backward: faster small-batch steps "
+        "after ~10 s of compilation; results differ from eager mode in the last bits",
+    )
 
     def __post_init__(self) -> None:
         # Configurations also come from YAML files and checkpoints: every field's type is
@@ -114,8 +147,13 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise fail(name, "must lie in [0, 1)")
-        for name, choices in (("objective", OBJECTIVES), ("estimator", ESTIMATORS), ("schedule", SCHEDULES),
-                              ("dataset", DATASETS), ("binarization", BINARIZATIONS)):
+        for name, choices in (
+            ("objective", OBJECTIVES),
+            ("estimator", ESTIMATORS),
+            ("schedule", SCHEDULES),
+            ("dataset", DATASETS),
+            ("binarization", BINARIZATIONS),
+        ):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise fail(name, f"choose one of {', '.join(choices)}")
         for name in ("compile", "init_optimizer"):
@@ -126,8 +164,11 @@ class TrainConfig:
             if value is not None and (not isinstance(value, str) or not value):
                 raise fail(name, "must be a non-empty string, or null")
         if self.dataset == "binarized_mnist" and self.binarization != "dynamic":
-            raise fail("binarization", "binarized_mnist is binary already (Larochelle & Murray's fixed draw); "
-                                       "leave binarization at its default")
+            raise fail(
+                "binarization",
+                "binarized_mnist is binary already (Larochelle & Murray's fixed draw); "
+                "leave binarization at its default",
+            )
         if self.init_from is None and (self.init_label is not None or self.init_optimizer):
             raise ValueError("init_label and init_optimizer describe a continued run: they need init_from")
         for name in ("latent_dims", "hidden_dims"):
@@ -180,4 +221,3 @@ class TrainConfig:
         parent = f"_from_{self.init_label}" if self.init_label else "_continued" if self.init_from else ""
         dataset = "" if self.dataset == "mnist" else f"{self.dataset}_"
         return f"{dataset}{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
-

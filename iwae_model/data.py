@@ -77,8 +77,16 @@ def mirrors_from(variable: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(filter(None, os.environ.get(variable, "").split(","))) or defaults
 
 
-def fetch(name: str, folder: Path, check: Callable[[bytes, str], T], mirrors: tuple[str, ...], download: bool,
-          timeout: float, where: str, gzipped: bool = False) -> tuple[bytes, T]:
+def fetch(
+    name: str,
+    folder: Path,
+    check: Callable[[bytes, str], T],
+    mirrors: tuple[str, ...],
+    download: bool,
+    timeout: float,
+    where: str,
+    gzipped: bool = False,
+) -> tuple[bytes, T]:
     """The bytes of data file `name` and what `check(raw, source)` makes of them (it raises
     DataError for bad bytes): from `folder` (as `name`, or `name.gz` when `gzipped`), else from
     the first of `mirrors` that serves good bytes, which are then kept in `folder`. `where`: what
@@ -97,8 +105,9 @@ def fetch(name: str, folder: Path, check: Callable[[bytes, str], T], mirrors: tu
                 ) from exc
         return raw, check(raw, str(candidate))
     if not download:
-        raise DataError(f"'{name}' is not in {folder}. {where}, or point --data-dir / IWAE_DATA_DIR at a folder "
-                        f"that has them.")
+        raise DataError(
+            f"'{name}' is not in {folder}. {where}, or point --data-dir / IWAE_DATA_DIR at a folder that has them."
+        )
     errors = []
     for mirror in mirrors:
         url = f"{mirror.rstrip('/')}/{name}{'.gz' if gzipped else ''}"
@@ -111,17 +120,20 @@ def fetch(name: str, folder: Path, check: Callable[[bytes, str], T], mirrors: tu
             errors.append(f"  {url}: {exc}")
             continue
         # Only checked bytes, and whole: never a half-written file where the next run finds it.
-        write_atomically(folder / f"{name}{'.gz' if gzipped else ''}", lambda out: out.write(fetched))
+        write_atomically(folder / f"{name}{'.gz' if gzipped else ''}", lambda out, fetched=fetched: out.write(fetched))
         return raw, checked
-    raise DataError(f"'{name}' is not in {folder} and could not be downloaded:\n" + "\n".join(errors) +
-                    f"\n{where}, or point --data-dir / IWAE_DATA_DIR at a folder that has them.")
+    raise DataError(
+        f"'{name}' is not in {folder} and could not be downloaded:\n"
+        + "\n".join(errors)
+        + f"\n{where}, or point --data-dir / IWAE_DATA_DIR at a folder that has them."
+    )
 
 
 def _parse_idx(raw: bytes, name: str) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise DataError(f"'{name}' is not an unsigned-byte IDX file (header {raw[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -141,10 +153,19 @@ def read_mnist_file(
             raise DataError(
                 f"{source}: uncompressed content has sha256 {digest}, expected {MNIST_SHA256[name]} "
                 f"(the original LeCun '{name}'). The file is corrupt, truncated or a different data set: "
-                f"delete it and let it download again, or copy the original file there.")
+                f"delete it and let it download again, or copy the original file there."
+            )
 
-    raw, _ = fetch(name, folder, check, mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS), download, timeout,
-                   f"Put the four MNIST IDX files (gzipped or not) in {folder}", gzipped=True)
+    raw, _ = fetch(
+        name,
+        folder,
+        check,
+        mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS),
+        download,
+        timeout,
+        f"Put the four MNIST IDX files (gzipped or not) in {folder}",
+        gzipped=True,
+    )
     return _parse_idx(raw, name)
 
 
@@ -190,23 +211,40 @@ def check_binarization(binarization: str) -> None:
         )
 
 
-def grey_levels(name: str, train_all: torch.Tensor, test: torch.Tensor, n_validation: int, binarization: str,
-                device: torch.device | str, files: dict[str, str], **labels: torch.Tensor) -> Dataset:
+def grey_levels(
+    name: str,
+    train_all: torch.Tensor,
+    test: torch.Tensor,
+    n_validation: int,
+    binarization: str,
+    device: torch.device | str,
+    files: dict[str, str],
+    **labels: torch.Tensor,
+) -> Dataset:
     """A grey-level dataset (values in [0, 1]) split as Burda did: the last `n_validation`
     training rows are the validation set. `static` (one fixed Bernoulli draw, seed 0) and
     `threshold` (pixel > 0.5) binarize the training set once; validation and test sets are
     always binarized once with seed 123 (see `Dataset.fixed`)."""
     if len(train_all) <= n_validation:
-        raise DataError(f"{name}: {len(train_all)} training images, but the last {n_validation} are the validation "
-                        f"set: the file is not the dataset's")
+        raise DataError(
+            f"{name}: {len(train_all)} training images, but the last {n_validation} are the validation "
+            f"set: the file is not the dataset's"
+        )
     train, valid = train_all[:-n_validation], train_all[-n_validation:]
     if binarization == "static":
         train = binarize_once(train, STATIC_BINARIZATION_SEED)
     elif binarization == "threshold":
         train = (train > 0.5).float()
     device = torch.device(device)
-    return Dataset(name, train.to(device), valid.to(device), test.to(device), binarization, files,
-                   **{key: value.to(device) for key, value in labels.items()})
+    return Dataset(
+        name,
+        train.to(device),
+        valid.to(device),
+        test.to(device),
+        binarization,
+        files,
+        **{key: value.to(device) for key, value in labels.items()},
+    )
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -236,5 +274,14 @@ def load_mnist(
         torch.from_numpy(read_mnist_file(name, data_dir, download, mirrors).copy()) for name in MNIST_SHA256
     )
     train_all, test = (images.reshape(len(images), -1).float() / 255.0 for images in (train_images, test_images))
-    return grey_levels("mnist", train_all, test, N_VALIDATION, binarization, device, dict(MNIST_SHA256),
-                       train_labels=train_labels[:-N_VALIDATION].long(), test_labels=test_labels.long())
+    return grey_levels(
+        "mnist",
+        train_all,
+        test,
+        N_VALIDATION,
+        binarization,
+        device,
+        dict(MNIST_SHA256),
+        train_labels=train_labels[:-N_VALIDATION].long(),
+        test_labels=test_labels.long(),
+    )

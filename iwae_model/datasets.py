@@ -13,11 +13,17 @@ from .omniglot import load_omniglot
 
 # (train, validation, test) images of each, for plans made without reading the files. Omniglot's
 # are the Cambridge replication's count of the authors' file (24,345 training rows, 8,070 test).
-SPLIT_SIZES = {"mnist": (59_600, 400, 10_000), "omniglot": (23_000, 1_345, 8_070),
-               "binarized_mnist": (50_000, 10_000, 10_000)}
+SPLIT_SIZES = {
+    "mnist": (59_600, 400, 10_000),
+    "omniglot": (23_000, 1_345, 8_070),
+    "binarized_mnist": (50_000, 10_000, 10_000),
+}
 # The environment variable that names each dataset's download mirrors (a private network's).
-MIRRORS_VARIABLES = {"mnist": data.MIRRORS_VARIABLE, "omniglot": omniglot.MIRRORS_VARIABLE,
-                     "binarized_mnist": binarized_mnist.MIRRORS_VARIABLE}
+MIRRORS_VARIABLES = {
+    "mnist": data.MIRRORS_VARIABLE,
+    "omniglot": omniglot.MIRRORS_VARIABLE,
+    "binarized_mnist": binarized_mnist.MIRRORS_VARIABLE,
+}
 
 
 def load_dataset(

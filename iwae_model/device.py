@@ -37,12 +37,17 @@ def pin_float32() -> None:
 def float32_precision(device: torch.device) -> str:
     """The float32 precision matmuls and convolutions on `device` run with now, read back from
     torch (not assumed): `ieee`, or e.g. `matmul tf32, conv ieee` if something changed it."""
-    backends = ({"matmul": torch.backends.cuda.matmul, "conv": torch.backends.cudnn.conv} if device.type == "cuda"
-                else {"matmul": torch.backends.mkldnn.matmul, "conv": torch.backends.mkldnn.conv})
+    backends = (
+        {"matmul": torch.backends.cuda.matmul, "conv": torch.backends.cudnn.conv}
+        if device.type == "cuda"
+        else {"matmul": torch.backends.mkldnn.matmul, "conv": torch.backends.mkldnn.conv}
+    )
     # "none" defers to the global setting, which is IEEE unless set_float32_matmul_precision lowered it.
     default = IEEE if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    seen = {name: backend.fp32_precision if backend.fp32_precision != "none" else default
-            for name, backend in backends.items()}
+    seen = {
+        name: backend.fp32_precision if backend.fp32_precision != "none" else default
+        for name, backend in backends.items()
+    }
     if set(seen.values()) == {IEEE}:
         return IEEE
     return ", ".join(f"{name} {value}" for name, value in seen.items())
@@ -51,8 +56,12 @@ def float32_precision(device: torch.device) -> str:
 def device_record(device: torch.device) -> dict[str, str | None]:
     """What results record of the device that computed them: its type, the float32 precision
     and, on CUDA, the GPU's name and compute capability (None on the CPU)."""
-    record: dict[str, str | None] = {"device": device.type, "float32": float32_precision(device),
-                                     "gpu_name": None, "gpu_capability": None}
+    record: dict[str, str | None] = {
+        "device": device.type,
+        "float32": float32_precision(device),
+        "gpu_name": None,
+        "gpu_capability": None,
+    }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         record.update(gpu_name=torch.cuda.get_device_name(device), gpu_capability=f"{major}.{minor}")

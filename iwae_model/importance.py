@@ -42,15 +42,19 @@ def pareto_k_hat(largest_log_w: torch.Tensor, k: int) -> torch.Tensor:
     if tail < MIN_TAIL:
         return torch.full(largest_log_w.shape[1:], math.nan, dtype=torch.float64, device=largest_log_w.device)
     if largest_log_w.shape[0] != tail + 1:
-        raise ValueError(f"pareto_k_hat needs the {tail + 1} largest log-weights for k={k}, got {largest_log_w.shape[0]}")
+        raise ValueError(
+            f"pareto_k_hat needs the {tail + 1} largest log-weights for k={k}, got {largest_log_w.shape[0]}"
+        )
     ordered = largest_log_w.double().sort(dim=0).values.T  # [B, T + 1] ascending
     shifted = ordered - ordered[:, -1:]  # the largest weight is 1: the fit is scale-free
     exceedances = torch.exp(shifted[:, 1:]) - torch.exp(shifted[:, :1])  # [B, T] over the cutoff, ascending
     n = exceedances.shape[1]
     candidates = 30 + int(math.sqrt(n))
-    grid = 1 - torch.sqrt(candidates / (torch.arange(1, candidates + 1, dtype=torch.float64, device=ordered.device) - 0.5))
+    grid = 1 - torch.sqrt(
+        candidates / (torch.arange(1, candidates + 1, dtype=torch.float64, device=ordered.device) - 0.5)
+    )
     prior_bs, prior_k = 3, 10
-    b = grid / (prior_bs * exceedances[:, int(n / 4 + 0.5) - 1:int(n / 4 + 0.5)]) + 1 / exceedances[:, -1:]  # [B, C]
+    b = grid / (prior_bs * exceedances[:, int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)]) + 1 / exceedances[:, -1:]  # [B, C]
     k_at_b = torch.log1p(-b[:, :, None] * exceedances[:, None, :]).mean(-1)  # [B, C]
     profile = n * (torch.log(-b / k_at_b) - k_at_b - 1)
     weights = torch.softmax(profile, dim=1)

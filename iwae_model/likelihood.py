@@ -80,8 +80,10 @@ def evaluation_noise(model: IWAEModel, k: int, start: int, stop: int) -> list[to
         for layer, d in zip(blocks, model.latent_dims):
             layer.append(torch.randn((k, NOISE_BLOCK, d), generator=generator, dtype=weight.dtype))
     offset = start - first * NOISE_BLOCK
-    return [(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))[:, offset:offset + stop - start]
-            .to(weight.device) for parts in blocks]
+    return [
+        (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))[:, offset : offset + stop - start].to(weight.device)
+        for parts in blocks
+    ]
 
 
 def noise_stream(model: IWAEModel, k: int) -> str:
@@ -120,16 +122,18 @@ def importance_sampling(
     chunk_rows = chunk_rows or default_chunk_rows(device)
     keep = pareto_tail_size(k) + 1
     estimates, ess, pareto_k = [], [], []
-    for start in tqdm(range(0, len(x), image_batch), desc=f"log p(x), k={k}", unit="batch",
-                      disable=not progress, file=sys.stderr):
-        xb = x[start:start + image_batch]
+    for start in tqdm(
+        range(0, len(x), image_batch), desc=f"log p(x), k={k}", unit="batch", disable=not progress, file=sys.stderr
+    ):
+        xb = x[start : start + image_batch]
         first_layer = model.encoders[0](xb)
         noise = evaluation_noise(model, k, start, start + len(xb))
         samples_per_chunk = max(1, chunk_rows // len(xb))
         log_sums, log_square_sums, largest = [], [], xb.new_empty((0, len(xb)), dtype=torch.float64)
         for s in range(0, k, samples_per_chunk):
-            log_w = model.log_weights(xb, noise=[n[s:s + samples_per_chunk] for n in noise],
-                                      first_layer=first_layer).double()
+            log_w = model.log_weights(
+                xb, noise=[n[s : s + samples_per_chunk] for n in noise], first_layer=first_layer
+            ).double()
             log_sums.append(torch.logsumexp(log_w, dim=0))
             if diagnostics:
                 log_square_sums.append(torch.logsumexp(2 * log_w, dim=0))
@@ -140,8 +144,9 @@ def importance_sampling(
         if diagnostics:
             ess.append(effective_sample_size(log_sum, torch.logsumexp(torch.stack(log_square_sums), dim=0)))
             pareto_k.append(pareto_k_hat(largest, k))
-    return ImportanceEstimate(torch.cat(estimates), torch.cat(ess) if diagnostics else None,
-                              torch.cat(pareto_k) if diagnostics else None)
+    return ImportanceEstimate(
+        torch.cat(estimates), torch.cat(ess) if diagnostics else None, torch.cat(pareto_k) if diagnostics else None
+    )
 
 
 def log_likelihood(model: IWAEModel, x: torch.Tensor, k: int = 5000, **options: Any) -> torch.Tensor:
@@ -156,11 +161,16 @@ def bound(model: IWAEModel, x: torch.Tensor, objective: Objective, chunk_rows: i
     chunk_rows = chunk_rows or default_chunk_rows(x.device)
     # Whole noise blocks per chunk, so that no block is drawn twice.
     batch = max(NOISE_BLOCK, chunk_rows // objective.num_samples // NOISE_BLOCK * NOISE_BLOCK)
-    return torch.cat([
-        objective.bound(model.log_weights(
-            x[s:s + batch], noise=evaluation_noise(model, objective.num_samples, s, min(s + batch, len(x))))).double()
-        for s in range(0, len(x), batch)
-    ])
+    return torch.cat(
+        [
+            objective.bound(
+                model.log_weights(
+                    x[s : s + batch], noise=evaluation_noise(model, objective.num_samples, s, min(s + batch, len(x)))
+                )
+            ).double()
+            for s in range(0, len(x), batch)
+        ]
+    )
 
 
 @torch.no_grad()

@@ -110,8 +110,8 @@ class IWAEModel(nn.Module):
             GaussianLayer(n_in, [width] * depth, d) for n_in, width, d in zip(inputs, hidden_dims, latent_dims)
         )
         self.priors = nn.ModuleList(
-            GaussianLayer(latent_dims[l + 1], [hidden_dims[l + 1]] * depth, latent_dims[l])
-            for l in range(len(latent_dims) - 1)
+            GaussianLayer(latent_dims[i + 1], [hidden_dims[i + 1]] * depth, latent_dims[i])
+            for i in range(len(latent_dims) - 1)
         )
         self.decoder = BernoulliDecoder(latent_dims[0], [hidden_dims[0]] * depth, x_dim, train_mean)
 
@@ -130,8 +130,10 @@ class IWAEModel(nn.Module):
     def draw_noise(self, k: int, batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """The standard-normal noise of k reparameterised samples per image, one tensor per layer."""
         weight = self.decoder.out.weight
-        return [torch.randn((k, batch, d), generator=generator, device=weight.device, dtype=weight.dtype)
-                for d in self.latent_dims]
+        return [
+            torch.randn((k, batch, d), generator=generator, device=weight.device, dtype=weight.dtype)
+            for d in self.latent_dims
+        ]
 
     def sample_q(
         self,
@@ -174,8 +176,9 @@ class IWAEModel(nn.Module):
             log_p = log_p + log_normal(h_below, *prior(h_above))
         return log_p
 
-    def log_weights(self, x: torch.Tensor, k: int | None = None, generator: torch.Generator | None = None,
-                    **sampling: Any) -> torch.Tensor:
+    def log_weights(
+        self, x: torch.Tensor, k: int | None = None, generator: torch.Generator | None = None, **sampling: Any
+    ) -> torch.Tensor:
         """log w = log p(x, h) - log q(h | x) for k samples per image: `[k, B]`. `sampling`:
         sample_q's noise, stop_q_params and first_layer."""
         latents, log_q = self.sample_q(x, k, generator, **sampling)
@@ -201,7 +204,8 @@ class IWAEModel(nn.Module):
         for prior in reversed(self.priors):
             mean, log_std = prior(h)
             h = mean + torch.exp(log_std) * torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
         return torch.sigmoid(self.decoder.logits(h))
 
     @torch.no_grad()
@@ -212,6 +216,7 @@ class IWAEModel(nn.Module):
     def multiply_adds(self, k: int) -> int:
         """Multiply-adds of one forward pass of `log_weights` for one image and k samples,
         counting only the Linear layers: the first encoder once, everything else k times."""
+
         def count(module: nn.Module) -> int:
             return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
@@ -235,8 +240,10 @@ def build_model(
     from torch's generator (seed it with `torch.manual_seed` before calling)."""
     defaults = {1: ([50], [200]), 2: ([100, 50], [200, 100])}
     if layers not in defaults and (latent_dims is None or hidden_dims is None):
-        raise ValueError(f"layers={layers}: Burda's architectures have 1 or 2 stochastic layers; "
-                         f"pass latent_dims and hidden_dims for other depths")
+        raise ValueError(
+            f"layers={layers}: Burda's architectures have 1 or 2 stochastic layers; "
+            f"pass latent_dims and hidden_dims for other depths"
+        )
     default_latent, default_hidden = defaults.get(layers, (None, None))
     latent_dims = list(latent_dims or default_latent)
     hidden_dims = list(hidden_dims or default_hidden)

@@ -41,12 +41,16 @@ def read_chardata(raw: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
         mat = scipy.io.loadmat(io.BytesIO(raw))
         train, test = (mat[key].T.astype("float32") for key in ("data", "testdata"))
     except (ValueError, KeyError, TypeError, OSError, NotImplementedError) as error:
-        raise DataError(f"{source}: not the Omniglot chardata.mat the IWAE authors published ({type(error).__name__}: "
-                        f"{error}). Delete it and let it download again, or copy the authors' file there.") from None
+        raise DataError(
+            f"{source}: not the Omniglot chardata.mat the IWAE authors published ({type(error).__name__}: "
+            f"{error}). Delete it and let it download again, or copy the authors' file there."
+        ) from None
     for key, rows in (("data", train), ("testdata", test)):
         if rows.ndim != 2 or rows.shape[1] != 28 * 28 or not (0 <= rows.min() and rows.max() <= 1):
-            raise DataError(f"{source}: '{key}' has shape {rows.T.shape} and values in [{rows.min()}, {rows.max()}]; "
-                            f"the authors' file has 784 rows of grey levels in [0, 1]. Copy their file there.")
+            raise DataError(
+                f"{source}: '{key}' has shape {rows.T.shape} and values in [{rows.min()}, {rows.max()}]; "
+                f"the authors' file has 784 rows of grey levels in [0, 1]. Copy their file there."
+            )
     # Each image from 28x28 in Fortran order, as the authors' reshape_data does.
     return tuple(rows.reshape((-1, 28, 28)).reshape((-1, 28 * 28), order="F") for rows in (train, test))
 
@@ -69,11 +73,26 @@ def load_omniglot(
                 f"{source}: git blob id {blob}, expected {expected} (the IWAE authors' "
                 f"datasets/OMNIGLOT/chardata.mat). The file is corrupt, truncated or another version: delete it "
                 f"and let it download again, or copy the authors' file there (to use this file anyway, set "
-                f"{GIT_BLOB_VARIABLE}={blob}; its numbers are then not the papers').")
+                f"{GIT_BLOB_VARIABLE}={blob}; its numbers are then not the papers')."
+            )
 
-    raw, _ = fetch(FILE, folder, check, mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS), download, timeout,
-                f"Put the IWAE authors' {FILE} (github.com/yburda/iwae, datasets/OMNIGLOT) in {folder}")
+    raw, _ = fetch(
+        FILE,
+        folder,
+        check,
+        mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS),
+        download,
+        timeout,
+        f"Put the IWAE authors' {FILE} (github.com/yburda/iwae, datasets/OMNIGLOT) in {folder}",
+    )
     train, test = read_chardata(raw, str(folder / FILE))
     train = train[np.random.RandomState(seed=SHUFFLE_SEED).permutation(len(train))]
-    return grey_levels("omniglot", torch.from_numpy(train), torch.from_numpy(test), N_VALIDATION, binarization,
-                       device, {FILE: sha256(raw)})
+    return grey_levels(
+        "omniglot",
+        torch.from_numpy(train),
+        torch.from_numpy(test),
+        N_VALIDATION,
+        binarization,
+        device,
+        {FILE: sha256(raw)},
+    )

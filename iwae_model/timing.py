@@ -25,8 +25,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def cycled(step: Callable[[torch.Tensor], None], images: torch.Tensor, batch_size: int,
-           device: torch.device) -> Callable[[int], None]:
+def cycled(
+    step: Callable[[torch.Tensor], None], images: torch.Tensor, batch_size: int, device: torch.device
+) -> Callable[[int], None]:
     """A function that runs `step` n times over successive batches of `images`, cycling, and
     waits for the device at the end."""
     batches = len(images) // batch_size
@@ -34,7 +35,7 @@ def cycled(step: Callable[[torch.Tensor], None], images: torch.Tensor, batch_siz
     def run(n: int) -> None:
         for index in range(n):
             b = index % batches
-            step(images[b * batch_size:(b + 1) * batch_size])
+            step(images[b * batch_size : (b + 1) * batch_size])
         sync(device)
 
     return run
@@ -84,8 +85,9 @@ def bound_seconds_per_image(config: TrainConfig, device: torch.device, images: i
     return (time.perf_counter() - start) / images
 
 
-def likelihood_seconds_per_image(config: TrainConfig, device: torch.device, k: int, images: int,
-                                 diagnostics: bool = True) -> float:
+def likelihood_seconds_per_image(
+    config: TrainConfig, device: torch.device, k: int, images: int, diagnostics: bool = True
+) -> float:
     """Seconds per image of the k-sample log-likelihood estimate, with the importance-sampling
     diagnostics as the final evaluation computes them, or without. On CUDA, after one whole image
     batch at the same k (kernel selection, the allocator's pools); the CPU needs one small call."""
@@ -93,7 +95,7 @@ def likelihood_seconds_per_image(config: TrainConfig, device: torch.device, k: i
     model = config.build_model().to(device).eval()
     x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
     if device.type == "cuda":
-        importance_sampling(model, x[:default_image_batch(device)], k, diagnostics=diagnostics)
+        importance_sampling(model, x[: default_image_batch(device)], k, diagnostics=diagnostics)
     else:
         importance_sampling(model, x[:1], min(k, 100), diagnostics=diagnostics)
     sync(device)

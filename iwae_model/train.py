@@ -19,9 +19,14 @@ from .device import resolve_device
 from .errors import IWAEError
 from .training import train
 
-
-CLI_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
-             "tuple[int, ...] | None": int}
+CLI_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "int | None": int,
+    "str | None": str,
+    "tuple[int, ...] | None": int,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -30,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p = argparse.ArgumentParser(
         prog="python -m iwae_model.train",
         description="Train one model with Burda et al.'s protocol; resumable (run the same command again).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "init_label":  # read from the --init-from run's checkpoint
@@ -43,7 +49,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         if f.type.startswith("tuple"):
             options["nargs"] = "+"
         p.add_argument(flag, type=CLI_TYPES[f.type], default=f.default, help=f.metadata["help"], **options)
-    p.add_argument("--data-dir", default=None, help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

@@ -48,7 +48,6 @@ from torch import nn
 from tqdm import tqdm
 
 from . import likelihood
-from .likelihood import burda_active_units
 from .checkpoint import checkpoint_path, load_checkpoint, restore, rng_state, save_checkpoint
 from .config import FULL_SCHEDULE_PASSES, TrainConfig
 from .data import Dataset
@@ -56,6 +55,7 @@ from .datasets import load_dataset
 from .device import pin_float32
 from .errors import IWAEError
 from .files import write_atomically
+from .likelihood import burda_active_units
 from .models import IWAEModel
 from .objectives import GradientEstimator, Objective, Surrogate
 from .snr import gradient_snr
@@ -99,17 +99,19 @@ def build_optimizer(model: IWAEModel, config: TrainConfig) -> torch.optim.Optimi
     # fused: one kernel for all parameters instead of ~10 per tensor; at batch 20 the per-op
     # overhead of textbook Adam is a third of a VAE step on CPU.
     return torch.optim.Adam(
-        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
-        fused=True)
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, fused=True
+    )
 
 
 SurrogateFn = Callable[[torch.Tensor, list[torch.Tensor]], Surrogate]
 
 
-def build_surrogate(model: IWAEModel, objective: Objective, estimator: GradientEstimator,
-                    compile: bool = False) -> SurrogateFn:
+def build_surrogate(
+    model: IWAEModel, objective: Objective, estimator: GradientEstimator, compile: bool = False
+) -> SurrogateFn:
     """(binary images, q-noise) -> the estimator's surrogate losses; with `compile`, forward and
     backward become a few fused kernels instead of ~100 small ops."""
+
     def surrogate(x: torch.Tensor, noise: list[torch.Tensor]) -> Surrogate:
         log_w = model.log_weights(x, noise=noise, stop_q_params=estimator.stop_q_params)
         return estimator.surrogate(objective, log_w)
@@ -168,12 +170,16 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, data: Dataset, device: torch.device):
         self.config, self.data, self.device = config, data, torch.device(device)
-        self.train_x = data.train[:config.train_images]
-        self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[:config.test_images]
+        self.train_x = data.train[: config.train_images]
+        self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[: config.test_images]
         # The SNR's fixed minibatch, binarized once (its own generator, like the SNR's draws).
-        self.snr_x = (data.training_batch(self.train_x[:config.snr_images],
-                                          torch.Generator(device=self.device).manual_seed(SNR_SEED))
-                      if config.snr_every else None)
+        self.snr_x = (
+            data.training_batch(
+                self.train_x[: config.snr_images], torch.Generator(device=self.device).manual_seed(SNR_SEED)
+            )
+            if config.snr_every
+            else None
+        )
         self.steps_per_epoch = len(self.train_x) // config.batch_size
         self.boundaries = stage_boundaries(self.steps_per_epoch, config.passes, config.schedule)
         self.objective, self.estimator = config.build_objective(), config.build_estimator()
@@ -191,8 +197,9 @@ class TrainingRun:
         self.epoch_seconds = 0.0
 
     @classmethod
-    def start(cls, config: TrainConfig, data: Dataset, device: torch.device,
-              parent: dict[str, Any] | None = None) -> TrainingRun:
+    def start(
+        cls, config: TrainConfig, data: Dataset, device: torch.device, parent: dict[str, Any] | None = None
+    ) -> TrainingRun:
         """A new run; with `parent` (a checked checkpoint state: Burda's Table 2), from its final
         weights, and its Adam state with `init_optimizer`."""
         run = cls(config, data, device)
@@ -201,15 +208,18 @@ class TrainingRun:
         return run
 
     @classmethod
-    def resume(cls, config: TrainConfig, data: Dataset, device: torch.device, state: dict[str, Any],
-               source: str | os.PathLike) -> TrainingRun:
+    def resume(
+        cls, config: TrainConfig, data: Dataset, device: torch.device, state: dict[str, Any], source: str | os.PathLike
+    ) -> TrainingRun:
         """The run a checked checkpoint `state` (read from `source`) holds, at its position."""
         # Through TrainConfig, so that a checkpoint from before a setting existed has its default.
         saved = TrainConfig.from_dict(state["config"]).to_dict()
         if saved != config.to_dict():
             differing = sorted(k for k, v in config.to_dict().items() if saved[k] != v)
-            raise ConfigMismatch(f"{source} holds a run with a different configuration (differs in {differing}); "
-                                 f"use another --out, or delete {source} to start over")
+            raise ConfigMismatch(
+                f"{source} holds a run with a different configuration (differs in {differing}); "
+                f"use another --out, or delete {source} to start over"
+            )
         run = cls(config, data, device)
         restore(state, source, run.model, run.optimizer, run.generator)
         run.epoch, run.step, run.history = state["epoch"], state["step"], state["history"]
@@ -217,10 +227,14 @@ class TrainingRun:
         if state["rng"]["device"] != run.device.type:
             run.generator.manual_seed(continuation_seed(config.seed, run.step))
             run.reseeded = True
-            print(f"{config.label()}: resumed on {run.device.type} from a checkpoint written on "
-                  f"{state['rng']['device']}: same weights, optimizer and position, the training generator seeded "
-                  f"from (seed {config.seed}, step {run.step}); from pass {run.epoch + 1} on this run is not "
-                  f"bit-identical to one that never moved", file=sys.stderr, flush=True)
+            print(
+                f"{config.label()}: resumed on {run.device.type} from a checkpoint written on "
+                f"{state['rng']['device']}: same weights, optimizer and position, the training generator seeded "
+                f"from (seed {config.seed}, step {run.step}); from pass {run.epoch + 1} on this run is not "
+                f"bit-identical to one that never moved",
+                file=sys.stderr,
+                flush=True,
+            )
         return run
 
     def _continue_from(self, parent: dict[str, Any]) -> None:
@@ -228,10 +242,12 @@ class TrainingRun:
         # Compared as built, so that Burda's default sizes and the same sizes spelled out agree.
         shape = [(m.latent_dims, m.hidden_dims) for m in (config.build_model(), self.model)]
         if shape[0] != shape[1]:
-            raise InitError(f"--init-from {self.config.init_from}: its model ({config.label()}: latent sizes "
-                            f"{shape[0][0]}, hidden sizes {shape[0][1]}) has another architecture than this run's "
-                            f"(latent sizes {shape[1][0]}, hidden sizes {shape[1][1]}); continue it with its own "
-                            f"layers and sizes")
+            raise InitError(
+                f"--init-from {self.config.init_from}: its model ({config.label()}: latent sizes "
+                f"{shape[0][0]}, hidden sizes {shape[0][1]}) has another architecture than this run's "
+                f"(latent sizes {shape[1][0]}, hidden sizes {shape[1][1]}); continue it with its own "
+                f"layers and sizes"
+            )
         restore(parent, self.config.init_from, self.model, self.optimizer if self.config.init_optimizer else None)
 
     @property
@@ -252,21 +268,25 @@ class TrainingRun:
             lr = stage_lr(config.lr, stage_at(self.step, self.boundaries))
             if optimizer.param_groups[0]["lr"] != lr:
                 optimizer.param_groups[0]["lr"] = lr
-            x = self.data.training_batch(self.train_x[b * config.batch_size:(b + 1) * config.batch_size],
-                                         self.generator)
-            self.bound_sum += train_step(self.model, optimizer, self.surrogate, self.objective.num_samples, x,
-                                         self.generator, self.params)
+            x = self.data.training_batch(
+                self.train_x[b * config.batch_size : (b + 1) * config.batch_size], self.generator
+            )
+            self.bound_sum += train_step(
+                self.model, optimizer, self.surrogate, self.objective.num_samples, x, self.generator, self.params
+            )
             self.step += 1
             if (b + 1) % NONFINITE_CHECK_EVERY == 0 or b + 1 == self.steps_per_epoch:
                 if not torch.isfinite(self.bound_sum):
                     raise NonFiniteLoss(
                         f"{config.label()}: the training objective became {self.bound_sum.item()} in pass "
                         f"{self.epoch + 1} (step {self.step}, lr {lr:.3g}). The last good checkpoint (after pass "
-                        f"{self.epoch}) is kept; lower --lr or check the data before resuming.")
+                        f"{self.epoch}) is kept; lower --lr or check the data before resuming."
+                    )
                 if bar is not None:
                     bar.update((b + 1) % NONFINITE_CHECK_EVERY or NONFINITE_CHECK_EVERY)
-                    bar.set_postfix(bound=f"{self.bound_sum.item() / ((b + 1) * config.batch_size):.2f}",
-                                    lr=f"{lr:.2g}")
+                    bar.set_postfix(
+                        bound=f"{self.bound_sum.item() / ((b + 1) * config.batch_size):.2f}", lr=f"{lr:.2g}"
+                    )
         self.epoch_seconds = time.perf_counter() - epoch_start
         self.train_seconds += self.epoch_seconds
         self.epoch += 1
@@ -289,10 +309,12 @@ class TrainingRun:
             "train_bound": self.bound_sum.item() / (self.steps_per_epoch * config.batch_size),
             "valid_bound": likelihood.bound(model, self.valid_x, self.objective).mean().item(),
             "valid_ll": likelihood.log_likelihood(model, self.valid_x, config.valid_ll_k).mean().item()
-            if config.valid_ll_k else None,
+            if config.valid_ll_k
+            else None,
             "test_bound": likelihood.bound(model, test_x, self.objective).mean().item() if test_due else None,
-            "test_nll": -likelihood.log_likelihood(
-                model, test_x[:config.nll_images], config.nll_k).mean().item() if nll_due else None,
+            "test_nll": -likelihood.log_likelihood(model, test_x[: config.nll_images], config.nll_k).mean().item()
+            if nll_due
+            else None,
             "active_units": burda_active_units(model, data),
             "train_seconds": self.train_seconds,
             "images_per_s": self.steps_per_epoch * config.batch_size / self.epoch_seconds,
@@ -305,14 +327,27 @@ class TrainingRun:
 
     def _snr(self) -> dict[str, float]:
         # Its own generators: measuring the SNR never changes the training run.
-        return gradient_snr(self.model, self.objective, self.estimator, self.snr_x, self.config.snr_draws,
-                            torch.Generator(device=self.device).manual_seed(SNR_SEED))
+        return gradient_snr(
+            self.model,
+            self.objective,
+            self.estimator,
+            self.snr_x,
+            self.config.snr_draws,
+            torch.Generator(device=self.device).manual_seed(SNR_SEED),
+        )
 
     def checkpoint(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (the fields of iwae_model.checkpoint)."""
-        return {"config": self.config.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
-                "rng": rng_state(self.generator), "history": self.history, "train_seconds": self.train_seconds}
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": rng_state(self.generator),
+            "history": self.history,
+            "train_seconds": self.train_seconds,
+        }
 
     def save(self, folder: str | os.PathLike, durable: bool = True) -> None:
         """`checkpoint.pt` and `metrics.jsonl` in `folder`; `durable`: each written whole or not at all."""
@@ -324,8 +359,9 @@ def open_run(config: TrainConfig, run_dir: Path, data: Dataset, device: torch.de
     """The run in `run_dir`: resumed from its checkpoint, or started (from `config.init_from`'s
     final weights for a continued run)."""
     if checkpoint_path(run_dir).exists():
-        return TrainingRun.resume(config, data, device, load_checkpoint(run_dir, map_location=device),
-                                  checkpoint_path(run_dir))
+        return TrainingRun.resume(
+            config, data, device, load_checkpoint(run_dir, map_location=device), checkpoint_path(run_dir)
+        )
     parent = load_checkpoint(config.init_from, map_location=device) if config.init_from is not None else None
     return TrainingRun.start(config, data, device, parent)
 
@@ -349,8 +385,15 @@ def train(
     run = open_run(config, run_dir, data, device)
     if run.epoch:  # resumed: no row of a pass lost in a crash stays in metrics.jsonl
         write_metrics(run_dir, run.history)
-    with tqdm(total=run.total_steps, initial=run.step, desc=config.label(), unit="step", disable=not progress,
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        desc=config.label(),
+        unit="step",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         while not run.done:
             run.train_pass(bar)
             run.measure()

@@ -43,8 +43,20 @@ SPACE = {
 def timed_sweep(folder: Path, data_dir: str, *cluster_args: str) -> dict:
     """Run the benchmark sweep in `folder` as a user would; its figures."""
     (folder / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    command = [sys.executable, "-m", "sweep.run", "--space", str(folder / "space.yaml"), "--storage", str(folder),
-               "--data-dir", data_dir, "--max-concurrent", str(CONCURRENT), *cluster_args]
+    command = [
+        sys.executable,
+        "-m",
+        "sweep.run",
+        "--space",
+        str(folder / "space.yaml"),
+        "--storage",
+        str(folder),
+        "--data-dir",
+        data_dir,
+        "--max-concurrent",
+        str(CONCURRENT),
+        *cluster_args,
+    ]
     start = time.time()
     run = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
@@ -55,20 +67,29 @@ def timed_sweep(folder: Path, data_dir: str, *cluster_args: str) -> dict:
     first_trial = min(run["started_at"] for run in runs) - start
     training = sum(row["train_seconds"] for row in rows) / CONCURRENT
     evaluation = sum(row["eval_seconds"] for row in rows)
-    return {"trials": len(rows), "wall_s": round(wall, 2), "first_trial_running_s": round(first_trial, 2),
-            "training_s_per_slot": round(training, 2), "evaluation_s": round(evaluation, 2),
-            "overhead_s_per_trial": round((wall - first_trial - training - evaluation) / len(rows), 3),
-            "nodes": len({run["node_id"] for run in runs})}
+    return {
+        "trials": len(rows),
+        "wall_s": round(wall, 2),
+        "first_trial_running_s": round(first_trial, 2),
+        "training_s_per_slot": round(training, 2),
+        "evaluation_s": round(evaluation, 2),
+        "overhead_s_per_trial": round((wall - first_trial - training - evaluation) / len(rows), 3),
+        "nodes": len({run["node_id"] for run in runs}),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sweep.bench_cluster", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)")
+    parser.add_argument(
+        "--data-dir", help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data)"
+    )
     args = parser.parse_args(argv)
     data_dir = str(default_data_dir(args.data_dir))
     if (state := read_state()) is not None and session_processes(state["session"]):
-        sys.exit("error: a local cluster is already up; the benchmark starts its own: python -m sweep.local_cluster "
-                 "down first")
+        sys.exit(
+            "error: a local cluster is already up; the benchmark starts its own: python -m sweep.local_cluster "
+            "down first"
+        )
     with tempfile.TemporaryDirectory(prefix="bench_cluster_") as folder:
         (Path(folder) / "local").mkdir()
         local = timed_sweep(Path(folder) / "local", data_dir)
@@ -79,14 +100,21 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {error}")
         try:
             (Path(folder) / "cluster").mkdir()
-            cluster = timed_sweep(Path(folder) / "cluster", data_dir, "--address", "auto", "--gpus-per-trial", "0.5",
-                                  "--eval-gpus", "0.5")
+            cluster = timed_sweep(
+                Path(folder) / "cluster", data_dir, "--address", "auto", "--gpus-per-trial", "0.5", "--eval-gpus", "0.5"
+            )
         finally:
             down()
     print(json.dumps({"figure": "rehearsal_cluster", **cluster}), flush=True)
-    print(json.dumps({"figure": "cluster_vs_local",
-                      "first_trial_running_s": [cluster["first_trial_running_s"], local["first_trial_running_s"]],
-                      "overhead_ratio": round(cluster["overhead_s_per_trial"] / local["overhead_s_per_trial"], 2)}))
+    print(
+        json.dumps(
+            {
+                "figure": "cluster_vs_local",
+                "first_trial_running_s": [cluster["first_trial_running_s"], local["first_trial_running_s"]],
+                "overhead_ratio": round(cluster["overhead_s_per_trial"] / local["overhead_s_per_trial"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,11 @@ class GPUUnusable(ClusterError):
 
 def this_node() -> dict[str, Any]:
     """The Ray node this process runs on, as results and TensorBoard record it."""
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname()}
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+    }
 
 
 def choose_device(gpu_ids: list[str], cuda_usable: bool, advertised_only: bool, node: dict[str, Any]) -> torch.device:
@@ -72,7 +75,8 @@ def choose_device(gpu_ids: list[str], cuda_usable: bool, advertised_only: bool, 
         f"Ray node {node['node_id']}), but torch {torch.__version__} there cannot use CUDA (torch.version.cuda: "
         f"{torch.version.cuda or 'None, a CPU-only build'}). Install torch's CUDA build of the same version on that "
         f"node's image, or check its NVIDIA driver (nvidia-smi must list the GPU); or run on CPU with "
-        f"--gpus-per-trial 0 --eval-gpus 0")
+        f"--gpus-per-trial 0 --eval-gpus 0"
+    )
 
 
 def gpus_advertised_only() -> bool:
@@ -82,8 +86,9 @@ def gpus_advertised_only() -> bool:
 
 def ray_device() -> torch.device:
     """`choose_device` for the calling Ray worker."""
-    return choose_device([str(gpu) for gpu in ray.get_gpu_ids()], torch.cuda.is_available(), gpus_advertised_only(),
-                         this_node())
+    return choose_device(
+        [str(gpu) for gpu in ray.get_gpu_ids()], torch.cuda.is_available(), gpus_advertised_only(), this_node()
+    )
 
 
 def storage_marker(experiment: str, filesystem: pafs.FileSystem) -> dict[str, str] | None:
@@ -112,7 +117,8 @@ def verify_storage_marker(marker: dict[str, str]) -> None:
             f"{node['node_id']}) does not see the sweep's marker {marker['path']} that the driver wrote: the nodes do "
             f"not share that folder, so each trial's checkpoints would stay on the disk of the node that ran it. Use "
             f"object storage every node reaches (--storage s3://BUCKET/sweeps or gs://BUCKET/sweeps), or a folder "
-            f"every node mounts at the same path (NFS, EFS)")
+            f"every node mounts at the same path (NFS, EFS)"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -126,8 +132,10 @@ def check_storage_shared(marker: dict[str, str] | None) -> None:
     if marker is None:
         return
     nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    checks = [_verify_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(marker)
-              for node in nodes]
+    checks = [
+        _verify_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(marker)
+        for node in nodes
+    ]
     try:
         ray.get(checks)
     except ray.exceptions.RayTaskError as error:
@@ -165,9 +173,11 @@ def init_ray(address: str | None) -> None:
             keep_local_ray_on_loopback()
         ray.init(address=address)
     except ConnectionError as error:
-        raise ClusterError(f"--address {address}: no Ray cluster to join ({str(error).splitlines()[0]}). Start one "
-                           f"(`ray up cluster.yaml` and run this on its head, or `python -m sweep.local_cluster up` "
-                           f"for the rehearsal), or leave out --address for a local Ray") from None
+        raise ClusterError(
+            f"--address {address}: no Ray cluster to join ({str(error).splitlines()[0]}). Start one "
+            f"(`ray up cluster.yaml` and run this on its head, or `python -m sweep.local_cluster up` "
+            f"for the rehearsal), or leave out --address for a local Ray"
+        ) from None
 
 
 def check_gpus(gpus_per_trial: float, eval_gpus: float, wait_s: float = 0) -> None:
@@ -192,4 +202,5 @@ def check_gpus(gpus_per_trial: float, eval_gpus: float, wait_s: float = 0) -> No
             f"but the Ray cluster has {have:g} GPU(s)"
             + (f" after waiting {wait_s:g} s" if wait_s else "")
             + ". Set --gpus-per-trial 0 and --eval-gpus 0 to run on CPU; on an autoscaling cluster check that its "
-              "config has a GPU node type, or give the workers longer to start with --wait-for-gpus SECONDS.")
+            "config has a GPU node type, or give the workers longer to start with --wait-for-gpus SECONDS."
+        )

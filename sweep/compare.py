@@ -34,7 +34,9 @@ class Difference:
 def difference(nll_a: np.ndarray, nll_b: np.ndarray) -> Difference:
     n = len(nll_a)
     if n != len(nll_b) or n < 2:
-        raise CompareError(f"a paired difference needs the same 2 or more images on both sides, got {n} and {len(nll_b)}")
+        raise CompareError(
+            f"a paired difference needs the same 2 or more images on both sides, got {n} and {len(nll_b)}"
+        )
     unpaired = math.sqrt((nll_a.var(ddof=1) + nll_b.var(ddof=1)) / n)
     return Difference(float((nll_a - nll_b).mean()), float((nll_a - nll_b).std(ddof=1) / math.sqrt(n)), unpaired, n)
 
@@ -43,7 +45,7 @@ def beside_results(location: str, file: str = PER_IMAGE_FILE) -> str:
     """Results `file` (results/per_image.parquet, ...) beside a results file, or in a sweep folder."""
     results_name = RESULTS_FILE.rsplit("/", 1)[1]
     if location.rstrip("/").endswith(results_name):
-        return location.rstrip("/")[:-len(results_name)] + file.rsplit("/", 1)[1]
+        return location.rstrip("/")[: -len(results_name)] + file.rsplit("/", 1)[1]
     return location
 
 
@@ -57,8 +59,10 @@ def where(frame: pd.DataFrame, conditions: list[str], what: str) -> pd.DataFrame
     for condition in conditions:
         column, sep, value = condition.partition("=")
         if not sep or column not in frame.columns:
-            raise CompareError(f"{what}: {condition!r} is not COLUMN=VALUE with a column ({column!r} is not a "
-                               f"column); use one of {', '.join(frame.columns)}")
+            raise CompareError(
+                f"{what}: {condition!r} is not COLUMN=VALUE with a column ({column!r} is not a "
+                f"column); use one of {', '.join(frame.columns)}"
+            )
         frame = frame[frame[column].astype(str) == value]
     return frame
 
@@ -68,8 +72,10 @@ def select(frame: pd.DataFrame, selector: str, what: str) -> pd.DataFrame:
     if "=" not in selector:
         chosen = frame[frame["trial_name"] == selector]
         if chosen.empty:
-            raise CompareError(f"{what} {selector!r}: no trial of that label; labels here: "
-                               f"{', '.join(sorted(frame['trial_name']))} (or give COLUMN=VALUE filters)")
+            raise CompareError(
+                f"{what} {selector!r}: no trial of that label; labels here: "
+                f"{', '.join(sorted(frame['trial_name']))} (or give COLUMN=VALUE filters)"
+            )
         return chosen
     chosen = where(frame, selector.split(","), f"{what} {selector!r}")
     if chosen.empty:
@@ -80,8 +86,10 @@ def select(frame: pd.DataFrame, selector: str, what: str) -> pd.DataFrame:
 def select_one(frame: pd.DataFrame, selector: str, what: str) -> pd.Series:
     chosen = select(frame, selector, what)
     if len(chosen) > 1:
-        raise CompareError(f"{what} {selector!r} matches {len(chosen)} checkpoints "
-                           f"({', '.join(chosen['trial_name'])}); add filters (e.g. seed=0) to name one")
+        raise CompareError(
+            f"{what} {selector!r} matches {len(chosen)} checkpoints "
+            f"({', '.join(chosen['trial_name'])}); add filters (e.g. seed=0) to name one"
+        )
     return chosen.iloc[0]
 
 
@@ -89,9 +97,11 @@ def image_nll(per_image: pd.DataFrame, row: pd.Series) -> np.ndarray:
     """The checkpoint's per-image NLLs `[images]` in image order, from the same evaluation as its row."""
     rows = per_image[(per_image["evaluation_id"] == row["evaluation_id"]) & (per_image["trial_id"] == row["trial_id"])]
     if len(rows) != row["eval_images"]:
-        raise CompareError(f"{row['trial_name']}: {PER_IMAGE_FILE} holds {len(rows)} of its {row['eval_images']} "
-                           f"images for evaluation {row['evaluation_id']} (the two files are from different "
-                           f"evaluations, e.g. after a crash between their writes); re-run python -m sweep.evaluate SWEEP_DIR")
+        raise CompareError(
+            f"{row['trial_name']}: {PER_IMAGE_FILE} holds {len(rows)} of its {row['eval_images']} "
+            f"images for evaluation {row['evaluation_id']} (the two files are from different "
+            f"evaluations, e.g. after a crash between their writes); re-run python -m sweep.evaluate SWEEP_DIR"
+        )
     return rows.sort_values("image")["nll"].to_numpy()
 
 
@@ -102,9 +112,11 @@ def mean_image_nll(per_image: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
 
 def check_same_images(a: pd.Series, b: pd.Series) -> None:
     if a["eval_images"] != b["eval_images"] or a["eval_k"] != b["eval_k"]:
-        raise CompareError(f"{a['trial_name']} was evaluated on {a['eval_images']} images with k={a['eval_k']}, "
-                           f"{b['trial_name']} on {b['eval_images']} with k={b['eval_k']}: a paired comparison needs "
-                           f"the same evaluation; re-run python -m sweep.evaluate SWEEP_DIR")
+        raise CompareError(
+            f"{a['trial_name']} was evaluated on {a['eval_images']} images with k={a['eval_k']}, "
+            f"{b['trial_name']} on {b['eval_images']} with k={b['eval_k']}: a paired comparison needs "
+            f"the same evaluation; re-run python -m sweep.evaluate SWEEP_DIR"
+        )
 
 
 def comparison_text(a: pd.Series, b: pd.Series, per_image: pd.DataFrame) -> str:
@@ -119,6 +131,8 @@ def comparison_text(a: pd.Series, b: pd.Series, per_image: pd.DataFrame) -> str:
         f"  unpaired SE {d.unpaired_se:.4f}  (as if the two were independent estimates)",
     ]
     if d.paired_se > 0:
-        lines.append(f"  the paired comparison is {d.unpaired_se / d.paired_se:.1f}x more precise; "
-                     f"the difference is {abs(d.mean) / d.paired_se:.1f} paired SEs from zero")
+        lines.append(
+            f"  the paired comparison is {d.unpaired_se / d.paired_se:.1f}x more precise; "
+            f"the difference is {abs(d.mean) / d.paired_se:.1f} paired SEs from zero"
+        )
     return "\n".join(lines)

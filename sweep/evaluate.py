@@ -25,14 +25,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.evaluate",
         description="Re-run a finished sweep's evaluation stage: the k-sample test log-likelihood of its best "
-                    "checkpoints, written to SWEEP_DIR/" + RESULTS_FILE + " (replacing the old file).")
+        "checkpoints, written to SWEEP_DIR/" + RESULTS_FILE + " (replacing the old file).",
+    )
     parser.add_argument("sweep_dir", help="the sweep folder (<storage>/<name>), a local path or s3://... URI")
     parser.add_argument("--k", type=int, default=None, help="importance samples (default: the space file's, 5000)")
-    parser.add_argument("--images", type=int, default=None,
-                        help="first N test images (default: the space file's, null: the whole test set)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="first N test images (default: the space file's, null: the whole test set)",
+    )
     parser.add_argument("--eval-gpus", type=float, default=None, help="GPUs per evaluation (default: the space file's)")
-    parser.add_argument("--eval-actors", type=int, default=None,
-                        help="evaluations running at once, sharing the cores (default: the space file's)")
+    parser.add_argument(
+        "--eval-actors",
+        type=int,
+        default=None,
+        help="evaluations running at once, sharing the cores (default: the space file's)",
+    )
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray)")
     args = parser.parse_args(argv)
     for name in ("k", "images", "eval_actors"):
@@ -44,15 +53,19 @@ def main(argv: list[str] | None = None) -> None:
         space, data_dir = read_spec(folder, filesystem)
     except SweepFolderError as error:
         parser.exit(1, f"error: {error}\n")
-    evaluation = replace(space.evaluation, k=args.k or space.evaluation.k,
-                         images=args.images if args.images is not None else space.evaluation.images)
+    evaluation = replace(
+        space.evaluation,
+        k=args.k or space.evaluation.k,
+        images=args.images if args.images is not None else space.evaluation.images,
+    )
     space = replace(space, evaluation=evaluation)
     start = time.perf_counter()
     try:
         init_ray(args.address)
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
-        path, rows = evaluate_sweep(grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors,
-                                    keep=False)
+        path, rows = evaluate_sweep(
+            grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors, keep=False
+        )
     except IWAEError as error:
         parser.exit(1, f"error: {error}\n")
     print_results(rows, path)

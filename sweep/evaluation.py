@@ -87,10 +87,19 @@ def evaluate_checkpoint(job: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
             raise CheckpointError(str(error).replace(folder, job["uri"])) from None
     data = _dataset(config.dataset, job["data_dir"], str(device), config.binarization)
     result = evaluate_model(model, data, config.build_objective(), job["k"], job["images"])
-    record = EvaluationRecord(job["sweep"], job["trial_id"], trial_name(config, job["searched"], job["trial_id"]),
-                              job["uri"], uuid.uuid4().hex, config, state, nodes,
-                              {f"eval_{key}": value for key, value in this_node().items()}, job["metric"],
-                              job["searched"])
+    record = EvaluationRecord(
+        job["sweep"],
+        job["trial_id"],
+        trial_name(config, job["searched"], job["trial_id"]),
+        job["uri"],
+        uuid.uuid4().hex,
+        config,
+        state,
+        nodes,
+        {f"eval_{key}": value for key, value in this_node().items()},
+        job["metric"],
+        job["searched"],
+    )
     return results_row(record, result), per_image_part(record, result)
 
 
@@ -101,11 +110,21 @@ _ON_CPU = ray.remote(evaluate_checkpoint)
 _ON_GPU = ray.remote(max_calls=1)(evaluate_checkpoint)
 
 
-def evaluation_job(space: SweepSpace, data_dir: str, trial_id: str, checkpoint: tune.Checkpoint,
-                   threads: int) -> dict[str, Any]:
-    return {"sweep": space.name, "trial_id": trial_id, "checkpoint": checkpoint, "uri": checkpoint_uri(checkpoint),
-            "k": space.evaluation.k, "images": space.evaluation.images, "data_dir": data_dir, "threads": threads,
-            "metric": space.metric, "searched": sorted(space.search.distributions) if space.search else []}
+def evaluation_job(
+    space: SweepSpace, data_dir: str, trial_id: str, checkpoint: tune.Checkpoint, threads: int
+) -> dict[str, Any]:
+    return {
+        "sweep": space.name,
+        "trial_id": trial_id,
+        "checkpoint": checkpoint,
+        "uri": checkpoint_uri(checkpoint),
+        "k": space.evaluation.k,
+        "images": space.evaluation.images,
+        "data_dir": data_dir,
+        "threads": threads,
+        "metric": space.metric,
+        "searched": sorted(space.search.distributions) if space.search else [],
+    }
 
 
 def submit(job: dict[str, Any], cpus: float, gpus: float) -> ray.ObjectRef:
@@ -125,13 +144,18 @@ def same_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, space: Swe
     """Whether results `row` is `checkpoint` evaluated as `space` asks (k, test images)."""
     test_images = SPLIT_SIZES.get(row["dataset"], (0, 0, 0))[2]
     images = min(space.evaluation.images or test_images, test_images)
-    return (row["checkpoint_uri"], row["eval_k"], row["eval_images"]) == (checkpoint_uri(checkpoint),
-                                                                         space.evaluation.k, images)
+    return (row["checkpoint_uri"], row["eval_k"], row["eval_images"]) == (
+        checkpoint_uri(checkpoint),
+        space.evaluation.k,
+        images,
+    )
 
 
 def headline(row: dict[str, Any]) -> str:
-    return (f"{row['trial_name']} evaluated: test NLL {row['test_nll']:.2f} ± {row['test_nll_se']:.2f} "
-            f"(k={row['eval_k']}, {row['eval_images']} images)")
+    return (
+        f"{row['trial_name']} evaluated: test NLL {row['test_nll']:.2f} ± {row['test_nll_se']:.2f} "
+        f"(k={row['eval_k']}, {row['eval_images']} images)"
+    )
 
 
 class Evaluations:
@@ -148,7 +172,8 @@ class Evaluations:
         done = self.done.get(trial_id)
         return (done is not None and same_evaluation(done[0], checkpoint, space)) or any(
             (running_id, checkpoint_uri(running)) == (trial_id, checkpoint_uri(checkpoint))
-            for running_id, running in self.running.values())
+            for running_id, running in self.running.values()
+        )
 
     def start(self, job: dict[str, Any], cpus: float, gpus: float) -> ray.ObjectRef:
         ref = submit(job, cpus, gpus)
@@ -225,8 +250,9 @@ class EvaluateAsTrialsFinish(tune.Callback):
                 return
             checkpoint = best_checkpoint(result, space.metric)
             if not evaluations(self.folder, self.filesystem).alike(trial.trial_id, checkpoint, space):
-                self.waiting.append(evaluation_job(space, data_dir, trial.trial_id, checkpoint,
-                                                   max(1, int(self.ask()[0]))))
+                self.waiting.append(
+                    evaluation_job(space, data_dir, trial.trial_id, checkpoint, max(1, int(self.ask()[0])))
+                )
         except Exception as error:  # noqa: BLE001 -- see the class's docstring
             self.failed(trials, f"{trial_label(trial)}'s evaluation", error)
 
@@ -242,9 +268,15 @@ class EvaluateAsTrialsFinish(tune.Callback):
             if not ready:
                 return
             # The trials file first: a query reading between the writes sees the trial unevaluated.
-            merge_trials([trial_row(trial_result(t), self.spec[0], _STATUS.get(t.status)) for t in trials
-                          if "epoch" in t.last_result],  # (those that have reported a pass)
-                         self.folder, self.filesystem)
+            merge_trials(
+                [
+                    trial_row(trial_result(t), self.spec[0], _STATUS.get(t.status))
+                    for t in trials
+                    if "epoch" in t.last_result
+                ],  # (those that have reported a pass)
+                self.folder,
+                self.filesystem,
+            )
             for row in state.collect(ready):
                 self.view.note(trials, headline(row))
         except Exception as error:  # noqa: BLE001 -- see the class's docstring
@@ -265,8 +297,10 @@ class EvaluateAsTrialsFinish(tune.Callback):
             free_cpus, free_gpus = free_cpus - cpus, free_gpus - gpus
 
     def failed(self, trials: list, what: str, error: Exception) -> None:
-        self.view.note(trials, f"{what} failed ({type(error).__name__}: {str(error).strip()[:300]}); it is tried "
-                               f"again when training ends")
+        self.view.note(
+            trials,
+            f"{what} failed ({type(error).__name__}: {str(error).strip()[:300]}); it is tried again when training ends",
+        )
 
 
 # A trial's status in trials.parquet while the sweep runs (a terminated one's says how it ended).
@@ -299,13 +333,19 @@ def evaluate_sweep(
     elif state is None:
         state = Evaluations(folder, filesystem)
     chosen = dict(selected)
-    state.done = {trial_id: done for trial_id, done in state.done.items()  # not those no longer selected
-                  if trial_id in chosen and same_evaluation(done[0], chosen[trial_id], space)}
+    state.done = {
+        trial_id: done
+        for trial_id, done in state.done.items()  # not those no longer selected
+        if trial_id in chosen and same_evaluation(done[0], chosen[trial_id], space)
+    }
     todo = [(trial_id, checkpoint) for trial_id, checkpoint in selected if not state.alike(trial_id, checkpoint, space)]
     images = space.evaluation.images or "all"
     if state.done:
-        print(f"{len(state.done)} of {len(selected)} checkpoint(s) already evaluated with k={space.evaluation.k} on "
-              f"{images} test images (as their trials finished, or before a resume): kept", file=sys.stderr)
+        print(
+            f"{len(state.done)} of {len(selected)} checkpoint(s) already evaluated with k={space.evaluation.k} on "
+            f"{images} test images (as their trials finished, or before a resume): kept",
+            file=sys.stderr,
+        )
     if state.running:
         print(f"{len(state.running)} evaluation(s) started as their trials finished: still running", file=sys.stderr)
     at_once = min(at_once, max(1, len(todo)))
@@ -319,12 +359,16 @@ def evaluate_sweep(
         cpus = max(1, int(space.resources.cpus_per_trial))
         at_once = max(at_once, int(cluster_cpus // cpus))
     if todo:
-        print(f"Evaluating {len(todo)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
-              f"({at_once} at a time, {gpus or 0} GPU and {cpus} CPU each)", file=sys.stderr)
+        print(
+            f"Evaluating {len(todo)} checkpoint(s) with k={space.evaluation.k} on {images} test images "
+            f"({at_once} at a time, {gpus or 0} GPU and {cpus} CPU each)",
+            file=sys.stderr,
+        )
     waiting = [evaluation_job(space, data_dir, trial_id, checkpoint, cpus) for trial_id, checkpoint in todo]
     mine: set[ray.ObjectRef] = set()
-    with tqdm(total=len(todo) + len(state.running), desc="k-sample evaluation", unit="checkpoint",
-              file=sys.stderr) as progress:
+    with tqdm(
+        total=len(todo) + len(state.running), desc="k-sample evaluation", unit="checkpoint", file=sys.stderr
+    ) as progress:
         while waiting or state.running:
             while waiting and len(mine & set(state.running)) < at_once:
                 mine.add(state.start(waiting.pop(0), cpus, gpus))
@@ -340,8 +384,9 @@ def evaluate_sweep(
     return f"{folder}/{RESULTS_FILE}", rows
 
 
-def write_evaluation_events(row: dict[str, Any], per_image: dict[str, Any], checkpoint: tune.Checkpoint,
-                            folder: str) -> None:
+def write_evaluation_events(
+    row: dict[str, Any], per_image: dict[str, Any], checkpoint: tune.Checkpoint, folder: str
+) -> None:
     """The evaluation's figures in the trial's TensorBoard: scalars (evaluation/test_nll, ess_mean,
     pareto_k_above_0_7, ...) and histograms of the per-image NLL, ESS and Pareto k̂, at the
     checkpoint's pass, in `tb_evaluation/<evaluation id>` beside the trial's checkpoints, if the
@@ -361,5 +406,6 @@ def write_evaluation_events(row: dict[str, Any], per_image: dict[str, Any], chec
                     writer.add_histogram(f"evaluation/{name}_per_image", values, row["epochs"])
         destination = f"{trial_dir}/tb_evaluation/{row['evaluation_id']}"
         checkpoint.filesystem.create_dir(destination, recursive=True)
-        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=checkpoint.filesystem)
+        pafs.copy_files(
+            local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=checkpoint.filesystem
+        )

@@ -36,7 +36,9 @@ def trial_name(config: TrainConfig, searched: Iterable[str], trial_id: str | Non
     label = config.label()
     if not searched:
         return label
-    drawn = [key for key in sorted(searched) if key not in LABELLED and not (key == "beta" and config.objective == "ciwae")]
+    drawn = [
+        key for key in sorted(searched) if key not in LABELLED and not (key == "beta" and config.objective == "ciwae")
+    ]
     label += "".join(f"_{key}{_short(getattr(config, key))}" for key in drawn)
     if not trial_id:
         return label
@@ -89,17 +91,27 @@ def trial_row(result: tune.Result, space: SweepSpace, status: str | None = None)
     if status is None:
         status = "failed" if result.error is not None else "finished" if epochs >= config.passes else "not finished"
     searched = sorted(space.search.distributions) if space.search else []
-    return {"trial_id": result.metrics.get("trial_id"), "trial_name": trial_label(result), "status": status,
-            "epochs": epochs, **search_columns(config, space.metric, searched),
-            "rank_metric_value": _score(result, space.metric) if result.metrics else None}
+    return {
+        "trial_id": result.metrics.get("trial_id"),
+        "trial_name": trial_label(result),
+        "status": status,
+        "epochs": epochs,
+        **search_columns(config, space.metric, searched),
+        "rank_metric_value": _score(result, space.metric) if result.metrics else None,
+    }
 
 
 def trial_result(trial: Any) -> tune.Result:
     """A Ray Tune trial (as a callback gets it) as the Result its ResultGrid will hold: Tune
     builds those from the trial's checkpoint manager, which a Trial has no public accessor for."""
     kept = trial.run_metadata.checkpoint_manager.best_checkpoint_results
-    return tune.Result(metrics={**trial.last_result, "config": trial.config}, checkpoint=trial.checkpoint,
-                       error=None, path=trial.path, best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept])
+    return tune.Result(
+        metrics={**trial.last_result, "config": trial.config},
+        checkpoint=trial.checkpoint,
+        error=None,
+        path=trial.path,
+        best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept],
+    )
 
 
 def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
@@ -115,7 +127,7 @@ def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[
         chosen.append((score, result.metrics["trial_id"], best))
     chosen.sort(key=lambda item: item[0], reverse=True)
     if evaluation.best == "top":
-        chosen = chosen[:evaluation.top]
+        chosen = chosen[: evaluation.top]
     return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
 
 
@@ -135,12 +147,16 @@ def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepS
             spec = json.loads(stream.read())
         return SweepSpace.from_dict(spec["space"]), str(spec["data_dir"])
     except FileNotFoundError:
-        raise SweepFolderError(f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
-                               f"sweep.run (pass <storage>/<name>)") from None
+        raise SweepFolderError(
+            f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
+            f"sweep.run (pass <storage>/<name>)"
+        ) from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SweepFolderError(f"{path}: damaged ({type(error).__name__}: {str(error)[:300]}). sweep.run writes it "
-                               f"when the sweep starts; restore it from a copy (the trials' checkpoints are not "
-                               f"affected)") from None
+        raise SweepFolderError(
+            f"{path}: damaged ({type(error).__name__}: {str(error)[:300]}). sweep.run writes it "
+            f"when the sweep starts; restore it from a copy (the trials' checkpoints are not "
+            f"affected)"
+        ) from None
 
 
 def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
@@ -165,9 +181,13 @@ def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.Res
 
 # Tune restores the newest of each (by name). The grid's generator, a searcher's wrapper, the
 # searcher and the callbacks each have their own file; all but the first are pickles.
-_STATE_FILES = {"experiment_state-*.json": "json", "basic-variant-state-*.json": "pickle",
-                "search_gen_state-*.json": "pickle", "searcher-state-*.pkl": "pickle",
-                "callback-states-*.pkl": "pickle"}
+_STATE_FILES = {
+    "experiment_state-*.json": "json",
+    "basic-variant-state-*.json": "pickle",
+    "search_gen_state-*.json": "pickle",
+    "searcher-state-*.pkl": "pickle",
+    "callback-states-*.pkl": "pickle",
+}
 
 
 def _check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None:
@@ -194,7 +214,8 @@ def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderErro
     return SweepFolderError(
         f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
         f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
-        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name")
+        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name"
+    )
 
 
 def load_grids(location: str) -> list[tune.ResultGrid]:
@@ -233,9 +254,14 @@ def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) ->
         if named is None or filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
             continue
         trial_dir = named.path.rstrip("/").rsplit("/", 1)[0]
-        survivors = sorted((info.path for info in filesystem.get_file_info(pafs.FileSelector(trial_dir))
-                            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")),
-                           reverse=True)
+        survivors = sorted(
+            (
+                info.path
+                for info in filesystem.get_file_info(pafs.FileSelector(trial_dir))
+                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+            ),
+            reverse=True,
+        )
         for survivor in survivors:
             try:
                 with tune.Checkpoint(survivor, filesystem).as_directory() as folder:

@@ -43,8 +43,11 @@ def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tup
     """{trial label: (hparams, metrics)} of every trial that reported a pass."""
     results = [result for grid in grids for result in grid if result.metrics]
     configs = {id(result): trial_config(result.config).to_dict() for result in results}
-    shown = [field.name for field in dataclasses.fields(TrainConfig) if field.name in ALWAYS_SHOWN
-             or len({str(config[field.name]) for config in configs.values()}) > 1]  # the settings that vary
+    shown = [
+        field.name
+        for field in dataclasses.fields(TrainConfig)
+        if field.name in ALWAYS_SHOWN or len({str(config[field.name]) for config in configs.values()}) > 1
+    ]  # the settings that vary
     if any(config["objective"] == "ciwae" for config in configs.values()) and "beta" not in shown:
         shown.append("beta")
     evaluated = {row["trial_id"]: row for row in rows}
@@ -67,8 +70,6 @@ def write_hparams(folder: str, filesystem: pafs.FileSystem, grids: list[tune.Res
     with tempfile.TemporaryDirectory() as local:
         with SummaryWriter(local) as writer:
             for label, (hparams, metrics) in hparam_rows(grids, rows).items():
-                writer.add_hparams(hparams, {f"final/{name}": value for name, value in metrics.items()},
-                                   run_name=label)
+                writer.add_hparams(hparams, {f"final/{name}": value for name, value in metrics.items()}, run_name=label)
         filesystem.create_dir(destination, recursive=True)
-        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=filesystem)
+        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)

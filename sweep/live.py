@@ -39,8 +39,9 @@ class LiveView(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         row = self.row(trial)
-        row.update({name: result.get(name) for name in ("epoch", "stage", "lr", "train_bound", "valid_bound",
-                                                         "images_per_s")})
+        row.update(
+            {name: result.get(name) for name in ("epoch", "stage", "lr", "train_bound", "valid_bound", "images_per_s")}
+        )
         row["node"] = result.get("hostname") or result.get("node_ip") or "?"
         if result.get("valid_bound") is not None:
             row["best"] = max(row.get("best", float("-inf")), result["valid_bound"])
@@ -68,8 +69,9 @@ class LiveView(tune.Callback):
             print(f"[{time.monotonic() - self.start:6.0f} s] {text}", flush=True)
 
     def row(self, trial: Any) -> dict[str, Any]:
-        return self.rows.setdefault(trial.trial_id, {"label": trial_label(trial),
-                                                     "passes": trial_config(trial.config).passes})
+        return self.rows.setdefault(
+            trial.trial_id, {"label": trial_label(trial), "passes": trial_config(trial.config).passes}
+        )
 
     def show(self, trials: list, trial: Any, event: str, force: bool = False) -> None:
         if sys.stdout.isatty():
@@ -79,27 +81,44 @@ class LiveView(tune.Callback):
         row = self.row(trial)
         text = f"[{time.monotonic() - self.start:6.0f} s] {row['label']}"
         if event == "pass":
-            text += "  " + "  ".join(f"{name} {value}" for name, value in zip(HEADER[2:], self.cells(row)[2:], strict=True))
+            text += "  " + "  ".join(
+                f"{name} {value}" for name, value in zip(HEADER[2:], self.cells(row)[2:], strict=True)
+            )
         else:
-            text += f"  {event}" + (f" after {row.get('epoch') or 0}/{row['passes']} passes" if event != "started" else "")
+            text += f"  {event}" + (
+                f" after {row.get('epoch') or 0}/{row['passes']} passes" if event != "started" else ""
+            )
         print(text, flush=True)
 
     def cells(self, row: dict[str, Any], status: str = "") -> list[str]:
         def number(name: str, spec: str) -> str:
             return "-" if row.get(name) is None else format(row[name], spec)
 
-        return [row["label"], status, f"{row.get('epoch') or 0}/{row['passes']}", number("stage", "d"),
-                number("lr", ".2g"), number("train_bound", ".2f"), number("valid_bound", ".2f"),
-                number("best", ".2f"), number("images_per_s", ",.0f"), row.get("node", "-")]
+        return [
+            row["label"],
+            status,
+            f"{row.get('epoch') or 0}/{row['passes']}",
+            number("stage", "d"),
+            number("lr", ".2g"),
+            number("train_bound", ".2f"),
+            number("valid_bound", ".2f"),
+            number("best", ".2f"),
+            number("images_per_s", ",.0f"),
+            row.get("node", "-"),
+        ]
 
     def table(self, trials: list) -> str:
         ordered = sorted(trials, key=lambda t: (STATUS_ORDER.get(t.status, 5), trial_label(t)))
         lines = [list(HEADER)] + [self.cells(self.row(t), t.status) for t in ordered]
         widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
         right = {2, 3, 4, 5, 6, 7, 8}
-        return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                                   for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
-                         for line in lines)
+        return "\n".join(
+            "  ".join(
+                cell.rjust(w) if i in right else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+            for line in lines
+        )
 
     def erase(self) -> str:
         """Back to the table's first line, and clear below it."""

@@ -53,7 +53,7 @@ def process_table() -> dict[int, tuple[int, int]]:
             stat = (entry / "stat").read_text()
         except OSError:  # ended while we looked
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, session
         if fields[0] != "Z":
             table[int(entry.name)] = (int(fields[1]), int(fields[3]))
     return table
@@ -85,8 +85,10 @@ def kill_node(node_id: str) -> list[int]:
     nodes = raylets(state["session"]) if state else {}
     matches = [node for node in nodes if node == node_id or node.endswith(node_id)]
     if len(matches) != 1:
-        raise LocalClusterError(f"node {node_id!r}: {'no' if not matches else 'more than one'} node of the local "
-                                f"cluster matches; its nodes: {', '.join(nodes) or 'none'}")
+        raise LocalClusterError(
+            f"node {node_id!r}: {'no' if not matches else 'more than one'} node of the local "
+            f"cluster matches; its nodes: {', '.join(nodes) or 'none'}"
+        )
     raylet = nodes[matches[0]]
     victims = [raylet, *(pid for pid, (parent, _) in process_table().items() if parent == raylet)]
     for pid in victims:
@@ -106,36 +108,60 @@ def read_state() -> dict | None:
 
 def cluster_environment() -> dict[str, str]:
     """The environment of the head's `ray start` (inherited by every node the autoscaler starts)."""
-    return {**os.environ, "RAY_FAKE_CLUSTER": "1", LOOPBACK_SWITCH: "0",
-            # The autoscaler looks at demand every second instead of every 5: scaling in seconds.
-            "AUTOSCALER_UPDATE_INTERVAL_S": os.environ.get("AUTOSCALER_UPDATE_INTERVAL_S", "1")}
+    return {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        LOOPBACK_SWITCH: "0",
+        # The autoscaler looks at demand every second instead of every 5: scaling in seconds.
+        "AUTOSCALER_UPDATE_INTERVAL_S": os.environ.get("AUTOSCALER_UPDATE_INTERVAL_S", "1"),
+    }
 
 
 def up(config: Path = CONFIG) -> dict:
     """Start the head with the autoscaler on `config`; return the state `down` needs."""
     if (state := read_state()) is not None and session_processes(state["session"]):
-        raise LocalClusterError(f"a local cluster is already up (session {state['session']}, {state['address']}): "
-                                f"python -m sweep.local_cluster down first")
+        raise LocalClusterError(
+            f"a local cluster is already up (session {state['session']}, {state['address']}): "
+            f"python -m sweep.local_cluster down first"
+        )
     if not config.is_file():
-        raise LocalClusterError(f"{config}: no such cluster config (the rehearsal's is cluster.local.yaml at the top of "
-                                f"the checkout)")
+        raise LocalClusterError(
+            f"{config}: no such cluster config (the rehearsal's is cluster.local.yaml at the top of the checkout)"
+        )
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     log_path = STATE_DIR / "head.log"
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={ADDRESS.split(':')[1]}",
-               "--num-cpus=1", "--num-gpus=0", f"--autoscaling-config={config}", "--include-dashboard=false",
-               "--disable-usage-stats", "--block"]
+    command = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        f"--port={ADDRESS.split(':')[1]}",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--autoscaling-config={config}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        "--block",
+    ]
     with open(log_path, "w") as log:
-        head = subprocess.Popen(command, env=cluster_environment(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        head = subprocess.Popen(
+            command,
+            env=cluster_environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     state = {"session": head.pid, "address": ADDRESS, "config": str(config), "log": str(log_path)}
     (STATE_DIR / "state.json").write_text(json.dumps(state))
     deadline = time.monotonic() + START_TIMEOUT_S
     while "Ray runtime started" not in log_path.read_text():  # `ray start` prints it once the head is up
         if head.poll() is not None or time.monotonic() > deadline:
             down()
-            raise LocalClusterError(f"the head did not start ({'it exited' if head.poll() is not None else 'timed out'}"
-                                    f"); its log, {log_path}, ends:\n{log_path.read_text()[-2000:]}\nIf port 6379 is "
-                                    f"taken by another Ray, stop that one first")
+            raise LocalClusterError(
+                f"the head did not start ({'it exited' if head.poll() is not None else 'timed out'}"
+                f"); its log, {log_path}, ends:\n{log_path.read_text()[-2000:]}\nIf port 6379 is "
+                f"taken by another Ray, stop that one first"
+            )
         time.sleep(0.2)
     return state
 
@@ -181,33 +207,47 @@ def status() -> str:
     if state is None or not session_processes(state["session"]):
         return "no local cluster is up (python -m sweep.local_cluster up starts one)"
     # Ray's CLI finds the cluster `ray start` recorded and sends its token only in token mode.
-    report = subprocess.run([str(Path(sys.executable).with_name("ray")), "status"],
-                            env={**cluster_environment(), "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
+    report = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "status"],
+        env={**cluster_environment(), "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+    )
     nodes = "\n".join(f"  node {node}  raylet PID {pid}" for node, pid in sorted(raylets(state["session"]).items()))
-    return (f"{report.stdout}{report.stderr}\nlocal cluster at {state['address']}: "
-            f"{len(session_processes(state['session']))} processes in session {state['session']}; head log "
-            f"{state['log']}\n{nodes}")
+    return (
+        f"{report.stdout}{report.stderr}\nlocal cluster at {state['address']}: "
+        f"{len(session_processes(state['session']))} processes in session {state['session']}; head log "
+        f"{state['log']}\n{nodes}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.local_cluster",
         description="Rehearse the cluster on this machine: a Ray head with Ray's fake multi-node autoscaler on "
-                    "127.0.0.1:6379, which starts gpu_worker 'nodes' (real Ray processes advertising a GPU) on demand "
-                    "and stops them when idle. Then run sweeps with --address auto.")
-    parser.add_argument("action", choices=("up", "down", "status", "kill-node"),
-                        help="up: start the head (workers come on demand); status: Ray's status and each node's "
-                             "raylet PID; kill-node NODE_ID: lose that node as if its machine died (its raylet and "
-                             "processes SIGKILLed), the autoscaler replaces it; down: stop every process up started")
+        "127.0.0.1:6379, which starts gpu_worker 'nodes' (real Ray processes advertising a GPU) on demand "
+        "and stops them when idle. Then run sweeps with --address auto.",
+    )
+    parser.add_argument(
+        "action",
+        choices=("up", "down", "status", "kill-node"),
+        help="up: start the head (workers come on demand); status: Ray's status and each node's "
+        "raylet PID; kill-node NODE_ID: lose that node as if its machine died (its raylet and "
+        "processes SIGKILLed), the autoscaler replaces it; down: stop every process up started",
+    )
     parser.add_argument("node", nargs="?", help="with kill-node: the node's id, or its last digits (see status)")
-    parser.add_argument("--config", type=Path, default=CONFIG, help=f"the autoscaler config for up (default {CONFIG.name})")
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG, help=f"the autoscaler config for up (default {CONFIG.name})"
+    )
     args = parser.parse_args(argv)
     try:
         if args.action == "up":
             state = up(args.config.resolve())
-            print(f"local cluster up at {state['address']} (head log: {state['log']}); workers start when trials ask "
-                  f"for GPUs.\n  python -m sweep.run --address auto --gpus-per-trial 0.5 --eval-gpus 0.5\n"
-                  f"  python -m sweep.local_cluster status\n  python -m sweep.local_cluster down")
+            print(
+                f"local cluster up at {state['address']} (head log: {state['log']}); workers start when trials ask "
+                f"for GPUs.\n  python -m sweep.run --address auto --gpus-per-trial 0.5 --eval-gpus 0.5\n"
+                f"  python -m sweep.local_cluster status\n  python -m sweep.local_cluster down"
+            )
         elif args.action == "down":
             print(f"local cluster down: stopped its {down()} process(es)")
         elif args.action == "kill-node":

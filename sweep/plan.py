@@ -68,8 +68,11 @@ def drawn_trials(space: SweepSpace) -> list[TrainConfig]:
     if space.search is None:
         return space.trials
     rng = np.random.default_rng(space.search.seed)
-    return [replace(trial, **{key: draw(d, rng) for key, d in space.search.distributions.items()})
-            for _ in range(space.search.samples) for trial in space.trials]
+    return [
+        replace(trial, **{key: draw(d, rng) for key, d in space.search.distributions.items()})
+        for _ in range(space.search.samples)
+        for trial in space.trials
+    ]
 
 
 def draw(distribution: Distribution, rng: np.random.Generator) -> Any:
@@ -109,13 +112,29 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         trained = [] if space.init_from_sweep else trials  # --init-from-sweep: stage 1 exists
         for config in [*trained, *space.continued]:
             # Only the model, objective and estimator set the cost: calibrate each once.
-            key = replace(config, seed=0, lr=TrainConfig.lr, beta=TrainConfig.beta, adam_beta1=TrainConfig.adam_beta1,
-                          adam_beta2=TrainConfig.adam_beta2, adam_eps=TrainConfig.adam_eps, passes=1, schedule="compressed", train_images=None,
-                          test_images=None, nll_every=0, snr_every=0, init_from=None, init_label=None,
-                          init_optimizer=False)
+            key = replace(
+                config,
+                seed=0,
+                lr=TrainConfig.lr,
+                beta=TrainConfig.beta,
+                adam_beta1=TrainConfig.adam_beta1,
+                adam_beta2=TrainConfig.adam_beta2,
+                adam_eps=TrainConfig.adam_eps,
+                passes=1,
+                schedule="compressed",
+                train_images=None,
+                test_images=None,
+                nll_every=0,
+                snr_every=0,
+                init_from=None,
+                init_label=None,
+                init_optimizer=False,
+            )
             if key not in step_cache:
-                step_cache[key] = (training_step_seconds(key, device, CALIBRATION_STEPS, warmup=3),
-                                   bound_seconds_per_image(key, device))
+                step_cache[key] = (
+                    training_step_seconds(key, device, CALIBRATION_STEPS, warmup=3),
+                    bound_seconds_per_image(key, device),
+                )
             step, per_image = step_cache[key]
             steps = steps_per_pass(config) * config.passes
             _, valid_images, all_test = SPLIT_SIZES[config.dataset]
@@ -124,28 +143,48 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
             bounds = (config.passes * valid_images + test_passes * test_images) * per_image
             nll = 0.0
             if config.nll_every:
-                nll = (config.passes // config.nll_every * min(config.nll_images, test_images)
-                       * likelihood_seconds_per_image(key, device, config.nll_k, CALIBRATION_IMAGES))
+                nll = (
+                    config.passes
+                    // config.nll_every
+                    * min(config.nll_images, test_images)
+                    * likelihood_seconds_per_image(key, device, config.nll_k, CALIBRATION_IMAGES)
+                )
             if config.valid_ll_k:  # the fair metric, every pass
-                nll += config.passes * valid_images * likelihood_seconds_per_image(key, device, config.valid_ll_k,
-                                                                                   CALIBRATION_IMAGES)
-            plans.append(TrialPlan(trial_name(config, searched, None), config.build_objective().num_samples, config.layers,
-                                   config.passes, steps, steps * step, steps * step + bounds + nll))
+                nll += (
+                    config.passes
+                    * valid_images
+                    * likelihood_seconds_per_image(key, device, config.valid_ll_k, CALIBRATION_IMAGES)
+                )
+            plans.append(
+                TrialPlan(
+                    trial_name(config, searched, None),
+                    config.build_objective().num_samples,
+                    config.layers,
+                    config.passes,
+                    steps,
+                    steps * step,
+                    steps * step + bounds + nll,
+                )
+            )
         torch.set_num_threads(max(1, eval_threads))
         evaluation = space.evaluation
         trials = [*trials, *space.continued]
-        chosen = trials if evaluation.best == "each" else trials[:evaluation.top]
+        chosen = trials if evaluation.best == "each" else trials[: evaluation.top]
         images = [evaluation.images or SPLIT_SIZES[t.dataset][2] for t in chosen]
-        per_image = {layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k,
-                                                          CALIBRATION_IMAGES)
-                     for layers in {t.layers for t in chosen}}
+        per_image = {
+            layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k, CALIBRATION_IMAGES)
+            for layers in {t.layers for t in chosen}
+        }
         eval_seconds = makespan([n * per_image[t.layers] for n, t in zip(images, chosen)], space.resources.eval_actors)
     finally:
         torch.set_num_threads(threads)
     first = len(trained)
-    train_wall = makespan([p.seconds for p in plans[:first]], concurrent) + makespan([p.seconds for p in plans[first:]], concurrent)
-    return SweepPlan(plans, concurrent, len(chosen), sum(images), evaluation.k, eval_seconds, train_wall, str(device),
-                     trial_threads)
+    train_wall = makespan([p.seconds for p in plans[:first]], concurrent) + makespan(
+        [p.seconds for p in plans[first:]], concurrent
+    )
+    return SweepPlan(
+        plans, concurrent, len(chosen), sum(images), evaluation.k, eval_seconds, train_wall, str(device), trial_threads
+    )
 
 
 def duration(seconds: float) -> str:
@@ -160,17 +199,22 @@ def duration(seconds: float) -> str:
 
 def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -> str:
     width = max(len(t.label) for t in plan.trials)
-    lines = [f"Sweep {space.name!r} from {space.source}: {len(plan.trials)} trial(s). Nothing is trained "
-             f"and no folder is written."]
+    lines = [
+        f"Sweep {space.name!r} from {space.source}: {len(plan.trials)} trial(s). Nothing is trained "
+        f"and no folder is written."
+    ]
     if space.search:
         search = space.search
-        lines.append(f"A search ({search.algorithm}): {search.samples} sample(s) x {len(space.trials)} grid point(s) of "
-                     f"{', '.join(f'{key} ~ {d}' for key, d in search.distributions.items())}, ranked by "
-                     f"{space.metric}. The values below are drawn here for the estimate; the searcher draws its own.")
-    lines += ["",
-             f"  {'trial':<{width}}  {'M*K':>5}  {'layers':>6}  {'passes':>6}  {'steps':>11}  {'estimate':>9}"]
-    lines += [f"  {t.label:<{width}}  {t.samples:>5}  {t.layers:>6}  {t.passes:>6}  {t.steps:>11,}  "
-              f"{duration(t.seconds):>9}" for t in plan.trials]
+        lines.append(
+            f"A search ({search.algorithm}): {search.samples} sample(s) x {len(space.trials)} grid point(s) of "
+            f"{', '.join(f'{key} ~ {d}' for key, d in search.distributions.items())}, ranked by "
+            f"{space.metric}. The values below are drawn here for the estimate; the searcher draws its own."
+        )
+    lines += ["", f"  {'trial':<{width}}  {'M*K':>5}  {'layers':>6}  {'passes':>6}  {'steps':>11}  {'estimate':>9}"]
+    lines += [
+        f"  {t.label:<{width}}  {t.samples:>5}  {t.layers:>6}  {t.passes:>6}  {t.steps:>11,}  {duration(t.seconds):>9}"
+        for t in plan.trials
+    ]
     total_steps = sum(t.steps for t in plan.trials)
     lines += [
         "",
@@ -178,11 +222,19 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
         f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
         f"-> about {duration(plan.eval_seconds)}, {space.resources.eval_actors} at a time once training ends"
-        + (" (with best: each, a trial's evaluation starts when it finishes if resources are free and no trial "
-           "waits for them: part of it can overlap the training)." if space.evaluation.best == "each" else "."),
+        + (
+            " (with best: each, a trial's evaluation starts when it finishes if resources are free and no trial "
+            "waits for them: part of it can overlap the training)."
+            if space.evaluation.best == "each"
+            else "."
+        ),
         f"Estimated wall time: {duration(plan.wall_seconds)}."
-        + (" With ASHA, trials worse than the ones before them stop early: the real time is less, and this "
-           "figure is a bound, not an estimate." if asha else ""),
+        + (
+            " With ASHA, trials worse than the ones before them stop early: the real time is less, and this "
+            "figure is a bound, not an estimate."
+            if asha
+            else ""
+        ),
         "",
         f"An estimate, calibrated by timing {CALIBRATION_STEPS} training steps per model and a {CALIBRATION_IMAGES}"
         f"-image k-sample evaluation on this machine ({plan.device}, {plan.threads} thread(s) per trial as Ray "

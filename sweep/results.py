@@ -101,48 +101,100 @@ TRIALS_SCHEMA_VERSION = 1
 
 SCHEMA = pa.schema(
     [
-        ("sweep", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string()),
-        ("objective", pa.string()), ("m", pa.int64()), ("k", pa.int64()), ("beta", pa.float64()),
-        ("layers", pa.int64()), ("estimator", pa.string()), ("seed", pa.int64()), ("passes", pa.int64()),
-        ("schedule", pa.string()), ("dataset", pa.string()), ("binarization", pa.string()),
-        ("train_images", pa.int64()), ("data_files", pa.string()),
-        ("eval_k", pa.int64()), ("eval_images", pa.int64()), ("comparable_to_papers", pa.bool_()),
-        ("test_nll", pa.float64()), ("test_nll_se", pa.float64()),
-        ("test_bound", pa.float64()), ("test_bound_name", pa.string()),
-        ("train_bound", pa.float64()), ("valid_bound", pa.float64()),
-        ("active_units", pa.list_(pa.field("element", pa.int64()))), ("epochs", pa.int64()), ("train_seconds", pa.float64()),
-        ("eval_seconds", pa.float64()), ("device", pa.string()), ("checkpoint_uri", pa.string()),
-        ("project_version", pa.string()), ("timestamp", pa.timestamp("ms", tz="UTC")), ("config", pa.string()),
-        ("ess_mean", pa.float64()), ("ess_median", pa.float64()),
-        ("pareto_k_above_0_7", pa.float64()), ("pareto_k_max", pa.float64()),
-        ("noise", pa.string()), ("evaluation_id", pa.string()), ("snr_epoch", pa.int64()),
-        ("snr_encoder_mean", pa.float64()), ("snr_encoder_median", pa.float64()),
-        ("snr_decoder_mean", pa.float64()), ("snr_decoder_median", pa.float64()), ("snr", pa.string()),
-        ("sweep_stage", pa.int64()), ("parent_trial_name", pa.string()), ("parent_checkpoint_uri", pa.string()),
-        ("train_device", pa.string()), ("train_node_id", pa.string()), ("train_node_ip", pa.string()),
-        ("train_hostname", pa.string()), ("train_nodes", pa.string()),
-        ("eval_node_id", pa.string()), ("eval_node_ip", pa.string()), ("eval_hostname", pa.string()),
-        ("eval_float32", pa.string()), ("eval_gpu_name", pa.string()), ("eval_gpu_capability", pa.string()),
-        ("train_float32", pa.string()), ("train_gpu_name", pa.string()), ("train_gpu_capability", pa.string()),
+        ("sweep", pa.string()),
+        ("trial_id", pa.string()),
+        ("trial_name", pa.string()),
+        ("objective", pa.string()),
+        ("m", pa.int64()),
+        ("k", pa.int64()),
+        ("beta", pa.float64()),
+        ("layers", pa.int64()),
+        ("estimator", pa.string()),
+        ("seed", pa.int64()),
+        ("passes", pa.int64()),
+        ("schedule", pa.string()),
+        ("dataset", pa.string()),
+        ("binarization", pa.string()),
+        ("train_images", pa.int64()),
+        ("data_files", pa.string()),
+        ("eval_k", pa.int64()),
+        ("eval_images", pa.int64()),
+        ("comparable_to_papers", pa.bool_()),
+        ("test_nll", pa.float64()),
+        ("test_nll_se", pa.float64()),
+        ("test_bound", pa.float64()),
+        ("test_bound_name", pa.string()),
+        ("train_bound", pa.float64()),
+        ("valid_bound", pa.float64()),
+        ("active_units", pa.list_(pa.field("element", pa.int64()))),
+        ("epochs", pa.int64()),
+        ("train_seconds", pa.float64()),
+        ("eval_seconds", pa.float64()),
+        ("device", pa.string()),
+        ("checkpoint_uri", pa.string()),
+        ("project_version", pa.string()),
+        ("timestamp", pa.timestamp("ms", tz="UTC")),
+        ("config", pa.string()),
+        ("ess_mean", pa.float64()),
+        ("ess_median", pa.float64()),
+        ("pareto_k_above_0_7", pa.float64()),
+        ("pareto_k_max", pa.float64()),
+        ("noise", pa.string()),
+        ("evaluation_id", pa.string()),
+        ("snr_epoch", pa.int64()),
+        ("snr_encoder_mean", pa.float64()),
+        ("snr_encoder_median", pa.float64()),
+        ("snr_decoder_mean", pa.float64()),
+        ("snr_decoder_median", pa.float64()),
+        ("snr", pa.string()),
+        ("sweep_stage", pa.int64()),
+        ("parent_trial_name", pa.string()),
+        ("parent_checkpoint_uri", pa.string()),
+        ("train_device", pa.string()),
+        ("train_node_id", pa.string()),
+        ("train_node_ip", pa.string()),
+        ("train_hostname", pa.string()),
+        ("train_nodes", pa.string()),
+        ("eval_node_id", pa.string()),
+        ("eval_node_ip", pa.string()),
+        ("eval_hostname", pa.string()),
+        ("eval_float32", pa.string()),
+        ("eval_gpu_name", pa.string()),
+        ("eval_gpu_capability", pa.string()),
+        ("train_float32", pa.string()),
+        ("train_gpu_name", pa.string()),
+        ("train_gpu_capability", pa.string()),
         ("generator_reseeded_at", pa.int64()),
-        ("rank_metric", pa.string()), ("rank_metric_k", pa.int64()), ("rank_metric_value", pa.float64()),
+        ("rank_metric", pa.string()),
+        ("rank_metric_k", pa.int64()),
+        ("rank_metric_value", pa.float64()),
         ("searched", pa.string()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
 TRIALS_SCHEMA = pa.schema(
     [
-        ("trial_id", pa.string()), ("trial_name", pa.string()), ("status", pa.string()), ("epochs", pa.int64()),
-        ("searched", pa.string()), ("rank_metric", pa.string()), ("rank_metric_k", pa.int64()),
+        ("trial_id", pa.string()),
+        ("trial_name", pa.string()),
+        ("status", pa.string()),
+        ("epochs", pa.int64()),
+        ("searched", pa.string()),
+        ("rank_metric", pa.string()),
+        ("rank_metric_k", pa.int64()),
         ("rank_metric_value", pa.float64()),
     ],
     metadata={"iwae_sweep.trials_schema_version": str(TRIALS_SCHEMA_VERSION)},
 )
 PER_IMAGE_SCHEMA = pa.schema(
     [
-        ("evaluation_id", pa.string()), ("trial_id", pa.string()), ("trial_name", pa.string()),
-        ("checkpoint_uri", pa.string()), ("image", pa.int64()),
-        ("nll", pa.float64()), ("ess", pa.float64()), ("pareto_k", pa.float64()),
+        ("evaluation_id", pa.string()),
+        ("trial_id", pa.string()),
+        ("trial_name", pa.string()),
+        ("checkpoint_uri", pa.string()),
+        ("image", pa.int64()),
+        ("nll", pa.float64()),
+        ("ess", pa.float64()),
+        ("pareto_k", pa.float64()),
     ],
     metadata={"iwae_sweep.per_image_schema_version": str(PER_IMAGE_SCHEMA_VERSION)},
 )
@@ -172,53 +224,93 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
     snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
     snr = snr_row["snr"] if snr_row else {}
     return {
-        "sweep": record.sweep, "trial_id": record.trial_id, "trial_name": record.trial_name,
-        "objective": config.objective, "m": config.m, "k": config.k, "beta": config.beta,
-        "layers": config.layers, "estimator": config.estimator, "seed": config.seed, "passes": config.passes,
-        "schedule": config.schedule, "dataset": config.dataset, "binarization": result.binarization,
-        "train_images": config.train_images, "data_files": json.dumps(result.data_files, sort_keys=True),
-        "eval_k": result.k, "eval_images": result.images,
+        "sweep": record.sweep,
+        "trial_id": record.trial_id,
+        "trial_name": record.trial_name,
+        "objective": config.objective,
+        "m": config.m,
+        "k": config.k,
+        "beta": config.beta,
+        "layers": config.layers,
+        "estimator": config.estimator,
+        "seed": config.seed,
+        "passes": config.passes,
+        "schedule": config.schedule,
+        "dataset": config.dataset,
+        "binarization": result.binarization,
+        "train_images": config.train_images,
+        "data_files": json.dumps(result.data_files, sort_keys=True),
+        "eval_k": result.k,
+        "eval_images": result.images,
         "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
-        "test_nll": result.nll, "test_nll_se": result.nll_se,
-        "test_bound": result.test_bound, "test_bound_name": result.test_bound_name,
-        "train_bound": last["train_bound"], "valid_bound": last["valid_bound"],
-        "active_units": result.active_units, "epochs": state["epoch"], "train_seconds": state["train_seconds"],
-        "eval_seconds": result.seconds, "device": result.device, "eval_float32": result.float32,
-        "eval_gpu_name": result.gpu_name, "eval_gpu_capability": result.gpu_capability,
+        "test_nll": result.nll,
+        "test_nll_se": result.nll_se,
+        "test_bound": result.test_bound,
+        "test_bound_name": result.test_bound_name,
+        "train_bound": last["train_bound"],
+        "valid_bound": last["valid_bound"],
+        "active_units": result.active_units,
+        "epochs": state["epoch"],
+        "train_seconds": state["train_seconds"],
+        "eval_seconds": result.seconds,
+        "device": result.device,
+        "eval_float32": result.float32,
+        "eval_gpu_name": result.gpu_name,
+        "eval_gpu_capability": result.gpu_capability,
         "checkpoint_uri": record.checkpoint_uri,
         "project_version": iwae_model.__version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
         "config": json.dumps(config.to_dict()),
-        "ess_mean": result.ess_mean, "ess_median": result.ess_median,
-        "pareto_k_above_0_7": result.pareto_k_above, "pareto_k_max": result.pareto_k_max,
-        "noise": result.noise, "evaluation_id": record.evaluation_id,
+        "ess_mean": result.ess_mean,
+        "ess_median": result.ess_median,
+        "pareto_k_above_0_7": result.pareto_k_above,
+        "pareto_k_max": result.pareto_k_max,
+        "noise": result.noise,
+        "evaluation_id": record.evaluation_id,
         "snr_epoch": snr_row["epoch"] if snr_row else None,
-        **{f"snr_{name}": snr.get(name) for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")},
+        **{
+            f"snr_{name}": snr.get(name)
+            for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")
+        },
         "snr": json.dumps(snr) if snr else None,
-        "sweep_stage": 2 if config.init_from else 1, "parent_trial_name": config.init_label,
+        "sweep_stage": 2 if config.init_from else 1,
+        "parent_trial_name": config.init_label,
         "parent_checkpoint_uri": config.init_from,
-        **{f"train_{key}": nodes[-1].get(key) if nodes else None
-           for key in ("device", "node_id", "node_ip", "hostname", "float32", "gpu_name", "gpu_capability")},
+        **{
+            f"train_{key}": nodes[-1].get(key) if nodes else None
+            for key in ("device", "node_id", "node_ip", "hostname", "float32", "gpu_name", "gpu_capability")
+        },
         "train_nodes": json.dumps(nodes) if nodes else None,
-        "generator_reseeded_at": next((row["epoch"] for row in state["history"] if row.get("generator_reseeded")),
-                                      None),
+        "generator_reseeded_at": next(
+            (row["epoch"] for row in state["history"] if row.get("generator_reseeded")), None
+        ),
         **record.eval_node,
-        **search_columns(config, record.metric, record.searched), "rank_metric_value": last[record.metric],
+        **search_columns(config, record.metric, record.searched),
+        "rank_metric_value": last[record.metric],
     }
 
 
 def search_columns(config: TrainConfig, metric: str, searched: list[str]) -> dict[str, Any]:
     """rank_metric, rank_metric_k and searched (the drawn values as JSON, null in a grid)."""
-    return {"rank_metric": metric, "rank_metric_k": config.valid_ll_k if metric == "valid_ll" else None,
-            "searched": json.dumps({key: getattr(config, key) for key in searched}) if searched else None}
+    return {
+        "rank_metric": metric,
+        "rank_metric_k": config.valid_ll_k if metric == "valid_ll" else None,
+        "searched": json.dumps({key: getattr(config, key) for key in searched}) if searched else None,
+    }
 
 
 def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
     """The per_image.parquet columns (PER_IMAGE_SCHEMA) of one evaluated checkpoint."""
-    return {"evaluation_id": record.evaluation_id, "trial_id": record.trial_id, "trial_name": record.trial_name,
-            "checkpoint_uri": record.checkpoint_uri, "image": result.per_image["image"],
-            "nll": -result.per_image["log_likelihood"], "ess": result.per_image["ess"],
-            "pareto_k": result.per_image["pareto_k"]}
+    return {
+        "evaluation_id": record.evaluation_id,
+        "trial_id": record.trial_id,
+        "trial_name": record.trial_name,
+        "checkpoint_uri": record.checkpoint_uri,
+        "image": result.per_image["image"],
+        "nll": -result.per_image["log_likelihood"],
+        "ess": result.per_image["ess"],
+        "pareto_k": result.per_image["pareto_k"],
+    }
 
 
 class ResultsError(IWAEError, ValueError):
@@ -239,10 +331,14 @@ def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
     except FileNotFoundError:
         return {}
     except pa.ArrowInvalid as error:
-        raise ResultsError(f"{folder}/results: {_first_line(error)}; delete {' and '.join(paths)} to evaluate "
-                           f"the sweep's checkpoints again") from None
+        raise ResultsError(
+            f"{folder}/results: {_first_line(error)}; delete {' and '.join(paths)} to evaluate "
+            f"the sweep's checkpoints again"
+        ) from None
     if (_version(rows, "iwae_sweep.schema_version"), _version(per_image, "iwae_sweep.per_image_schema_version")) != (
-            str(SCHEMA_VERSION), str(PER_IMAGE_SCHEMA_VERSION)):
+        str(SCHEMA_VERSION),
+        str(PER_IMAGE_SCHEMA_VERSION),
+    ):
         return {}
     _require_columns(paths[0], rows, SCHEMA.names, SCHEMA_VERSION)
     _require_columns(paths[1], per_image, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
@@ -252,8 +348,13 @@ def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
         key = (row["trial_id"], row["evaluation_id"])
         if key in images.groups:
             part = images.get_group(key)
-            evaluated[row["trial_id"]] = (row, {name: part[name].to_numpy() if name in _PER_IMAGE_ARRAYS
-                                                else part[name].iloc[0] for name in PER_IMAGE_SCHEMA.names})
+            evaluated[row["trial_id"]] = (
+                row,
+                {
+                    name: part[name].to_numpy() if name in _PER_IMAGE_ARRAYS else part[name].iloc[0]
+                    for name in PER_IMAGE_SCHEMA.names
+                },
+            )
     return evaluated
 
 
@@ -279,8 +380,9 @@ def write_evaluated(folder: str, filesystem: pafs.FileSystem, evaluated: Evaluat
 def merge_trials(rows: list[dict[str, Any]], folder: str, filesystem: pafs.FileSystem) -> None:
     """`rows` into sweep `folder`'s trials file, replacing the rows of the same trials."""
     try:
-        merged = {row["trial_id"]: row for row in pq.read_table(f"{folder}/{TRIALS_FILE}",
-                                                                 filesystem=filesystem).to_pylist()}
+        merged = {
+            row["trial_id"]: row for row in pq.read_table(f"{folder}/{TRIALS_FILE}", filesystem=filesystem).to_pylist()
+        }
     except (FileNotFoundError, pa.ArrowInvalid):  # none yet, or damaged: the rows of this stage's trials
         merged = {}
     merged.update({row["trial_id"]: row for row in rows})
@@ -300,8 +402,15 @@ def per_image_table(parts: list[dict[str, Any]]) -> pa.Table:
     tables = []
     for part in parts:
         images = len(part["image"])
-        tables.append(pa.table({name: part[name] if isinstance(part[name], np.ndarray) else [part[name]] * images
-                                for name in PER_IMAGE_SCHEMA.names}, schema=PER_IMAGE_SCHEMA))
+        tables.append(
+            pa.table(
+                {
+                    name: part[name] if isinstance(part[name], np.ndarray) else [part[name]] * images
+                    for name in PER_IMAGE_SCHEMA.names
+                },
+                schema=PER_IMAGE_SCHEMA,
+            )
+        )
     return pa.concat_tables(tables)
 
 
@@ -351,29 +460,39 @@ def _read_versioned(location: str, default_file: str, key: str, version: int) ->
         path = f"{path.rstrip('/')}/{default_file}"
         info = filesystem.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise ResultsError(f"{location}: no results there (expected a Parquet file or a sweep folder "
-                                f"holding {default_file}; run python -m sweep.evaluate on the sweep first)")
+        raise ResultsError(
+            f"{location}: no results there (expected a Parquet file or a sweep folder "
+            f"holding {default_file}; run python -m sweep.evaluate on the sweep first)"
+        )
     try:
         table = pq.read_table(path, filesystem=filesystem)
     except (pa.ArrowException, OSError) as error:
-        raise ResultsError(f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
-                           f"python -m sweep.evaluate SWEEP_DIR") from None
+        raise ResultsError(
+            f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
+            f"python -m sweep.evaluate SWEEP_DIR"
+        ) from None
     found = _version(table, key)
     if found is None:
-        raise ResultsError(f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
-                           f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder")
+        raise ResultsError(
+            f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
+            f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder"
+        )
     if found != str(version):
-        raise ResultsError(f"{location}: results schema version {found}, this version "
-                           f"reads {version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
-                           f"with the iwae-sweep version that wrote them")
+        raise ResultsError(
+            f"{location}: results schema version {found}, this version "
+            f"reads {version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
+            f"with the iwae-sweep version that wrote them"
+        )
     return table
 
 
 def _require_columns(location: str, table: pa.Table, names: list[str], version: int) -> None:
     missing = [name for name in names if name not in table.schema.names]
     if missing:
-        raise ResultsError(f"{location}: schema version {version} but columns {missing} are missing; the file "
-                           f"was edited or damaged: re-create it with python -m sweep.evaluate SWEEP_DIR")
+        raise ResultsError(
+            f"{location}: schema version {version} but columns {missing} are missing; the file "
+            f"was edited or damaged: re-create it with python -m sweep.evaluate SWEEP_DIR"
+        )
 
 
 def _first_line(error: BaseException) -> str:

@@ -53,8 +53,8 @@ from .folder import (
 from .hparams import RayScalarsOnly
 from .live import LiveView
 from .plan import drawn_trials, plan_sweep, render
+from .space import DEFAULT_SPACE, Distribution, SpaceError, SweepSpace, load_space, shipped_spaces
 from .storage import filesystem_and_path
-from .space import DEFAULT_SPACE, Distribution, SpaceError, SweepSpace, load_space
 from .tables import print_results
 from .trainable import train_trial, trial_config
 
@@ -65,7 +65,8 @@ class SweepInterrupted(IWAEError, RuntimeError):
 
 def trainable(space: SweepSpace):
     return tune.with_resources(
-        train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial})
+        train_trial, {"cpu": space.resources.cpus_per_trial, "gpu": space.resources.gpus_per_trial}
+    )
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,11 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
         passes = max(passes, *search.distributions["passes"].values)
     filesystem, storage_path = filesystem_and_path(stage.storage)
     # A single grid point is a constant (Optuna takes no grid axis).
-    train = stage.trials[0].to_dict() if search and len(stage.trials) == 1 else tune.grid_search(
-        [t.to_dict() for t in stage.trials])
+    train = (
+        stage.trials[0].to_dict()
+        if search and len(stage.trials) == 1
+        else tune.grid_search([t.to_dict() for t in stage.trials])
+    )
     searcher = None
     if search and search.algorithm == "optuna":
         searcher = OptunaSearch(seed=search.seed)  # metric and mode from TuneConfig
@@ -132,22 +136,34 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
             "storage_marker": options.marker,
         },
         tune_config=tune.TuneConfig(
-            metric=space.metric, mode="max", max_concurrent_trials=max_concurrent,
-            search_alg=searcher, num_samples=search.samples if search else 1,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=passes, grace_period=max(1, passes // 8),
-                                    reduction_factor=3) if space.early_stopped else None,
+            metric=space.metric,
+            mode="max",
+            max_concurrent_trials=max_concurrent,
+            search_alg=searcher,
+            num_samples=search.samples if search else 1,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration", max_t=passes, grace_period=max(1, passes // 8), reduction_factor=3
+            )
+            if space.early_stopped
+            else None,
             trial_name_creator=trial_label,
-            trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}"),
+            trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}",
+        ),
         run_config=tune.RunConfig(
-            name=stage.name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=stage.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=space.checkpoints.keep, checkpoint_score_attribute=space.metric,
-                checkpoint_score_order="max"),
+                num_to_keep=space.checkpoints.keep,
+                checkpoint_score_attribute=space.metric,
+                checkpoint_score_order="max",
+            ),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
             callbacks=[view, RayScalarsOnly(), *evaluate, *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
-            sync_config=tune.SyncConfig(sync_artifacts=True)),
+            sync_config=tune.SyncConfig(sync_artifacts=True),
+        ),
     )
 
 
@@ -158,15 +174,21 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
     experiment = f"{storage_path.rstrip('/')}/{stage.name}"
     if options.resume and experiment_state_saved(experiment, filesystem):
         if mended := recover_deleted_checkpoints(experiment, filesystem):
-            print(f"note: the sweep stopped between Ray Tune deleting an old checkpoint and saving its state; "
-                  f"{', '.join(mended)} continue from their newest checkpoint", file=sys.stderr)
+            print(
+                f"note: the sweep stopped between Ray Tune deleting an old checkpoint and saving its state; "
+                f"{', '.join(mended)} continue from their newest checkpoint",
+                file=sys.stderr,
+            )
         tuner = restore_tuner(experiment, filesystem, trainable(options.space), resume_errored=True)
     else:
         if options.resume and filesystem.get_file_info(experiment).type == pafs.FileType.Directory:
             # Tune restoring a folder with no experiment state makes a trial with an empty config.
-            print(f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
-                  f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
-                  f"begun are not used and can be deleted", file=sys.stderr)
+            print(
+                f"note: the sweep in {experiment} stopped before Ray Tune first saved its state (it does so "
+                f"within seconds to a minute of starting), so its trials start again; the trial folders it had "
+                f"begun are not used and can be deleted",
+                file=sys.stderr,
+            )
         tuner = build_tuner(stage, options)
     grid = tuner.fit()
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
@@ -174,28 +196,40 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
     saved = saved_results(experiment, filesystem)
     pending = len(saved) - saved.num_terminated - saved.num_errors
     if pending:
-        behind = [f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{trial_config(r.config).passes} passes)"
-                  for r in grid if r.error is None and r.metrics.get("epoch", 0) < trial_config(r.config).passes]
-        raise SweepInterrupted(f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
-                               f"lost: continue with the same command plus --resume")
+        behind = [
+            f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{trial_config(r.config).passes} passes)"
+            for r in grid
+            if r.error is None and r.metrics.get("epoch", 0) < trial_config(r.config).passes
+        ]
+        raise SweepInterrupted(
+            f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
+            f"lost: continue with the same command plus --resume"
+        )
     return grid
 
 
 def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainConfig], dict[str, tune.Checkpoint]]:
     """The stage-2 trials whose parents finished, each with its parent's best checkpoint (by
     validation bound, as the evaluation picks it) recorded in init_from."""
-    best = {trial_label(result): best_checkpoint(result, space.metric) for result in first
-            if result.error is None and result.checkpoint is not None}
+    best = {
+        trial_label(result): best_checkpoint(result, space.metric)
+        for result in first
+        if result.error is None and result.checkpoint is not None
+    }
     missing = sorted({child.init_label for child in space.continued} - set(best))
     if space.init_from_sweep and missing:
-        raise SpaceError(f"--init-from-sweep {space.init_from_sweep}: it has no finished trial labelled "
-                         f"{', '.join(missing)} to continue (it has {', '.join(sorted(best)) or 'none'}); the space's "
-                         f"experiments must name that sweep's trials")
+        raise SpaceError(
+            f"--init-from-sweep {space.init_from_sweep}: it has no finished trial labelled "
+            f"{', '.join(missing)} to continue (it has {', '.join(sorted(best)) or 'none'}); the space's "
+            f"experiments must name that sweep's trials"
+        )
     trials, checkpoints = [], {}
     for child in space.continued:
         if child.init_label not in best:
-            print(f"note: {child.label()} is not trained: its first-stage parent {child.init_label} did not finish",
-                  file=sys.stderr)
+            print(
+                f"note: {child.label()} is not trained: its first-stage parent {child.init_label} did not finish",
+                file=sys.stderr,
+            )
             continue
         trial = replace(child, init_from=checkpoint_uri(best[child.init_label]))
         trials.append(trial)
@@ -229,27 +263,36 @@ def run_sweep(
     space = space.with_asha() if asha else space
     filesystem, storage_path = filesystem_and_path(storage)
     experiment = f"{storage_path.rstrip('/')}/{space.name}"
-    exists = any(tune.Tuner.can_restore(path, storage_filesystem=filesystem)
-                 for path in (experiment, f"{experiment}/{STAGE_2}"))
+    exists = any(
+        tune.Tuner.can_restore(path, storage_filesystem=filesystem) for path in (experiment, f"{experiment}/{STAGE_2}")
+    )
     begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
     if exists and not resume:
-        raise SpaceError(f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
-                         f"or --name to start another")
+        raise SpaceError(
+            f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
+            f"or --name to start another"
+        )
     if resume and not (exists or begun):
         raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
     if resume:
         started, data_dir = read_spec(experiment, filesystem)
         if asha and not started.early_stopped:
-            raise SpaceError(f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
-                             f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
-                             f"start a new sweep with --name")
+            raise SpaceError(
+                f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
+                f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
+                f"start a new sweep with --name"
+            )
         space = space.with_asha() if started.asha else space
-        if (started.trials, started.continued, started.init_from_sweep) != (space.trials, space.continued,
-                                                                             space.init_from_sweep):
+        if (started.trials, started.continued, started.init_from_sweep) != (
+            space.trials,
+            space.continued,
+            space.init_from_sweep,
+        ):
             raise SpaceError(
                 f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
                 f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
-                f"start a new sweep with --name")
+                f"start a new sweep with --name"
+            )
         space = replace(started, resources=space.resources)
     marker = storage_marker(experiment, filesystem)
     check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
@@ -287,11 +330,15 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: b
     if resources.gpus_per_trial and gpus:
         concurrent = min(concurrent, int(gpus // resources.gpus_per_trial))
     elif resources.gpus_per_trial:
-        where += (f"; the trials ask for {resources.gpus_per_trial:g} GPU each and there is none now (an autoscaling "
-                  f"cluster adds them on demand; --gpus-per-trial 0 runs on CPU): estimated as if they ran on CPU")
+        where += (
+            f"; the trials ask for {resources.gpus_per_trial:g} GPU each and there is none now (an autoscaling "
+            f"cluster adds them on demand; --gpus-per-trial 0 runs on CPU): estimated as if they ran on CPU"
+        )
     if concurrent < 1:
-        raise ClusterError(f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
-                           f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial")
+        raise ClusterError(
+            f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
+            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial"
+        )
     space = space.with_asha() if asha else space
     limit = max_concurrent or (space.search.max_concurrent if space.search else None) or concurrent
     concurrent = min(concurrent, limit, len(drawn_trials(space)))
@@ -305,38 +352,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.run",
         description="Train a VAE / IWAE / MIWAE / CIWAE / PIWAE sweep with Ray Tune, evaluate the best checkpoints "
-                    "with k=5000 importance samples and write Parquet results. With no arguments: the quick sweep "
-                    "(about 4 minutes on a 2-core laptop) on a local Ray.",
-        epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.")
-    parser.add_argument("--space", default=DEFAULT_SPACE,
-                        help="a search-space YAML file, or the name of one in search_spaces/ (quick, burda2016, burda2016_table2, rainforth2018)")
+        "with k=5000 importance samples and write Parquet results. With no arguments: the quick sweep "
+        "(about 4 minutes on a 2-core laptop) on a local Ray.",
+        epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.",
+    )
+    parser.add_argument(
+        "--space",
+        default=DEFAULT_SPACE,
+        help=f"a search-space YAML file, or the name of one in search_spaces/ ({', '.join(shipped_spaces())})",
+    )
     parser.add_argument("--name", help="the sweep's folder name under --storage (default: the space file's name)")
-    parser.add_argument("--storage", default="sweeps",
-                        help="where sweeps live: a local folder (default ./sweeps) or a URI such as s3://bucket/path")
+    parser.add_argument(
+        "--storage",
+        default="sweeps",
+        help="where sweeps live: a local folder (default ./sweeps) or a URI such as s3://bucket/path",
+    )
     parser.add_argument("--address", help="Ray cluster to join ('auto': the one `ray up` made); default: a local Ray")
-    parser.add_argument("--data-dir", help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data); "
-                                           "every node must have it at this path, or have internet to download it")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted sweep: finished trials are kept, running ones continue from "
-                             "their last checkpoint, failed ones are retried")
-    parser.add_argument("--max-concurrent", type=int, default=0, help="at most N trials at once (default: as resources allow)")
-    parser.add_argument("--asha", action="store_true", help="stop unpromising trials early (ASHA, ranking by valid_ll where the trials differ in objective, K, "
-                             "M or beta, else by the validation bound); fixed when the sweep starts")
+    parser.add_argument(
+        "--data-dir",
+        help="data folder, every dataset's files (default: $IWAE_DATA_DIR, then ~/.cache/iwae-sweep/data); "
+        "every node must have it at this path, or have internet to download it",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep: finished trials are kept, running ones continue from "
+        "their last checkpoint, failed ones are retried",
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=0, help="at most N trials at once (default: as resources allow)"
+    )
+    parser.add_argument(
+        "--asha",
+        action="store_true",
+        help="stop unpromising trials early (ASHA, ranking by valid_ll where the trials differ in objective, K, "
+        "M or beta, else by the validation bound); fixed when the sweep starts",
+    )
     parser.add_argument("--cpus-per-trial", type=float, help="override the space file's resources.cpus_per_trial")
-    parser.add_argument("--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)")
+    parser.add_argument(
+        "--gpus-per-trial", type=float, help="override resources.gpus_per_trial (fractions share a GPU)"
+    )
     parser.add_argument("--eval-gpus", type=float, help="override resources.eval_gpus (GPUs per evaluation)")
-    parser.add_argument("--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint")
-    parser.add_argument("--init-from-sweep", metavar="SWEEP_DIR",
-                        help="with a space that has a `continue` section: take its first stage from this finished "
-                             "sweep (path or URI; the trials the space's experiments name) instead of training it, "
-                             "and train only the continued stage here")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the space and print every trial, the evaluation work and an estimated wall "
-                             "time (from seconds of calibration on this machine); trains nothing, writes nothing")
-    parser.add_argument("--wait-for-gpus", type=float, metavar="SECONDS",
-                        help="when the cluster has fewer GPUs than a trial asks for, ask the autoscaler for them and "
-                             "wait this long before giving up (default: 600 with --address, where GPU workers start "
-                             "on demand; 0 on a local Ray)")
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="restarts of a crashed trial from its last checkpoint"
+    )
+    parser.add_argument(
+        "--init-from-sweep",
+        metavar="SWEEP_DIR",
+        help="with a space that has a `continue` section: take its first stage from this finished "
+        "sweep (path or URI; the trials the space's experiments name) instead of training it, "
+        "and train only the continued stage here",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the space and print every trial, the evaluation work and an estimated wall "
+        "time (from seconds of calibration on this machine); trains nothing, writes nothing",
+    )
+    parser.add_argument(
+        "--wait-for-gpus",
+        type=float,
+        metavar="SECONDS",
+        help="when the cluster has fewer GPUs than a trial asks for, ask the autoscaler for them and "
+        "wait this long before giving up (default: 600 with --address, where GPU workers start "
+        "on demand; 0 on a local Ray)",
+    )
     args = parser.parse_args(argv)
     if args.max_concurrent < 0 or args.max_failures < 0 or (args.wait_for_gpus or 0) < 0:
         parser.error("--max-concurrent, --max-failures and --wait-for-gpus must be >= 0")
@@ -352,15 +432,22 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         space = load_space(args.space)
-        overrides = {key: getattr(args, key) for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
-                     if getattr(args, key) is not None}
+        overrides = {
+            key: getattr(args, key)
+            for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
+            if getattr(args, key) is not None
+        }
         space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
         if args.init_from_sweep:
             if not space.continued:
-                raise SpaceError(f"--init-from-sweep: {space.source} has no `continue` section, so there is nothing to "
-                                 f"continue; add one (see search_spaces/burda2016_table2.yaml)")
+                raise SpaceError(
+                    f"--init-from-sweep: {space.source} has no `continue` section, so there is nothing to "
+                    f"continue; add one (see search_spaces/burda2016_table2.yaml)"
+                )
             parent = args.init_from_sweep
-            space = replace(space, init_from_sweep=parent if "://" in parent else str(Path(parent).expanduser().resolve()))
+            space = replace(
+                space, init_from_sweep=parent if "://" in parent else str(Path(parent).expanduser().resolve())
+            )
         if args.dry_run:
             print(dry_run(space, args.address, args.max_concurrent, args.asha))
             return
@@ -370,8 +457,9 @@ def main(argv: list[str] | None = None) -> None:
         storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
         init_ray(args.address)
         start = time.perf_counter()
-        path, rows, failed = run_sweep(space, storage, data_dir, args.resume, args.max_concurrent, args.asha,
-                                       args.max_failures, args.wait_for_gpus)
+        path, rows, failed = run_sweep(
+            space, storage, data_dir, args.resume, args.max_concurrent, args.asha, args.max_failures, args.wait_for_gpus
+        )
     except IWAEError as error:
         sys.exit(f"error: {error}")
     print_results(rows, path)
@@ -379,8 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
     if failed:
-        sys.exit(f"error: {len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "
-                 f"(their error.txt says why; --resume retries them)")
+        sys.exit(
+            f"error: {len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "
+            f"(their error.txt says why; --resume retries them)"
+        )
 
 
 if __name__ == "__main__":

@@ -83,19 +83,31 @@ from iwae_model.errors import IWAEError
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = "quick"
 
+
+def shipped_spaces() -> list[str]:
+    """The names of the spaces in search_spaces/, for `--space NAME`."""
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
 TRIAL_KEYS = ("objective", "k", "m", "beta", "layers", "estimator")
 # init_* are set by a `continue` section, never by hand: a sweep's parents are its own trials.
-TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
-                      if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_"))
+TRAINING_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_")
+)
 SECTIONS = {
     "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int},
-    "resources": {"cpus_per_trial": (int, float), "gpus_per_trial": (int, float), "eval_gpus": (int, float),
-                  "eval_actors": int},
+    "resources": {
+        "cpus_per_trial": (int, float),
+        "gpus_per_trial": (int, float),
+        "eval_gpus": (int, float),
+        "eval_actors": int,
+    },
     "checkpoints": {"keep": int, "every": int},
 }
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
-TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search",
-             *SECTIONS}
+TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search", *SECTIONS}
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
 DISTRIBUTIONS = (*RANGES, "choice")
@@ -157,14 +169,23 @@ class Search:
     distributions: dict[str, Distribution] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "distributions"},
-                "distributions": {key: d.to_dict() for key, d in self.distributions.items()}}
+        return {
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "distributions"},
+            "distributions": {key: d.to_dict() for key, d in self.distributions.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Search:
-        return cls(**{**d, "distributions": {key: Distribution(kind, tuple(values))
-                                             for key, value in d["distributions"].items()
-                                             for kind, values in value.items()}})
+        return cls(
+            **{
+                **d,
+                "distributions": {
+                    key: Distribution(kind, tuple(values))
+                    for key, value in d["distributions"].items()
+                    for kind, values in value.items()
+                },
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -197,7 +218,8 @@ class SweepSpace:
         """Whether trials ranked against each other (a search, ASHA, `best: top`) can differ in
         objective, K, M or beta, whose bounds are not comparable."""
         differ = len({(t.objective, t.k, t.m, t.beta) for t in self.trials}) > 1 or bool(
-            self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD))
+            self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD)
+        )
         return differ and (self.search is not None or self.asha or self.evaluation.best == "top")
 
     def with_asha(self) -> SweepSpace:
@@ -212,6 +234,7 @@ class SweepSpace:
 
         def measured(configs: list[TrainConfig]) -> list[TrainConfig]:
             return [t if t.valid_ll_k else dataclasses.replace(t, valid_ll_k=FAIR_K) for t in configs]
+
         return dataclasses.replace(self, trials=measured(self.trials), continued=measured(self.continued))
 
     @property
@@ -223,23 +246,34 @@ class SweepSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "source": self.source, "description": self.description,
-            "trials": [t.to_dict() for t in self.trials], "continued": [t.to_dict() for t in self.continued],
+            "name": self.name,
+            "source": self.source,
+            "description": self.description,
+            "trials": [t.to_dict() for t in self.trials],
+            "continued": [t.to_dict() for t in self.continued],
             "init_from_sweep": self.init_from_sweep,
-            "evaluation": dataclasses.asdict(self.evaluation), "resources": dataclasses.asdict(self.resources),
+            "evaluation": dataclasses.asdict(self.evaluation),
+            "resources": dataclasses.asdict(self.resources),
             "checkpoints": dataclasses.asdict(self.checkpoints),
-            "search": self.search.to_dict() if self.search else None, "asha": self.asha,
+            "search": self.search.to_dict() if self.search else None,
+            "asha": self.asha,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpace:
-        return cls(name=d["name"], source=d["source"], description=d["description"],
-                   trials=[TrainConfig.from_dict(t) for t in d["trials"]],
-                   evaluation=Evaluation(**d["evaluation"]), resources=Resources(**d["resources"]),
-                   checkpoints=Checkpoints(**d["checkpoints"]),
-                   continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
-                   init_from_sweep=d.get("init_from_sweep"),
-                   search=Search.from_dict(d["search"]) if d.get("search") else None, asha=d.get("asha", False))
+        return cls(
+            name=d["name"],
+            source=d["source"],
+            description=d["description"],
+            trials=[TrainConfig.from_dict(t) for t in d["trials"]],
+            evaluation=Evaluation(**d["evaluation"]),
+            resources=Resources(**d["resources"]),
+            checkpoints=Checkpoints(**d["checkpoints"]),
+            continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
+            init_from_sweep=d.get("init_from_sweep"),
+            search=Search.from_dict(d["search"]) if d.get("search") else None,
+            asha=d.get("asha", False),
+        )
 
 
 def resolve_space_path(space: str) -> Path:
@@ -251,7 +285,7 @@ def resolve_space_path(space: str) -> Path:
         return path
     shipped = SPACES_DIR / f"{space}.yaml"
     if not shipped.is_file():
-        names = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        names = ", ".join(shipped_spaces())
         raise SpaceError(f"--space {space}: not a file and not a shipped space (shipped: {names})")
     return shipped
 
@@ -322,7 +356,11 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     distributions: dict[str, tuple[str, Distribution]] = {}  # key: (where, distribution)
     training = _take_distributions(training, "training", distributions, fail)
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise fail("seeds", f"{seeds!r}: expected a non-empty list of integers")
     mk_product = raw.get("mk_product")
     if mk_product is not None and (not isinstance(mk_product, int) or isinstance(mk_product, bool) or mk_product < 1):
@@ -346,15 +384,26 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     if search and raw.get("continue") is not None:
         raise fail("continue", "a search has no second stage: a `continue` stage continues a grid's trials")
     continued = _continued(raw.get("continue"), trials, fail)
-    space = SweepSpace(name=name, source=source, trials=trials, evaluation=evaluation, resources=resources,
-                       checkpoints=checkpoints, description=str(raw.get("description", "")).strip(),
-                       continued=continued, search=search)
+    space = SweepSpace(
+        name=name,
+        source=source,
+        trials=trials,
+        evaluation=evaluation,
+        resources=resources,
+        checkpoints=checkpoints,
+        description=str(raw.get("description", "")).strip(),
+        continued=continued,
+        search=search,
+    )
     return space.measuring_rank()
 
 
 # The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).
-_NUMBER_KEYS = {f.name: {"int": int, "int | None": int, "float": float}[f.type] for f in dataclasses.fields(TrainConfig)
-                if f.type in ("int", "int | None", "float")}
+_NUMBER_KEYS = {
+    f.name: {"int": int, "int | None": int, "float": float}[f.type]
+    for f in dataclasses.fields(TrainConfig)
+    if f.type in ("int", "int | None", "float")
+}
 
 
 def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, Distribution]], fail) -> dict:
@@ -366,33 +415,53 @@ def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, D
             continue
         here = f"{where}.{key}"
         if key not in (*TRIAL_KEYS, *TRAINING_KEYS):
-            raise fail(here, f"{value!r}: only trial and training keys can be searched "
-                             f"({', '.join((*TRIAL_KEYS, *TRAINING_KEYS))}); give m and k their own distributions")
+            raise fail(
+                here,
+                f"{value!r}: only trial and training keys can be searched "
+                f"({', '.join((*TRIAL_KEYS, *TRAINING_KEYS))}); give m and k their own distributions",
+            )
         if key in found:
-            raise fail(here, f"already searched at {found[key][0]}: a distribution applies to the whole file, give it once")
+            raise fail(
+                here, f"already searched at {found[key][0]}: a distribution applies to the whole file, give it once"
+            )
         if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
-            raise fail(here, f"{value!r}: expected one distribution, e.g. {{loguniform: [1.0e-4, 3.0e-3]}}; known: "
-                             f"{', '.join(DISTRIBUTIONS)}")
+            raise fail(
+                here,
+                f"{value!r}: expected one distribution, e.g. {{loguniform: [1.0e-4, 3.0e-3]}}; known: "
+                f"{', '.join(DISTRIBUTIONS)}",
+            )
         kind, values = next(iter(value.items()))
         if not isinstance(values, list) or not values:
-            raise fail(here, f"{kind}: {values!r}: expected a non-empty list"
-                             + (" of choices" if kind == "choice" else ", [low, high]"))
+            raise fail(
+                here,
+                f"{kind}: {values!r}: expected a non-empty list"
+                + (" of choices" if kind == "choice" else ", [low, high]"),
+            )
         if kind in RANGES:
             expected, number = RANGES[kind], _NUMBER_KEYS.get(key)
             if number is not expected:
-                takes = {int: "an integer: randint, lograndint or choice",
-                         float: "a real number: uniform, loguniform or choice"}.get(number, "only choice: [...]")
+                takes = {
+                    int: "an integer: randint, lograndint or choice",
+                    float: "a real number: uniform, loguniform or choice",
+                }.get(number, "only choice: [...]")
                 raise fail(here, f"{kind}: {key} takes {takes}")
-            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                           for v in values) or (expected is int and not all(isinstance(v, int)
-                                                                                            for v in values)):
-                raise fail(here, f"{kind}: {values!r}: expected [low, high], two {'integers' if expected is int else 'numbers'}")
+            if (
+                len(values) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                or (expected is int and not all(isinstance(v, int) for v in values))
+            ):
+                raise fail(
+                    here,
+                    f"{kind}: {values!r}: expected [low, high], two {'integers' if expected is int else 'numbers'}",
+                )
             low, high = values
             if not low < high:
                 raise fail(here, f"{kind}: [{low}, {high}]: low must be below high")
             if kind.startswith("log") and low <= 0:
-                raise fail(here, f"{kind}: [{low}, {high}]: a log range must stay above 0; use uniform or randint to "
-                                 f"reach {low}")
+                raise fail(
+                    here,
+                    f"{kind}: [{low}, {high}]: a log range must stay above 0; use uniform or randint to reach {low}",
+                )
         found[key] = (here, Distribution(kind, tuple(values)))
     return plain
 
@@ -403,7 +472,9 @@ def _search(section: Any, found: dict[str, tuple[str, Distribution]], trials: li
     if section is None:
         if found:
             where = next(iter(found.values()))[0]
-            raise fail(where, "a distribution needs a `search` section (algorithm, samples) saying how trials are drawn")
+            raise fail(
+                where, "a distribution needs a `search` section (algorithm, samples) saying how trials are drawn"
+            )
         return None
     if not isinstance(section, dict):
         raise fail("search", f"expected a mapping with keys {', '.join(SEARCH_SECTION)}")
@@ -418,17 +489,27 @@ def _search(section: Any, found: dict[str, tuple[str, Distribution]], trials: li
     if search.samples < 1 or (search.max_concurrent is not None and search.max_concurrent < 1):
         raise fail("search", "samples and max_concurrent must be positive")
     if not found:
-        raise fail("search", "no key is a distribution, so every sample would train the same trials again; make a "
-                             "key a distribution (e.g. lr: {loguniform: [1.0e-4, 3.0e-3]}) or drop the section")
+        raise fail(
+            "search",
+            "no key is a distribution, so every sample would train the same trials again; make a "
+            "key a distribution (e.g. lr: {loguniform: [1.0e-4, 3.0e-3]}) or drop the section",
+        )
     if search.algorithm == "optuna" and len(trials) > 1:
-        raise fail("search.algorithm", f"optuna cannot take a grid axis: the experiments give {len(trials)} "
-                                       f"configurations ({', '.join(t.label() for t in trials[:4])}...); make each "
-                                       f"axis a distribution (e.g. k: {{choice: [1, 5, 50]}}), or use random")
+        raise fail(
+            "search.algorithm",
+            f"optuna cannot take a grid axis: the experiments give {len(trials)} "
+            f"configurations ({', '.join(t.label() for t in trials[:4])}...); make each "
+            f"axis a distribution (e.g. k: {{choice: [1, 5, 50]}}), or use random",
+        )
     for key, (where, distribution) in found.items():
-        if search.algorithm == "optuna" and distribution.kind == "choice" and not all(
-                isinstance(v, (int, float, str, bool)) for v in distribution.values):
-            raise fail(where, f"{distribution}: optuna's choices are numbers or strings; use random for a choice "
-                              f"of lists")
+        if (
+            search.algorithm == "optuna"
+            and distribution.kind == "choice"
+            and not all(isinstance(v, (int, float, str, bool)) for v in distribution.values)
+        ):
+            raise fail(
+                where, f"{distribution}: optuna's choices are numbers or strings; use random for a choice of lists"
+            )
         if distribution.kind == "choice":
             probes = list(distribution.values)
         else:
@@ -445,7 +526,9 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     if section is None:
         return []
     if not isinstance(section, dict) or set(section) - {"training", "switch"} or "switch" not in section:
-        raise fail("continue", "expected a mapping with `switch` (a list of {from: ..., to: ...}) and optional `training`")
+        raise fail(
+            "continue", "expected a mapping with `switch` (a list of {from: ..., to: ...}) and optional `training`"
+        )
     training = section.get("training") or {}
     if not isinstance(training, dict):
         raise fail("continue.training", "expected a mapping of TrainConfig fields")
@@ -453,8 +536,11 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
         if key not in TRAINING_KEYS:
             raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
         if isinstance(value, dict):
-            raise fail(f"continue.training.{key}", f"{value!r}: a distribution inside `continue`; a second stage "
-                                                  f"continues each first-stage trial with constant settings")
+            raise fail(
+                f"continue.training.{key}",
+                f"{value!r}: a distribution inside `continue`; a second stage "
+                f"continues each first-stage trial with constant settings",
+            )
     switches = section["switch"]
     if not isinstance(switches, list) or not switches:
         raise fail("continue.switch", "expected a non-empty list of {from: {...}, to: {...}}")
@@ -462,23 +548,41 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     continued: list[TrainConfig] = []
     for index, switch in enumerate(switches):
         where = f"continue.switch[{index}]"
-        if not isinstance(switch, dict) or set(switch) != {"from", "to"} or not all(
-                isinstance(switch[side], dict) for side in ("from", "to")):
+        if (
+            not isinstance(switch, dict)
+            or set(switch) != {"from", "to"}
+            or not all(isinstance(switch[side], dict) for side in ("from", "to"))
+        ):
             raise fail(where, "expected {from: {objective: vae, k: 1}, to: {objective: iwae, k: 50}}")
         for side in ("from", "to"):
             for key in switch[side]:
                 if key not in (*TRIAL_KEYS, "seed", *TRAINING_KEYS):
-                    raise fail(f"{where}.{side}.{key}", f"unknown key; allowed: {', '.join((*TRIAL_KEYS, 'seed'))} "
-                                                       f"and training keys")
+                    raise fail(
+                        f"{where}.{side}.{key}",
+                        f"unknown key; allowed: {', '.join((*TRIAL_KEYS, 'seed'))} and training keys",
+                    )
         parents = [t for t in trials if all(getattr(t, k) == v for k, v in switch["from"].items())]
         if not parents:
             raise fail(f"{where}.from", f"{switch['from']} matches no first-stage trial ({', '.join(labels)})")
         for parent in parents:
             if labels.count(parent.label()) > 1:
-                raise fail(f"{where}.from", f"first-stage trials share the label {parent.label()!r} (they differ only "
-                                            f"in a training setting), so a second stage cannot name its parent")
-            child = _config({**parent.to_dict(), **training, **switch["to"], "init_from": STAGE_1 + parent.label(),
-                             "init_label": parent.label()}, where, switch["to"], fail)
+                raise fail(
+                    f"{where}.from",
+                    f"first-stage trials share the label {parent.label()!r} (they differ only "
+                    f"in a training setting), so a second stage cannot name its parent",
+                )
+            child = _config(
+                {
+                    **parent.to_dict(),
+                    **training,
+                    **switch["to"],
+                    "init_from": STAGE_1 + parent.label(),
+                    "init_label": parent.label(),
+                },
+                where,
+                switch["to"],
+                fail,
+            )
             if child not in continued:
                 continued.append(child)
     return continued
@@ -505,8 +609,13 @@ def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:
         if "m" in axes or "k" in axes:
             raise fail(f"{where}.mk", "give either mk pairs or m and k, not both")
         pairs = axes.pop("mk")[0]
-        if not isinstance(pairs, list) or not pairs or not all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pairs):
+        if (
+            not isinstance(pairs, list)
+            or not pairs
+            or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pairs
+            )
+        ):
             raise fail(f"{where}.mk", f"{pairs!r}: expected a list of [M, K] pairs of positive integers")
         for m, k in pairs:
             if mk_product is not None and m * k != mk_product:

@@ -48,7 +48,6 @@ class _WholeFile(io.FileIO):
             os.replace(self._temp, self._path)
 
 
-
 class WholeFiles(pafs.FileSystemHandler):
     """pyarrow's LocalFileSystem whose output streams are whole files (see the module's doc)."""
 
@@ -120,4 +119,5 @@ def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:
 
 def is_local(filesystem: pafs.FileSystem) -> bool:
     return isinstance(filesystem, pafs.LocalFileSystem) or (
-        isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, WholeFiles))
+        isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, WholeFiles)
+    )

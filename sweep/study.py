@@ -28,8 +28,10 @@ def searched(frame: pd.DataFrame) -> pd.DataFrame:
     ResultsError unless these rows are a search's."""
     rows = frame[frame["searched"].notna() & frame["rank_metric_value"].notna()]
     if rows.empty:
-        raise ResultsError("these results are not a search's: no row has drawn values (`searched`); a grid sweep's "
-                           "table is python -m sweep.query SWEEP_DIR without --importance or --parallel-plot")
+        raise ResultsError(
+            "these results are not a search's: no row has drawn values (`searched`); a grid sweep's "
+            "table is python -m sweep.query SWEEP_DIR without --importance or --parallel-plot"
+        )
     return pd.DataFrame([json.loads(values) for values in rows["searched"]], index=rows.index)
 
 
@@ -48,12 +50,17 @@ def search_table(trials: pd.DataFrame, results: pd.DataFrame) -> str:
         drawn = [_shown(row[f"drawn {key}"]) for key in values.columns]
         nll = f"{row['test_nll']:.2f} ± {row['test_nll_se']:.2f}" if pd.notna(row["test_nll"]) else "not evaluated"
         passes = str(row["epochs"]) + (f" ({row['status']})" if row["status"] != "finished" else "")
-        lines.append(f"| {row['trial_name']} | " + " | ".join(drawn) + f" | {row['rank_metric_value']:.2f} | "
-                     f"{passes} | {nll} |")
+        lines.append(
+            f"| {row['trial_name']} | " + " | ".join(drawn) + f" | {row['rank_metric_value']:.2f} | {passes} | {nll} |"
+        )
     failed = int((trials["status"] == "failed").sum())
-    return "\n".join([f"Search: {len(rows)} trials, best first by {metric_name} on the validation images "
-                      f"(higher is better; the test NLL is shown, never used to rank)"
-                      + (f"; {failed} failed" if failed else ""), *lines])
+    return "\n".join(
+        [
+            f"Search: {len(rows)} trials, best first by {metric_name} on the validation images "
+            f"(higher is better; the test NLL is shown, never used to rank)" + (f"; {failed} failed" if failed else ""),
+            *lines,
+        ]
+    )
 
 
 def _shown(value) -> str:
@@ -70,8 +77,11 @@ def study(frame: pd.DataFrame, space: dict[str, Distribution] | None = None) -> 
     result = optuna.create_study(direction="maximize")
     for index, row in values.iterrows():
         params = {key: _param(row[key]) for key in values.columns}
-        result.add_trial(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                   value=float(frame.loc[index, "rank_metric_value"])))
+        result.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=distributions, value=float(frame.loc[index, "rank_metric_value"])
+            )
+        )
     return result
 
 
@@ -104,22 +114,28 @@ def importance_text(frame: pd.DataFrame, space: dict[str, Distribution] | None =
     parameters = len(found.trials[0].params)
     if len(found.trials) < 2:
         raise ResultsError("--importance needs at least 2 finished trials of the search")
-    importances = optuna.importance.get_param_importances(found, evaluator=optuna.importance.FanovaImportanceEvaluator(
-        seed=0))
+    importances = optuna.importance.get_param_importances(
+        found, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+    )
     metric = frame["rank_metric"].dropna().iloc[0]
-    lines = [f"Importance of each searched parameter for {metric} (Optuna's fANOVA, {len(found.trials)} trials; "
-             f"shares sum to 1):"]
+    lines = [
+        f"Importance of each searched parameter for {metric} (Optuna's fANOVA, {len(found.trials)} trials; "
+        f"shares sum to 1):"
+    ]
     lines += [f"  {name:<14} {share:6.3f}" for name, share in importances.items()]
     needed = MIN_TRIALS_PER_PARAMETER * parameters
     if len(found.trials) < needed:
-        lines.append(f"Only {len(found.trials)} trials for {parameters} parameter(s): the figures become meaningful "
-                     f"with about {needed} ({MIN_TRIALS_PER_PARAMETER} per parameter); below that they are mostly "
-                     f"noise of the random forest.")
+        lines.append(
+            f"Only {len(found.trials)} trials for {parameters} parameter(s): the figures become meaningful "
+            f"with about {needed} ({MIN_TRIALS_PER_PARAMETER} per parameter); below that they are mostly "
+            f"noise of the random forest."
+        )
     return "\n".join(lines)
 
 
-def save_plots(frame: pd.DataFrame, parallel: str | None, slices: str | None,
-               space: dict[str, Distribution] | None = None) -> None:
+def save_plots(
+    frame: pd.DataFrame, parallel: str | None, slices: str | None, space: dict[str, Distribution] | None = None
+) -> None:
     """Optuna's parallel-coordinates plot and the metric against each parameter, as PNGs."""
     import matplotlib
 

@@ -20,9 +20,11 @@ from .results import TRIALS_SCHEMA, ResultsError
 from .study import search_table
 
 KEY = ["layers", "m", "k"]
-DATASET_TITLES = {"mnist": "MNIST, dynamically binarized (Burda et al. Table 1)",
-                  "omniglot": "Omniglot, dynamically binarized (Burda et al. Table 1)",
-                  "binarized_mnist": "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)"}
+DATASET_TITLES = {
+    "mnist": "MNIST, dynamically binarized (Burda et al. Table 1)",
+    "omniglot": "Omniglot, dynamically binarized (Burda et al. Table 1)",
+    "binarized_mnist": "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)",
+}
 COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
 
 
@@ -56,8 +58,12 @@ def published() -> dict:
 
 def reference_values() -> pd.DataFrame:
     """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml)."""
-    rows = [{"paper": paper, "dataset": "mnist", "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
-            for paper, entries in published().items() if paper != TABLE_2 for entry in entries]
+    rows = [
+        {"paper": paper, "dataset": "mnist", "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
+        for paper, entries in published().items()
+        if paper != TABLE_2
+        for entry in entries
+    ]
     frame = pd.DataFrame(rows)
     frame["variant"] = frame.apply(variant, axis=1)
     return frame
@@ -75,8 +81,11 @@ def table2(frame: pd.DataFrame) -> str:
         return ""
     by_name = {row["trial_name"]: row for _, row in frame.iterrows()}
     pairs = published()[TABLE_2]
-    lines = ["Table 2: second stage continued from the first stage's best checkpoint",
-             "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "Table 2: second stage continued from the first stage's best checkpoint",
+        "| first stage | NLL | AU | second stage | NLL | AU | paper (first → second) |",
+        "|---|---|---|---|---|---|---|",
+    ]
 
     def nll_au(row: pd.Series) -> str:
         star = "" if row["comparable_to_papers"] else "*"
@@ -85,12 +94,21 @@ def table2(frame: pd.DataFrame) -> str:
     for _, child in continued.sort_values("trial_name").iterrows():
         parent = by_name.get(child["parent_trial_name"])
         first = nll_au(parent) if parent is not None else "(not in these results) | "
-        paper = next((f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
-                      for p in pairs if parent is not None and child["layers"] == 1 and child["dataset"] == "mnist"
-                      and all(parent[k] == v for k, v in p["first"].items())
-                      and all(child[k] == v for k, v in p["second"].items())), "")
-        lines.append(f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | "
-                     f"{nll_au(child)} | {paper} |")
+        paper = next(
+            (
+                f"{p['first_nll']:.2f} ({p['first_au']}) → {p['second_nll']:.2f} ({p['second_au']})"
+                for p in pairs
+                if parent is not None
+                and child["layers"] == 1
+                and child["dataset"] == "mnist"
+                and all(parent[k] == v for k, v in p["first"].items())
+                and all(child[k] == v for k, v in p["second"].items())
+            ),
+            "",
+        )
+        lines.append(
+            f"| {child['parent_trial_name']} | {first} | {variant(child)} k={child['k']} | {nll_au(child)} | {paper} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,17 +128,25 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
     for (dataset, layers, m, k, name), cell in frame.groupby(["dataset", *KEY, "variant"], sort=False):
         units = [sum(u[i] for u in cell["active_units"]) / len(cell) for i in range(layers)]
         seeds = len(cell)
-        groups.append({
-            "dataset": dataset, "layers": layers, "m": m, "k": k, "variant": name, "seeds": seeds,
-            "test_nll": cell["test_nll"].mean(),
-            # one seed: the Monte-Carlo/image standard error; several: the spread across seeds
-            "test_nll_se": cell["test_nll_se"].iloc[0] if seeds == 1 else cell["test_nll"].std() / seeds ** 0.5,
-            "active_units": "+".join(f"{u:.0f}" if seeds == 1 else f"{u:.1f}" for u in units),
-            "test_bound": cell["test_bound"].mean(),
-            "comparable_to_papers": bool(cell["comparable_to_papers"].all()),
-            "eval_k": int(cell["eval_k"].min()), "eval_images": int(cell["eval_images"].min()),
-            "passes": int(cell["passes"].min()),
-        })
+        groups.append(
+            {
+                "dataset": dataset,
+                "layers": layers,
+                "m": m,
+                "k": k,
+                "variant": name,
+                "seeds": seeds,
+                "test_nll": cell["test_nll"].mean(),
+                # one seed: the Monte-Carlo/image standard error; several: the spread across seeds
+                "test_nll_se": cell["test_nll_se"].iloc[0] if seeds == 1 else cell["test_nll"].std() / seeds**0.5,
+                "active_units": "+".join(f"{u:.0f}" if seeds == 1 else f"{u:.1f}" for u in units),
+                "test_bound": cell["test_bound"].mean(),
+                "comparable_to_papers": bool(cell["comparable_to_papers"].all()),
+                "eval_k": int(cell["eval_k"].min()),
+                "eval_images": int(cell["eval_images"].min()),
+                "passes": int(cell["passes"].min()),
+            }
+        )
         if baseline is not None:
             d = difference(mean_image_nll(per_image, cell), base_nll)
             groups[-1].update(vs_baseline=d.mean, vs_baseline_se=d.paired_se)
@@ -131,8 +157,11 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
     order = {name.upper(): i for i, name in enumerate(COLUMN_ORDER)}
     summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
     summary["_dataset"] = summary["dataset"].map(lambda d: list(DATASET_TITLES).index(d))
-    return (summary.sort_values(["_dataset", *KEY, "_order", "variant"]).drop(columns=["_dataset", "_order"])
-            .reset_index(drop=True))
+    return (
+        summary.sort_values(["_dataset", *KEY, "_order", "variant"])
+        .drop(columns=["_dataset", "_order"])
+        .reset_index(drop=True)
+    )
 
 
 def cell_text(row: pd.Series) -> str:
@@ -151,18 +180,26 @@ def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
     lines = []
     for dataset, part in summary.groupby("dataset", sort=False):
         variants = list(dict.fromkeys(part["variant"]))
-        lines += [*([""] if lines else []), f"{DATASET_TITLES[dataset]}:",
-                  "| layers | M | K | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+        lines += [
+            *([""] if lines else []),
+            f"{DATASET_TITLES[dataset]}:",
+            "| layers | M | K | " + " | ".join(variants) + " |",
+            "|---|---|---|" + "---|" * len(variants),
+        ]
         for (layers, m, k), row_cells in part.groupby(KEY, sort=True):
             cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
             lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
     notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
     if baseline:
-        notes.append(f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error.")
+        notes.append(
+            f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error."
+        )
     if not summary["comparable_to_papers"].all():
         short = summary[~summary["comparable_to_papers"]].iloc[0]
-        notes.append(f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
-                     f"{short['eval_images']} test images (the papers: full schedule, k=5000, the whole test set).")
+        notes.append(
+            f"* not comparable to the papers: e.g. {short['passes']} of 3,280 passes, k={short['eval_k']}, "
+            f"{short['eval_images']} test images (the papers: full schedule, k=5000, the whole test set)."
+        )
     return "\n".join(lines + notes)
 
 
@@ -180,12 +217,15 @@ def plot(summary: pd.DataFrame, path: str) -> None:
     for (dataset, name, layers), group in summary.groupby(["dataset", "variant", "layers"]):
         label = f"{dataset}: " * several + f"{name}, {layers} layer(s)"
         group = group.assign(samples=group["m"] * group["k"]).sort_values("samples")
-        line, = axis.plot(group["samples"], group["test_nll"], "o-", label=label)
-        paper = reference[(reference["dataset"] == dataset) & (reference["variant"] == name)
-                          & (reference["layers"] == layers)]
+        (line,) = axis.plot(group["samples"], group["test_nll"], "o-", label=label)
+        paper = reference[
+            (reference["dataset"] == dataset) & (reference["variant"] == name) & (reference["layers"] == layers)
+        ]
         if len(paper):
             paper = paper.assign(samples=paper["m"] * paper["k"]).sort_values("samples")
-            axis.plot(paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(), label=f"{label}, paper")
+            axis.plot(
+                paper["samples"], paper["nll"], "o--", mfc="none", color=line.get_color(), label=f"{label}, paper"
+            )
     axis.set_xscale("log")
     axis.set_xlabel("samples per image (M·K)")
     axis.set_ylabel("test NLL (nats, lower is better)")
@@ -209,8 +249,10 @@ def print_results(rows: list[dict], path: str) -> None:
     width = max(28, *map(len, best["trial_name"]))
     print("Best configurations (test NLL, nats):")
     for _, row in best.iterrows():
-        print(f"  {row['trial_name']:<{width}} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
-              f"active units {'+'.join(map(str, row['active_units']))}")
+        print(
+            f"  {row['trial_name']:<{width}} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
+            f"active units {'+'.join(map(str, row['active_units']))}"
+        )
     print(f"\nResults: {path} ({len(rows)} rows)")
 
 
@@ -224,8 +266,10 @@ def snr_plot(frame: pd.DataFrame, path: str) -> None:
 
     frame = frame[frame["snr_encoder_mean"].notna()]
     if frame.empty:
-        raise ResultsError("no gradient SNR in these results: train with `training: snr_every: N` in the space file "
-                         "(search_spaces/rainforth2018.yaml does), or --snr-every N in python -m iwae_model.train")
+        raise ResultsError(
+            "no gradient SNR in these results: train with `training: snr_every: N` in the space file "
+            "(search_spaces/rainforth2018.yaml does), or --snr-every N in python -m iwae_model.train"
+        )
     frame = frame.assign(variant=frame.apply(variant, axis=1), samples=frame["m"] * frame["k"])
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for axis, side in zip(axes, ("encoder", "decoder")):

@@ -50,14 +50,14 @@ def trial_metrics(row: dict) -> dict[str, float | int]:
 def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     """`[N, 784]` images in [0, 1] as one `[1, H, W]` grid, `columns` across."""
     rows = images.shape[0] // columns
-    grid = images[:rows * columns].reshape(rows, columns, 28, 28).permute(0, 2, 1, 3)
+    grid = images[: rows * columns].reshape(rows, columns, 28, 28).permute(0, 2, 1, 3)
     return grid.reshape(1, rows * 28, columns * 28)
 
 
 def write_images(writer: SummaryWriter, model: IWAEModel, data: Dataset, epoch: int) -> None:
     generator = torch.Generator(device=data.test.device).manual_seed(0)
     samples = model.sample(IMAGE_GRID * IMAGE_GRID, generator)
-    x = data.fixed("test")[:IMAGE_GRID * IMAGE_GRID // 2]
+    x = data.fixed("test")[: IMAGE_GRID * IMAGE_GRID // 2]
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).reshape(-1, x.shape[1])
     writer.add_image("samples", image_grid(samples.cpu(), IMAGE_GRID), epoch)
     writer.add_image("reconstructions", image_grid(pairs.cpu(), IMAGE_GRID), epoch)
@@ -71,11 +71,13 @@ def load_node_data(config: TrainConfig, data_dir: str, device: torch.device) -> 
         return load_dataset(config.dataset, data_dir, device, config.binarization, download=True)
     except DataError as error:
         node = this_node()
-        raise DataError(f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
-                         f"node needs {config.dataset} at {data_dir} or a way to download it: put it on a mount every "
-                         f"node shares at that path, copy it there in the cluster's setup_commands, or set "
-                         f"{MIRRORS_VARIABLES[config.dataset]} to a mirror the nodes reach (e.g. your bucket's https "
-                         f"URL)") from None
+        raise DataError(
+            f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
+            f"node needs {config.dataset} at {data_dir} or a way to download it: put it on a mount every "
+            f"node shares at that path, copy it there in the cluster's setup_commands, or set "
+            f"{MIRRORS_VARIABLES[config.dataset]} to a mirror the nodes reach (e.g. your bucket's https "
+            f"URL)"
+        ) from None
 
 
 def read_nodes(path: Path) -> list[dict]:
@@ -87,8 +89,10 @@ def read_nodes(path: Path) -> list[dict]:
     except (ValueError, UnicodeDecodeError):
         nodes = None
     if not isinstance(nodes, list) or not all(isinstance(node, dict) for node in nodes):
-        raise CheckpointError(f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
-                         f"only records where the trial ran, the checkpoint itself is not affected")
+        raise CheckpointError(
+            f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
+            f"only records where the trial ran, the checkpoint itself is not affected"
+        )
     return nodes
 
 
@@ -109,8 +113,13 @@ def train_trial(config: dict[str, Any]) -> None:
     train_config = trial_config(config)
     pin_float32()
     device = ray_device()
-    here = {**this_node(), **device_record(device), "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
-            "gpus_advertised_only": gpus_advertised_only(), "started_at": time.time()}
+    here = {
+        **this_node(),
+        **device_record(device),
+        "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+        "gpus_advertised_only": gpus_advertised_only(),
+        "started_at": time.time(),
+    }
     data = load_node_data(train_config, config["data_dir"], device)
     nodes: list[dict] = []
     if (checkpoint := tune.get_checkpoint()) is not None:  # a retry or a resumed sweep
@@ -119,9 +128,11 @@ def train_trial(config: dict[str, Any]) -> None:
             nodes = read_nodes(Path(folder) / NODES_FILE)
     elif train_config.init_from is not None:  # a continued stage's trial: never from random weights
         if (parent := config.get("init_checkpoint")) is None:
-            raise CheckpointError(f"{train_config.label()}: a continued trial without its parent's checkpoint in its "
-                                  f"configuration (a sweep started by another iwae-sweep version?); resume it with "
-                                  f"the version that started it, or start the sweep again under another --name")
+            raise CheckpointError(
+                f"{train_config.label()}: a continued trial without its parent's checkpoint in its "
+                f"configuration (a sweep started by another iwae-sweep version?); resume it with "
+                f"the version that started it, or start the sweep again under another --name"
+            )
         with parent.as_directory() as folder:
             run = TrainingRun.start(train_config, data, device, load_checkpoint(folder, device))
     else:
@@ -140,9 +151,11 @@ def train_trial(config: dict[str, Any]) -> None:
 def node_text(here: dict[str, Any]) -> str:
     gpu = f" ({here['gpu_name']}, compute capability {here['gpu_capability']})" if here["gpu_name"] else ""
     reseeded = ", generator reseeded: not bit-identical from here on" if here["generator_reseeded"] else ""
-    return (f"passes from {here['first_epoch']} on {here['hostname']} ({here['node_ip']}, Ray node {here['node_id']}), "
-            f"device {here['device']}{gpu}, float32 {here['float32']}, Ray GPU ids {here['ray_gpu_ids'] or 'none'}"
-            f"{reseeded}")
+    return (
+        f"passes from {here['first_epoch']} on {here['hostname']} ({here['node_ip']}, Ray node {here['node_id']}), "
+        f"device {here['device']}{gpu}, float32 {here['float32']}, Ray GPU ids {here['ray_gpu_ids'] or 'none'}"
+        f"{reseeded}"
+    )
 
 
 def report(run: TrainingRun, row: dict, nodes: list[dict], writer: SummaryWriter, checkpoint_every: int) -> None:

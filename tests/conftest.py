@@ -33,8 +33,13 @@ def mnist(mnist_dir) -> Dataset:
 
 def small_mnist(mnist: Dataset, train: int = 200, test: int = 100) -> Dataset:
     """The first images of each split, real pixels, for fast runs."""
-    return dataclasses.replace(mnist, train=mnist.train[:train], test=mnist.test[:test],
-                               train_labels=mnist.train_labels[:train], test_labels=mnist.test_labels[:test])
+    return dataclasses.replace(
+        mnist,
+        train=mnist.train[:train],
+        test=mnist.test[:test],
+        train_labels=mnist.train_labels[:train],
+        test_labels=mnist.test_labels[:test],
+    )
 
 
 class Crash(Exception):
@@ -63,8 +68,14 @@ FLOAT32_REORDER_RTOL = 16 * torch.finfo(torch.float32).eps  # 1.9e-6: 1e-3 nats 
 TINY_PASSES = 3
 TINY_SPACE = {
     "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": 3}],
-    "training": {"passes": TINY_PASSES, "train_images": 400, "test_images": 100,
-                 "snr_every": TINY_PASSES, "snr_draws": 3, "snr_images": 20},
+    "training": {
+        "passes": TINY_PASSES,
+        "train_images": 400,
+        "test_images": 100,
+        "snr_every": TINY_PASSES,
+        "snr_draws": 3,
+        "snr_images": 20,
+    },
     "evaluation": {"k": 50, "images": 40},
     "checkpoints": {"keep": 1, "every": 1},
 }

@@ -67,8 +67,9 @@ def test_the_bare_loop_computes_the_library_step(layers, objective, k):
 
 
 def test_the_bare_loop_figure_is_a_median_of_alternating_rounds():
-    figure = bench_against_bare_loop("iwae_k5_L1", {"layers": 1, "objective": "iwae", "k": 5}, CPU, rounds=3,
-                                     seconds_per_round=0.05)
+    figure = bench_against_bare_loop(
+        "iwae_k5_L1", {"layers": 1, "objective": "iwae", "k": 5}, CPU, rounds=3, seconds_per_round=0.05
+    )
     assert figure["rounds"] == 3 and figure["steps_per_round"] >= 5
     low, high = figure["ratio_range"]
     assert 0 < low <= figure["ratio"] <= high

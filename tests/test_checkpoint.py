@@ -92,18 +92,22 @@ DELETE = object()
 BAD_FILES = {  # name: (the file from the good state and bytes, words the error must hold)
     "empty": (lambda state, raw: b"", ["empty file"]),
     "text": (lambda state, raw: b"garbage\n", ["not a torch checkpoint file"]),
-    "truncated": (lambda state, raw: raw[:len(raw) // 2], ["not a readable checkpoint", "truncated"]),
+    "truncated": (lambda state, raw: raw[: len(raw) // 2], ["not a readable checkpoint", "truncated"]),
     "a tensor": (lambda state, raw: torch.zeros(3), ["not an iwae-sweep checkpoint", "Tensor"]),
     "a state_dict": (lambda state, raw: state["model"], ["not an iwae-sweep checkpoint", "decoder"]),
     "old format": (lambda state, raw: changed(state, ["format"], 0), ["format 0", "version that wrote it"]),
     "newer format": (lambda state, raw: changed(state, ["format"], 3), ["format 3", "upgrade"]),
     "no config": (lambda state, raw: changed(state, ["config"], DELETE), ["'config'", "missing"]),
     "bad config": (lambda state, raw: changed(state, ["config", "k"], -3), ["'config'", "k=-3"]),
-    "wrong weights": (lambda state, raw: changed(state, ["model", "decoder.out.bias"], torch.zeros(5)),
-                      ["'model'", "size mismatch"]),
-    "wrong rng": (lambda state, raw: changed(state, ["rng", "generator"], torch.zeros(3)), ["'rng.generator'", "uint8"]),
-    "short history": (lambda state, raw: changed(state, ["history"], state["history"][:1]),
-                      ["'history'", "1 rows"]),
+    "wrong weights": (
+        lambda state, raw: changed(state, ["model", "decoder.out.bias"], torch.zeros(5)),
+        ["'model'", "size mismatch"],
+    ),
+    "wrong rng": (
+        lambda state, raw: changed(state, ["rng", "generator"], torch.zeros(3)),
+        ["'rng.generator'", "uint8"],
+    ),
+    "short history": (lambda state, raw: changed(state, ["history"], state["history"][:1]), ["'history'", "1 rows"]),
 }
 
 
@@ -127,8 +131,17 @@ def test_the_clis_print_the_error_not_a_traceback(run_dir, tmp_path, mnist_dir):
     (tmp_path / "checkpoint.pt").write_text("garbage")
     commands = [
         ["iwae_model.evaluate", str(tmp_path), "--data-dir", str(mnist_dir), "--device", "cpu"],
-        ["iwae_model.train", "--out", str(tmp_path), "--data-dir", str(mnist_dir), "--train-images", "200",
-         "--device", "cpu"],
+        [
+            "iwae_model.train",
+            "--out",
+            str(tmp_path),
+            "--data-dir",
+            str(mnist_dir),
+            "--train-images",
+            "200",
+            "--device",
+            "cpu",
+        ],
     ]
     for command in commands:
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)
@@ -137,6 +150,7 @@ def test_the_clis_print_the_error_not_a_traceback(run_dir, tmp_path, mnist_dir):
 
 
 # ---- generated files: each loads, or raises CheckpointError naming the file -----------------
+
 
 def assert_loads_or_names_the_file(path):
     try:
@@ -168,14 +182,37 @@ def test_generated_damage_to_a_real_checkpoint(run_dir, tmp_path, data):
 
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-10, 10**6)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8)
     | st.builds(torch.zeros, st.lists(st.integers(0, 4), max_size=3)),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12)
-PLACES = [("format",), ("config",), ("model",), ("optimizer",), ("epoch",), ("step",), ("rng",), ("history",),
-          ("train_seconds",), ("config", "k"), ("config", "latent_dims"), ("config", "objective"),
-          ("config", "lr"), ("model", "decoder.out.weight"), ("optimizer", "state"), ("optimizer", "param_groups"),
-          ("rng", "generator"), ("rng", "device"), ("history", 0), ("history", -1, "train_bound")]
+    max_leaves=12,
+)
+PLACES = [
+    ("format",),
+    ("config",),
+    ("model",),
+    ("optimizer",),
+    ("epoch",),
+    ("step",),
+    ("rng",),
+    ("history",),
+    ("train_seconds",),
+    ("config", "k"),
+    ("config", "latent_dims"),
+    ("config", "objective"),
+    ("config", "lr"),
+    ("model", "decoder.out.weight"),
+    ("optimizer", "state"),
+    ("optimizer", "param_groups"),
+    ("rng", "generator"),
+    ("rng", "device"),
+    ("history", 0),
+    ("history", -1, "train_bound"),
+]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

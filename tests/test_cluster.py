@@ -13,24 +13,29 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import TINY_SPACE
 from ray._common.utils import get_ray_address_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
-from conftest import TINY_SPACE
 from iwae_model import TrainConfig
 from iwae_model.data import DataError
 from sweep.cluster import init_ray, on_loopback
 from sweep.local_cluster import ADDRESS, process_table, read_state, session_processes
 from sweep.results import read_results
 from sweep.trainable import NODES_FILE, load_node_data
-from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
 WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers its nodes: ff...f00000 the head, then each worker it starts
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def cluster_up(env: dict | None = None) -> int:
@@ -51,9 +56,17 @@ def cluster_down(session: int) -> None:
     # Nothing else left behind either: a plain ray.init() afterwards, as in the user's own notebook,
     # starts a Ray of its own instead of trying to join the stopped head.
     assert not Path(get_ray_address_file(None)).exists()
-    fresh = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False); "
-                            "print(ray._private.worker._global_node.head); ray.shutdown()"],
-                           capture_output=True, text=True, timeout=180)
+    fresh = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ray; ray.init(num_cpus=1, include_dashboard=False); "
+            "print(ray._private.worker._global_node.head); ray.shutdown()",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert fresh.returncode == 0 and fresh.stdout.split()[-1] == "True", fresh.stderr[-3000:]
 
 
@@ -65,8 +78,24 @@ def space_file(tmp_path: Path, name: str, **training) -> Path:
 
 
 def sweep_command(space: Path, storage: Path, mnist_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sweep.run", "--address", "auto", "--space", str(space), "--storage", str(storage),
-            "--data-dir", str(mnist_dir), "--gpus-per-trial", "0.5", "--eval-gpus", "0.5", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sweep.run",
+        "--address",
+        "auto",
+        "--space",
+        str(space),
+        "--storage",
+        str(storage),
+        "--data-dir",
+        str(mnist_dir),
+        "--gpus-per-trial",
+        "0.5",
+        "--eval-gpus",
+        "0.5",
+        *extra,
+    ]
 
 
 def nodes_of(checkpoint: Path) -> list[dict]:
@@ -98,8 +127,12 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         head = head_node_id()
         assert [node["NodeID"] for node in alive_nodes()] == [head]  # no worker before the sweep
         assert ray.cluster_resources().get("GPU", 0) == 0
-        run = subprocess.run(sweep_command(space_file(tmp_path, "rehearsal"), tmp_path, mnist_dir),
-                             capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            sweep_command(space_file(tmp_path, "rehearsal"), tmp_path, mnist_dir),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert "Adding 1 node(s) of type gpu_worker" in run.stdout + run.stderr
         table = read_results(str(tmp_path / "rehearsal"))
@@ -109,8 +142,10 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
         # Ray gave each trial a GPU its node advertises only (cluster.local.yaml's label): it trained
         # on CPU and says so; so did the evaluation, given half of one.
         for nodes in map(json.loads, table.column("train_nodes").to_pylist()):
-            assert [(n["device"], n["ray_gpu_ids"], n["gpus_advertised_only"], n["first_epoch"], n["float32"])
-                    for n in nodes] == [("cpu", ["0"], True, 1, "ieee")]
+            assert [
+                (n["device"], n["ray_gpu_ids"], n["gpus_advertised_only"], n["first_epoch"], n["float32"])
+                for n in nodes
+            ] == [("cpu", ["0"], True, 1, "ieee")]
         assert set(table.column("train_device").to_pylist()) == {"cpu"} == set(table.column("device").to_pylist())
         for trial in trial_dirs(tmp_path / "rehearsal"):
             # What the driver ships to a worker per trial is its small configuration (the data
@@ -135,8 +170,12 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
 # Failure detection in seconds instead of half a minute: the GCS declares a silent raylet dead
 # after 3 missed 1 s health checks (Ray's default: 5 of 3 s), the autoscaler counts a node
 # without heartbeat for 5 s as lost (default 30 s).
-FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                "RAY_health_check_timeout_ms": "1000", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5"}
+FAST_FAILURE = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_timeout_ms": "1000",
+    "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "5",
+}
 
 
 @pytest.fixture(scope="module")
@@ -155,21 +194,34 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
     # Four trials on at most two workers, each pass some seconds: the kill lands mid-pass, and
     # trials still wait for a node when the autoscaler gives up the lost one, so it starts another.
     space = space_file(tmp_path, "node_loss", passes=PASSES_LOST, train_images=6000)
-    space.write_text(yaml.safe_dump({**yaml.safe_load(space.read_text()),
-                                     "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3, 4]}]}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                **yaml.safe_load(space.read_text()),
+                "experiments": [{"objective": "vae", "k": 1}, {"objective": "iwae", "k": [2, 3, 4]}],
+            }
+        )
+    )
     with (tmp_path / "driver.log").open("w") as log:
         driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
         timeline = [(time.time(), "sweep started")]
         wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000000")
         # The trial with the most passes still to run: the kill command takes seconds to start.
-        victim = min((t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*/checkpoint.pt"))),
-                     key=lambda t: max(t.glob("checkpoint_*")).name)
+        victim = min(
+            (t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*/checkpoint.pt"))),
+            key=lambda t: max(t.glob("checkpoint_*")).name,
+        )
         lost = nodes_of(sorted(victim.glob("checkpoint_*"))[-1])[-1]["node_id"]
         killed = cli("sweep.local_cluster", "kill-node", lost)
         assert killed.returncode == 0, killed.stderr
         passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
-        timeline.append((time.time(), f"killed node ...{lost[-5:]} (its raylet and what it started) while "
-                                      f"{victim.name} ran pass {passes_before + 1}"))
+        timeline.append(
+            (
+                time.time(),
+                f"killed node ...{lost[-5:]} (its raylet and what it started) while "
+                f"{victim.name} ran pass {passes_before + 1}",
+            )
+        )
         assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     timeline.append((time.time(), "sweep finished, results written"))
 
@@ -180,16 +232,25 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
     assert runs[0]["node_id"] == lost and runs[-1]["node_id"] != lost
     assert 1 < runs[-1]["first_epoch"] <= passes_before + 1  # from its checkpoint, not from scratch
     table = read_results(str(tmp_path / "node_loss"))
-    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K2_s0", "iwae_L1_M1_K3_s0",
-                                                             "iwae_L1_M1_K4_s0", "vae_L1_M1_K1_s0"]
+    assert sorted(table.column("trial_name").to_pylist()) == [
+        "iwae_L1_M1_K2_s0",
+        "iwae_L1_M1_K3_s0",
+        "iwae_L1_M1_K4_s0",
+        "vae_L1_M1_K1_s0",
+    ]
     assert set(table.column("epochs").to_pylist()) == {PASSES_LOST}
     # The autoscaler gave up the lost node and started new ones in its place (the fake
     # provider numbers them on: a node id past the two first workers' is a replacement).
     nodes = {node["NodeID"]: node["Alive"] for node in ray.nodes() if node["NodeID"].startswith(WORKER_ID_PREFIX)}
     assert nodes[lost] is False
     assert max(nodes) > WORKER_ID_PREFIX + "00002", nodes
-    timeline.append((runs[-1]["started_at"], f"{victim.name} restarted on node ...{runs[-1]['node_id'][-5:]} from "
-                                              f"its pass-{runs[-1]['first_epoch'] - 1} checkpoint"))
+    timeline.append(
+        (
+            runs[-1]["started_at"],
+            f"{victim.name} restarted on node ...{runs[-1]['node_id'][-5:]} from "
+            f"its pass-{runs[-1]['first_epoch'] - 1} checkpoint",
+        )
+    )
     for moment, event in sorted(timeline):  # the node-loss timeline (pytest -s shows it)
         print(f"{moment - timeline[0][0]:6.1f} s  {event}")
 
@@ -223,8 +284,12 @@ def test_a_local_storage_the_nodes_do_not_share_is_refused_before_any_trial(clus
     storage = tmp_path / "storage"
     storage.mkdir()
     command = sweep_command(space_file(tmp_path, "unshared"), storage, mnist_dir)
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount -t tmpfs tmpfs "{storage}" && exec "$@"', "sh",
-                          *command], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs tmpfs "{storage}" && exec "$@"', "sh", *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "does not see the sweep's marker" in run.stderr and "s3://" in run.stderr and "NFS" in run.stderr
     assert list(storage.iterdir()) == []  # nothing reached the nodes' folder
@@ -234,7 +299,8 @@ def test_a_local_storage_the_nodes_do_not_share_is_refused_before_any_trial(clus
 def test_a_node_without_mnist_or_network_is_named_in_the_error(cluster, tmp_path):
     # No network, honestly: the only mirror the node may use is a port on which nothing listens.
     load = ray.remote(num_cpus=1, num_gpus=1)(load_node_data).options(  # a GPU: it runs on a gpu_worker node
-        runtime_env={"env_vars": {"IWAE_MNIST_MIRRORS": "http://127.0.0.1:9/"}})
+        runtime_env={"env_vars": {"IWAE_MNIST_MIRRORS": "http://127.0.0.1:9/"}}
+    )
     with pytest.raises(ray.exceptions.RayTaskError) as raised:
         ray.get(load.remote(TrainConfig(), str(tmp_path / "no_mnist"), "cpu"), timeout=120)
     error = raised.value.cause

@@ -64,12 +64,15 @@ def config_has_label(config: dict) -> bool:
     return any(ADVERTISED_GPUS_LABEL in node.get("labels", {}) for node in config["available_node_types"].values())
 
 
-@pytest.mark.parametrize(("path", "value", "error"), [
-    (("max_worker",), 4, jsonschema.ValidationError),
-    (("available_node_types", "gpu_worker", "resources", "GPU"), 0.5, jsonschema.ValidationError),
-    (("head_node_type",), "nope", ValueError),
-    (("setup_commands",), "pip install .", jsonschema.ValidationError),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "error"),
+    [
+        (("max_worker",), 4, jsonschema.ValidationError),
+        (("available_node_types", "gpu_worker", "resources", "GPU"), 0.5, jsonschema.ValidationError),
+        (("head_node_type",), "nope", ValueError),
+        (("setup_commands",), "pip install .", jsonschema.ValidationError),
+    ],
+)
 def test_the_check_catches_broken_variants(config, path, value, error):
     node = config
     for key in path[:-1]:

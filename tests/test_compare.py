@@ -28,22 +28,46 @@ def test_paired_and_unpaired_standard_errors():
 
 def rows(evaluation_id="e1", images=3):
     base = dict.fromkeys(SCHEMA.names)
-    return [{**base, "trial_id": f"t{i}", "trial_name": f"iwae_L1_M1_K{i}_s0", "objective": "iwae", "seed": 0,
-             "eval_images": images, "eval_k": 50, "test_nll": 90.0 + i, "evaluation_id": evaluation_id}
-            for i in (1, 2)]
+    return [
+        {
+            **base,
+            "trial_id": f"t{i}",
+            "trial_name": f"iwae_L1_M1_K{i}_s0",
+            "objective": "iwae",
+            "seed": 0,
+            "eval_images": images,
+            "eval_k": 50,
+            "test_nll": 90.0 + i,
+            "evaluation_id": evaluation_id,
+        }
+        for i in (1, 2)
+    ]
 
 
 def write_sweep(folder, results, per_image_id):
     write_results(results, f"{folder}/results/results.parquet", pafs.LocalFileSystem())
-    parts = [{"evaluation_id": per_image_id, "trial_id": f"t{i}", "trial_name": f"iwae_L1_M1_K{i}_s0",
-              "checkpoint_uri": "x", "image": np.arange(3), "nll": np.full(3, 90.0 + i), "ess": np.ones(3),
-              "pareto_k": np.zeros(3)} for i in (1, 2)]
+    parts = [
+        {
+            "evaluation_id": per_image_id,
+            "trial_id": f"t{i}",
+            "trial_name": f"iwae_L1_M1_K{i}_s0",
+            "checkpoint_uri": "x",
+            "image": np.arange(3),
+            "nll": np.full(3, 90.0 + i),
+            "ess": np.ones(3),
+            "pareto_k": np.zeros(3),
+        }
+        for i in (1, 2)
+    ]
     write_table(per_image_table(parts), f"{folder}/results/per_image.parquet", pafs.LocalFileSystem())
 
 
 def test_results_and_per_image_from_different_evaluations_are_refused(tmp_path):
     write_sweep(tmp_path, rows("new"), per_image_id="old")  # e.g. a crash between the two writes
-    out = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path), "--compare", "iwae_L1_M1_K1_s0",
-                          "iwae_L1_M1_K2_s0"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.query", str(tmp_path), "--compare", "iwae_L1_M1_K1_s0", "iwae_L1_M1_K2_s0"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "holds 0 of its 3 images for evaluation new" in out.stderr and "sweep.evaluate" in out.stderr

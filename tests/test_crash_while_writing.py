@@ -91,13 +91,16 @@ def test_killed_while_writing_metrics_jsonl(mnist, mnist_dir, tmp_path):
 
 def test_killed_while_writing_results_parquet(tmp_path):
     path = str(tmp_path / "results" / "results.parquet")
-    run_killed(KILLING_FILESYSTEM + f"""
+    run_killed(
+        KILLING_FILESYSTEM
+        + f"""
 from pyarrow import fs as pafs
 from sweep.results import SCHEMA, write_results
 row = dict.fromkeys(SCHEMA.names)
 write_results([{{**row, "trial_name": "before"}}], {path!r}, pafs.LocalFileSystem())
 write_results([{{**row, "trial_name": "after"}}], {path!r}, killing)
-""")
+"""
+    )
     assert read_results(path).column("trial_name").to_pylist() == ["before"]
     (unrenamed,) = (tmp_path / "results").glob(".tmp-*.parquet")
     table = pq.read_table(unrenamed)
@@ -106,14 +109,17 @@ write_results([{{**row, "trial_name": "after"}}], {path!r}, killing)
 
 def test_killed_while_writing_the_sweep_spec(tmp_path):
     space = parse_space({"name": "spec", "experiments": [{"objective": "iwae", "k": [1, 5]}]}, "<test>")
-    run_killed(KILLING_FILESYSTEM + f"""
+    run_killed(
+        KILLING_FILESYSTEM
+        + f"""
 from pyarrow import fs as pafs
 from sweep.folder import write_spec
 from sweep.space import parse_space
 space = parse_space({{"name": "spec", "experiments": [{{"objective": "iwae", "k": [1, 5]}}]}}, "<test>")
 write_spec({str(tmp_path)!r}, pafs.LocalFileSystem(), space, "/data/before")
 write_spec({str(tmp_path)!r}, killing, space, "/data/after")
-""")
+"""
+    )
     assert read_spec(str(tmp_path), pafs.LocalFileSystem()) == (space, "/data/before")
     assert len(list(tmp_path.glob(".tmp-*-iwae_sweep.json"))) == 1
 
@@ -145,10 +151,14 @@ def test_the_sweep_filesystem_copies_folders_as_ray_uploads_them_and_travels_to_
     (source / "experiment_state-x.json").write_text('{"trial_data": []}')
     filesystem, folder = filesystem_and_path(str(tmp_path / "storage"))
     filesystem = pickle.loads(pickle.dumps(filesystem))  # as Ray hands it to a trial's worker
-    pafs.copy_files(str(source), f"{folder}/sweep", source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=filesystem)
+    pafs.copy_files(
+        str(source), f"{folder}/sweep", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem
+    )
     copied = tmp_path / "storage" / "sweep"
     assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*")) == [
-        "checkpoint_000000", "checkpoint_000000/checkpoint.pt", "experiment_state-x.json"]
+        "checkpoint_000000",
+        "checkpoint_000000/checkpoint.pt",
+        "experiment_state-x.json",
+    ]
     assert (copied / "checkpoint_000000" / "checkpoint.pt").read_bytes() == bytes(range(256)) * 4096
     assert oct((copied / "experiment_state-x.json").stat().st_mode & 0o777) == oct(0o666 & ~umask())

@@ -25,8 +25,10 @@ from sweep.results import read_results
 from sweep.run import run_sweep
 from sweep.space import parse_space
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch here")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch here"),
+]
 
 CUDA = torch.device("cuda")
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
@@ -42,11 +44,15 @@ def data(mnist):
 
 
 def on(data: Dataset, device: torch.device) -> Dataset:
-    return dataclasses.replace(data, **{name: getattr(data, name).to(device) for name in
-                                        ("train", "valid", "test", "train_labels", "test_labels")})
+    return dataclasses.replace(
+        data,
+        **{name: getattr(data, name).to(device) for name in ("train", "valid", "test", "train_labels", "test_labels")},
+    )
 
 
-def stop_and_resume(config: TrainConfig, run_dir, first: Dataset, then: Dataset, first_device, then_device) -> list[dict]:
+def stop_and_resume(
+    config: TrainConfig, run_dir, first: Dataset, then: Dataset, first_device, then_device
+) -> list[dict]:
     with pytest.raises(Crash):
         train(config, run_dir, first, device=first_device, progress=False, on_epoch_end=crash_after_first_pass)
     return train(config, run_dir, then, device=then_device, progress=False)
@@ -70,8 +76,9 @@ def test_a_resumed_run_is_bit_identical_on_cuda(data, tmp_path, compile):
 @pytest.mark.parametrize("first, then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_a_run_continues_on_the_other_device_type(data, tmp_path, capfd, first, then):
     devices = {"cpu": torch.device("cpu"), "cuda": CUDA}
-    history = stop_and_resume(TrainConfig(**TINY), tmp_path, on(data, devices[first]), on(data, devices[then]),
-                              devices[first], devices[then])
+    history = stop_and_resume(
+        TrainConfig(**TINY), tmp_path, on(data, devices[first]), on(data, devices[then]), devices[first], devices[then]
+    )
     assert [r["generator_reseeded"] for r in history] == [False, True, False]
     assert f"resumed on {then} from a checkpoint written on {first}" in capfd.readouterr().err
     assert history[-1]["train_bound"] > history[0]["train_bound"]  # it trained on from where it stopped
@@ -130,11 +137,20 @@ def test_a_sweep_trial_given_half_a_gpu_trains_and_is_evaluated_on_it(mnist_dir,
 
 
 def test_the_benchmark_s_cuda_figures():
-    out = subprocess.run([sys.executable, "-m", "iwae_model.bench", "--quick", "--device", "cuda"],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "iwae_model.bench", "--quick", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     figures = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {f["figure"] for f in figures} == {"matmul_peak", "train", "vs_bare_loop", "evaluate",
-                                              "is_diagnostics_overhead"}
+    assert {f["figure"] for f in figures} == {
+        "matmul_peak",
+        "train",
+        "vs_bare_loop",
+        "evaluate",
+        "is_diagnostics_overhead",
+    }
     assert all(f["device"] == "cuda" for f in figures if f["figure"] == "matmul_peak")
     assert all(f["images_per_s"] > 0 for f in figures if f["figure"] in ("train", "evaluate"))

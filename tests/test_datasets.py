@@ -17,6 +17,7 @@ import pytest
 import ray
 import scipy.io
 import torch
+from test_data import QuietHandler
 
 from iwae_model import TrainConfig
 from iwae_model.binarized_mnist import ROWS, load_binarized_mnist, read_amat
@@ -26,7 +27,6 @@ from iwae_model.omniglot import GIT_BLOB_VARIABLE, git_blob_id, load_omniglot
 from iwae_model.training import train
 from sweep.run import run_sweep
 from sweep.space import parse_space
-from test_data import QuietHandler
 
 OMNIGLOT_TRAIN, OMNIGLOT_TEST = 1400, 60  # the authors' file: 24,345 and 8,070
 TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 40, "latent_dims": [4], "hidden_dims": [16]}
@@ -35,8 +35,15 @@ TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 40, "latent_di
 def write_chardata(path, seed=0):
     """A chardata.mat with the authors' keys, [784, N] layout and grey levels in [0, 1]."""
     rng = np.random.default_rng(seed)
-    scipy.io.savemat(path, {"data": rng.random((784, OMNIGLOT_TRAIN)), "testdata": rng.random((784, OMNIGLOT_TEST)),
-                            "target": np.zeros((50, OMNIGLOT_TRAIN)), "testtarget": np.zeros((50, OMNIGLOT_TEST))})
+    scipy.io.savemat(
+        path,
+        {
+            "data": rng.random((784, OMNIGLOT_TRAIN)),
+            "testdata": rng.random((784, OMNIGLOT_TEST)),
+            "target": np.zeros((50, OMNIGLOT_TRAIN)),
+            "testtarget": np.zeros((50, OMNIGLOT_TEST)),
+        },
+    )
 
 
 def write_amat(path, rows, seed):
@@ -79,8 +86,10 @@ def test_omniglot_rows_order_permutation_and_split_are_the_authors(data_dir, acc
     # transposed (a Fortran-order reshape of 28x28), training rows permuted by RandomState(123),
     # the last 1,345 for validation.
     mat = scipy.io.loadmat(data_dir / "chardata.mat")
-    train_all, test = (mat[key].T.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784).astype("float32")
-                       for key in ("data", "testdata"))
+    train_all, test = (
+        mat[key].T.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784).astype("float32")
+        for key in ("data", "testdata")
+    )
     train_all = train_all[np.random.RandomState(123).permutation(OMNIGLOT_TRAIN)]
     assert torch.equal(data.train, torch.from_numpy(train_all[:-1345]))
     assert torch.equal(data.valid, torch.from_numpy(train_all[-1345:]))
@@ -136,13 +145,16 @@ def test_binarized_mnist_split_is_the_authors_and_nothing_is_binarized(data_dir)
 GOOD_LINE = b" ".join([b"0", b"1"] * 392) + b"\n"
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda good: good[:-len(GOOD_LINE)], "it has 2 lines"),
-    (lambda good: good.replace(b"1", b"2", 1), "byte 2 is b'2'"),
-    (lambda good: good.replace(b"1", b"10", 1), "it has a value of several digits"),
-    (lambda good: good.replace(b" 1\n", b"\n", 1), "line 1 has 783 values"),
-    (lambda good: good.replace(b"1", b"0.0", 1), "byte 3 is b'.'"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda good: good[: -len(GOOD_LINE)], "it has 2 lines"),
+        (lambda good: good.replace(b"1", b"2", 1), "byte 2 is b'2'"),
+        (lambda good: good.replace(b"1", b"10", 1), "it has a value of several digits"),
+        (lambda good: good.replace(b" 1\n", b"\n", 1), "line 1 has 783 values"),
+        (lambda good: good.replace(b"1", b"0.0", 1), "byte 3 is b'.'"),
+    ],
+)
 def test_an_amat_file_of_another_structure_is_named(damage, words):
     good = GOOD_LINE * 3
     assert read_amat(good, "good.amat", 3).shape == (3, 784)
@@ -158,14 +170,30 @@ def test_an_amat_file_of_784_columns_reads(tmp_path):
 
 
 @pytest.mark.parametrize("dataset", ["omniglot", "binarized_mnist"])
-def test_a_short_training_run_and_a_k5000_evaluation_on_each_dataset(data_dir, accept_synthetic_omniglot, tmp_path,
-                                                                     dataset):
+def test_a_short_training_run_and_a_k5000_evaluation_on_each_dataset(
+    data_dir, accept_synthetic_omniglot, tmp_path, dataset
+):
     config = TrainConfig(dataset=dataset, **TINY_TRAINING)
     history = train(config, tmp_path / "run", data_dir=data_dir, progress=False)
     assert len(history) == 2 and all(np.isfinite(row["valid_bound"]) for row in history)
-    out = subprocess.run([sys.executable, "-m", "iwae_model.evaluate", str(tmp_path / "run"), "--k", "5000",
-                          "--images", "8", "--data-dir", str(data_dir), "--json"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iwae_model.evaluate",
+            str(tmp_path / "run"),
+            "--k",
+            "5000",
+            "--images",
+            "8",
+            "--data-dir",
+            str(data_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["dataset"] == dataset and result["k"] == 5000 and result["images"] == 8
@@ -184,10 +212,16 @@ def test_binarized_mnist_takes_only_its_own_binarization():
 
 
 def test_a_sweep_with_a_dataset_axis_has_rows_and_a_table_per_dataset(data_dir, tmp_path):
-    space = parse_space({"name": "datasets", "experiments": [{"objective": "iwae", "k": 2,
-                                                              "dataset": ["mnist", "binarized_mnist"]}],
-                         "training": TINY_TRAINING, "evaluation": {"k": 50, "images": 20},
-                         "checkpoints": {"keep": 1, "every": 1}}, "<datasets>")
+    space = parse_space(
+        {
+            "name": "datasets",
+            "experiments": [{"objective": "iwae", "k": 2, "dataset": ["mnist", "binarized_mnist"]}],
+            "training": TINY_TRAINING,
+            "evaluation": {"k": 50, "images": 20},
+            "checkpoints": {"keep": 1, "every": 1},
+        },
+        "<datasets>",
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         path, _, failed = run_sweep(space, str(tmp_path), str(data_dir))
@@ -196,14 +230,22 @@ def test_a_sweep_with_a_dataset_axis_has_rows_and_a_table_per_dataset(data_dir, 
     assert not failed
     table = pq.read_table(path).to_pylist()
     assert sorted((r["dataset"], r["binarization"], r["trial_name"]) for r in table) == [
-        ("binarized_mnist", "fixed", "binarized_mnist_iwae_L1_M1_K2_s0"), ("mnist", "dynamic", "iwae_L1_M1_K2_s0")]
+        ("binarized_mnist", "fixed", "binarized_mnist_iwae_L1_M1_K2_s0"),
+        ("mnist", "dynamic", "iwae_L1_M1_K2_s0"),
+    ]
     files = {r["dataset"]: json.loads(r["data_files"]) for r in table}
-    assert files["binarized_mnist"] == {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest()
-                                        for name in ROWS}
-    assert set(files["mnist"]) == {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                                   "t10k-labels-idx1-ubyte"}
-    query = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "datasets")], capture_output=True,
-                           text=True, timeout=300)
+    assert files["binarized_mnist"] == {
+        name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in ROWS
+    }
+    assert set(files["mnist"]) == {
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    }
+    query = subprocess.run(
+        [sys.executable, "-m", "sweep.query", str(tmp_path / "datasets")], capture_output=True, text=True, timeout=300
+    )
     assert query.returncode == 0, query.stderr[-3000:]
     mnist_at = query.stdout.index("MNIST, dynamically binarized (Burda et al. Table 1):")
     fixed_at = query.stdout.index("MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D):")
@@ -222,14 +264,19 @@ def test_omniglot_downloads_from_the_first_mirror_with_the_right_bytes(data_dir,
         servers.append(server)
     try:
         monkeypatch.setenv(GIT_BLOB_VARIABLE, git_blob_id((good / "chardata.mat").read_bytes()))
-        monkeypatch.setenv("IWAE_OMNIGLOT_MIRRORS", ",".join(f"http://127.0.0.1:{s.server_address[1]}/" for s in servers))
+        monkeypatch.setenv(
+            "IWAE_OMNIGLOT_MIRRORS", ",".join(f"http://127.0.0.1:{s.server_address[1]}/" for s in servers)
+        )
         data = load_omniglot(tmp_path / "cache")
         assert data.test.shape == (OMNIGLOT_TEST, 784)
         assert [p.name for p in (tmp_path / "cache").iterdir()] == ["chardata.mat"]  # verified, whole, no temp file
         assert (tmp_path / "cache" / "chardata.mat").read_bytes() == (good / "chardata.mat").read_bytes()
         monkeypatch.setenv("IWAE_OMNIGLOT_MIRRORS", f"http://127.0.0.1:{servers[0].server_address[1]}/")
-        with pytest.raises(DataError, match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/chardata\.mat: "
-                                            r".*git blob id.*Put the IWAE authors' chardata\.mat"):
+        with pytest.raises(
+            DataError,
+            match=r"(?s)could not be downloaded:\n  http://127\.0\.0\.1:\d+/chardata\.mat: "
+            r".*git blob id.*Put the IWAE authors' chardata\.mat",
+        ):
             load_omniglot(tmp_path / "other")
     finally:
         for server in servers:

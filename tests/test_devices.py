@@ -31,14 +31,17 @@ TINY = dict(train_images=200, test_images=100, passes=3, k=2, latent_dims=(4,), 
 CUDA_GENERATOR_STATE = torch.arange(16, dtype=torch.uint8)  # the layout of a CUDA generator's state: seed, offset
 
 
-@pytest.mark.parametrize("gpu_ids, cuda_usable, advertised_only, expected", [
-    ([], False, False, "cpu"),
-    ([], True, False, "cpu"),  # torch sees a GPU Ray did not give this process: not its to use
-    ([], True, True, "cpu"),
-    (["3"], True, False, "cuda:0"),  # Ray's CUDA_VISIBLE_DEVICES makes the assigned GPU cuda:0
-    (["0"], False, True, "cpu"),  # the rehearsal's advertised GPU
-    (["0", "1"], True, True, "cpu"),  # ... also where a real one is there, for which it does not stand
-])
+@pytest.mark.parametrize(
+    "gpu_ids, cuda_usable, advertised_only, expected",
+    [
+        ([], False, False, "cpu"),
+        ([], True, False, "cpu"),  # torch sees a GPU Ray did not give this process: not its to use
+        ([], True, True, "cpu"),
+        (["3"], True, False, "cuda:0"),  # Ray's CUDA_VISIBLE_DEVICES makes the assigned GPU cuda:0
+        (["0"], False, True, "cpu"),  # the rehearsal's advertised GPU
+        (["0", "1"], True, True, "cpu"),  # ... also where a real one is there, for which it does not stand
+    ],
+)
 def test_the_device_follows_what_ray_assigned(gpu_ids, cuda_usable, advertised_only, expected):
     assert choose_device(gpu_ids, cuda_usable, advertised_only, NODE) == torch.device(expected)
 
@@ -47,8 +50,20 @@ def test_an_assigned_gpu_torch_cannot_use_fails_naming_the_node_the_build_and_th
     with pytest.raises(GPUUnusable) as error:
         choose_device(["2"], False, False, NODE)
     message = str(error.value)
-    assert all(part in message for part in ["GPU(s) 2", "gpu-7", "10.0.0.7", "Ray node abc123", torch.__version__,
-                                            "torch.version.cuda", "CUDA build", "nvidia-smi", "--gpus-per-trial 0"])
+    assert all(
+        part in message
+        for part in [
+            "GPU(s) 2",
+            "gpu-7",
+            "10.0.0.7",
+            "Ray node abc123",
+            torch.__version__,
+            "torch.version.cuda",
+            "CUDA build",
+            "nvidia-smi",
+            "--gpus-per-trial 0",
+        ]
+    )
 
 
 # On a GPU host the GPU Ray advertises is the real one, which torch can use: not this case.
@@ -74,8 +89,9 @@ def test_in_ray_a_process_given_no_gpu_computes_on_the_cpu_and_one_given_a_gpu_f
 
 
 @needs_torch_without_cuda
-def test_a_trial_given_a_gpu_torch_cannot_use_fails_at_once(ray_with_a_gpu_torch_cannot_use, mnist_dir, tmp_path,
-                                                           capfd):
+def test_a_trial_given_a_gpu_torch_cannot_use_fails_at_once(
+    ray_with_a_gpu_torch_cannot_use, mnist_dir, tmp_path, capfd
+):
     space = parse_space({**TINY_SPACE, "name": "unusable", "resources": {"gpus_per_trial": 1}}, "<unusable>")
     with pytest.raises(NothingToEvaluate):
         run_sweep(space, str(tmp_path), str(mnist_dir), max_failures=0)
@@ -87,8 +103,12 @@ def test_a_trial_given_a_gpu_torch_cannot_use_fails_at_once(ray_with_a_gpu_torch
 def test_float32_is_pinned_to_ieee_and_read_back():
     pin_float32()
     assert float32_precision(torch.device("cpu")) == IEEE == float32_precision(CUDA)
-    assert device_record(torch.device("cpu")) == {"device": "cpu", "float32": IEEE, "gpu_name": None,
-                                                  "gpu_capability": None}
+    assert device_record(torch.device("cpu")) == {
+        "device": "cpu",
+        "float32": IEEE,
+        "gpu_name": None,
+        "gpu_capability": None,
+    }
     try:
         torch.set_float32_matmul_precision("high")  # what a torch.compile hint would do: TF32 matmuls
         assert float32_precision(CUDA) == "matmul tf32, conv ieee"
@@ -130,8 +150,10 @@ def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu_from_the_same_point(dat
     assert "from pass 2 on this run is not bit-identical" in err and "(seed 0, step 10)" in err
     first, second = runs
     assert [row["generator_reseeded"] for row in first] == [False, True, False]
-    assert first[0] == uninterrupted[0] | {"train_seconds": first[0]["train_seconds"],
-                                           "images_per_s": first[0]["images_per_s"]}
+    assert first[0] == uninterrupted[0] | {
+        "train_seconds": first[0]["train_seconds"],
+        "images_per_s": first[0]["images_per_s"],
+    }
     assert first[-1]["step"] == uninterrupted[-1]["step"]  # the same position, continued to the end
     # Reseeded from (seed, step): the same resume twice is the same run; not the uninterrupted one.
     assert [row["train_bound"] for row in first] == [row["train_bound"] for row in second]
@@ -150,16 +172,21 @@ def test_format_1_checkpoints_still_resume(data, uninterrupted, tmp_path, capfd)
     # (3 here, 0 visible now): ignored, as training never draws from them.
     checkpoint = stopped_after_one_pass(data, tmp_path / "cpu")
     generator = torch.load(checkpoint, weights_only=True)["rng"]["generator"]
-    rewrite_rng(checkpoint, {"generator": generator, "torch": torch.get_rng_state(),
-                             "cuda": [CUDA_GENERATOR_STATE] * 3}, 1)
+    rewrite_rng(
+        checkpoint, {"generator": generator, "torch": torch.get_rng_state(), "cuda": [CUDA_GENERATOR_STATE] * 3}, 1
+    )
     history = train(TrainConfig(**TINY), tmp_path / "cpu", data, progress=False)
     strip = ("train_seconds", "images_per_s")
-    assert [{k: v for k, v in row.items() if k not in strip} for row in history] == \
-        [{k: v for k, v in row.items() if k not in strip} for row in uninterrupted]  # bit-identical
+    assert [{k: v for k, v in row.items() if k not in strip} for row in history] == [
+        {k: v for k, v in row.items() if k not in strip} for row in uninterrupted
+    ]  # bit-identical
     # A format-1 checkpoint written on a GPU: its generator's device told by the state's layout.
     checkpoint = stopped_after_one_pass(data, tmp_path / "gpu")
-    rewrite_rng(checkpoint, {"generator": CUDA_GENERATOR_STATE, "torch": torch.get_rng_state(),
-                             "cuda": [CUDA_GENERATOR_STATE] * 3}, 1)
+    rewrite_rng(
+        checkpoint,
+        {"generator": CUDA_GENERATOR_STATE, "torch": torch.get_rng_state(), "cuda": [CUDA_GENERATOR_STATE] * 3},
+        1,
+    )
     assert load_checkpoint(checkpoint)["rng"]["device"] == "cuda"
     history = train(TrainConfig(**TINY), tmp_path / "gpu", data, progress=False)
     assert [row["generator_reseeded"] for row in history] == [False, True, False]
@@ -190,5 +217,9 @@ def test_the_gpu_s_batch_and_chunking_give_the_cpu_s_estimates(layers):
     assert torch.allclose(cpu.ess, gpu.ess, rtol=1e-3)  # ratios of weights; see test_importance
     assert torch.allclose(cpu.pareto_k, gpu.pareto_k, rtol=1e-3, atol=1e-3)
     objective = build_objective("iwae", k=5)
-    assert torch.allclose(bound(model, x, objective), bound(model, x, objective, chunk_rows=default_chunk_rows(CUDA)),
-                          rtol=FLOAT32_REORDER_RTOL, atol=0)
+    assert torch.allclose(
+        bound(model, x, objective),
+        bound(model, x, objective, chunk_rows=default_chunk_rows(CUDA)),
+        rtol=FLOAT32_REORDER_RTOL,
+        atol=0,
+    )

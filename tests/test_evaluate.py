@@ -33,7 +33,9 @@ def test_chunked_estimate_equals_a_direct_logsumexp_over_the_same_samples():
     k = 500
     noise = evaluation_noise(model, k, 0, 4)
     with torch.no_grad():
-        direct = torch.logsumexp(model.log_weights(x, noise=noise).double(), dim=0) - torch.log(torch.tensor(float(k), dtype=torch.float64))
+        direct = torch.logsumexp(model.log_weights(x, noise=noise).double(), dim=0) - torch.log(
+            torch.tensor(float(k), dtype=torch.float64)
+        )
     chunked = log_likelihood(model, x, k=k, image_batch=4, chunk_rows=40)
     assert torch.allclose(chunked, direct, rtol=FLOAT32_REORDER_RTOL, atol=0)
 
@@ -88,8 +90,12 @@ def test_evaluate_model_on_a_short_real_run(short_run):
 
 
 def run_cli(*args, env_dir):
-    return subprocess.run([sys.executable, "-m", "iwae_model.evaluate", *map(str, args)],
-                          capture_output=True, text=True, env={"IWAE_DATA_DIR": str(env_dir), "PATH": ""})
+    return subprocess.run(
+        [sys.executable, "-m", "iwae_model.evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={"IWAE_DATA_DIR": str(env_dir), "PATH": ""},
+    )
 
 
 def test_cli_json_and_text(short_run, mnist_dir):

@@ -21,8 +21,17 @@ NOISE = ["'compile'", "{'layers'", "Checkpoint successfully created"]
 
 def sweep_command(tmp_path, mnist_dir, name):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({**TINY_SPACE, "name": name}))
-    return [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
-            "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "sweep.run",
+        "--space",
+        str(tmp_path / "space.yaml"),
+        "--storage",
+        str(tmp_path / "store"),
+        "--data-dir",
+        str(mnist_dir),
+    ]
 
 
 def run_on_a_terminal(command) -> tuple[int, str]:
@@ -58,12 +67,18 @@ def test_the_live_view_shows_each_trial_and_no_noise(mnist_dir, tmp_path, termin
     for noise in NOISE:
         assert noise not in out + err, noise
     assert HEADER.search(out), out
-    final = out[out.rindex("status"):]
+    final = out[out.rindex("status") :]
     for label in LABELS:
-        assert re.search(rf"{label} +TERMINATED +{PASSES}/{PASSES} +7 +0\.0001 +-\d+\.\d\d +-\d+\.\d\d +-\d+\.\d\d "
-                         rf"+[\d,]+ +\S+", final), final
-    per_pass = re.findall(r"\] (\S+)  pass (\d)/\d  stage \d  lr \S+  train -[\d.]+  valid -[\d.]+  best valid "
-                          r"-[\d.]+  img/s [\d,]+  node \S+", out)
+        assert re.search(
+            rf"{label} +TERMINATED +{PASSES}/{PASSES} +7 +0\.0001 +-\d+\.\d\d +-\d+\.\d\d +-\d+\.\d\d "
+            rf"+[\d,]+ +\S+",
+            final,
+        ), final
+    per_pass = re.findall(
+        r"\] (\S+)  pass (\d)/\d  stage \d  lr \S+  train -[\d.]+  valid -[\d.]+  best valid "
+        r"-[\d.]+  img/s [\d,]+  node \S+",
+        out,
+    )
     if terminal:
         assert "\x1b[" in out and not per_pass  # the table redrawn in place, no log lines
     else:

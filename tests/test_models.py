@@ -43,7 +43,7 @@ def test_glorot_init_and_decoder_bias_at_the_logit_of_the_pixel_mean():
     first = model.encoders[0].trunk[0]
     bound = math.sqrt(6 / (784 + 200))
     assert first.weight.abs().max() <= bound and first.weight.abs().max() > 0.95 * bound
-    assert first.weight.var().item() == pytest.approx(bound ** 2 / 3, rel=0.02)
+    assert first.weight.var().item() == pytest.approx(bound**2 / 3, rel=0.02)
     head_bound = math.sqrt(6 / (200 + 50))  # each half of the fused head is its own Glorot layer
     assert model.encoders[0].head.weight.abs().max() <= head_bound
     assert (model.encoders[0].head.bias == 0).all()
@@ -83,12 +83,16 @@ def test_log_densities_against_torch_distributions():
     assert torch.allclose(log_q, expected_q, atol=1e-5)
     p1 = torch.distributions.Normal(*_mean_std(model.priors[0](h2)))
     px = torch.distributions.Bernoulli(logits=model.decoder.logits(h1))
-    expected_p = (torch.distributions.Normal(0.0, 1.0).log_prob(h2).sum(-1) + p1.log_prob(h1).sum(-1)
-                  + px.log_prob(x.expand(5, -1, -1)).sum(-1))
+    expected_p = (
+        torch.distributions.Normal(0.0, 1.0).log_prob(h2).sum(-1)
+        + p1.log_prob(h1).sum(-1)
+        + px.log_prob(x.expand(5, -1, -1)).sum(-1)
+    )
     assert torch.allclose(model.log_joint(x, latents), expected_p, atol=1e-5)
     h = torch.randn(4, 3)
-    assert torch.allclose(log_normal(h, torch.zeros(3), torch.zeros(3)),
-                          torch.distributions.Normal(0.0, 1.0).log_prob(h).sum(-1))
+    assert torch.allclose(
+        log_normal(h, torch.zeros(3), torch.zeros(3)), torch.distributions.Normal(0.0, 1.0).log_prob(h).sum(-1)
+    )
 
 
 def _mean_std(mean_log_std):

@@ -63,7 +63,8 @@ def test_dreg_refuses_two_layers_with_a_clear_error():
 # ---- ordering and float32 stability ----------------------------------------------------------
 
 log_weight_arrays = arrays(
-    np.float32, (24, 3),
+    np.float32,
+    (24, 3),
     elements=st.floats(-60, 60, width=32),
 ).map(lambda a: torch.from_numpy(a))
 
@@ -257,8 +258,10 @@ def test_piwae_trains_encoder_on_miwae_and_decoder_on_iwae_mk(small_model_and_x)
         model.zero_grad(set_to_none=True)
         log_w = model.log_weights(x, 12, torch.Generator().manual_seed(0))
         estimator.surrogate(objective, log_w).backward(model.encoder_parameters(), model.decoder_parameters())
-        return (torch.cat([p.grad.flatten() for p in model.encoder_parameters()]),
-                torch.cat([p.grad.flatten() for p in model.decoder_parameters()]))
+        return (
+            torch.cat([p.grad.flatten() for p in model.encoder_parameters()]),
+            torch.cat([p.grad.flatten() for p in model.decoder_parameters()]),
+        )
 
     piwae_enc, piwae_dec = grads(PIWAE(3, 4))
     miwae_enc, _ = grads(MIWAE(3, 4))

@@ -29,13 +29,16 @@ def write_bad(path, kind):
         pq.write_table(table.drop_columns(["test_nll"]), path)
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("text", ["not a readable Parquet file", "sweep.evaluate"]),
-    ("empty", ["not a readable Parquet file"]),
-    ("not ours", ["not iwae-sweep results", "schema_version"]),
-    ("other version", ["schema version 7", "reads 5"]),
-    ("missing columns", ["['test_nll'] are missing"]),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("text", ["not a readable Parquet file", "sweep.evaluate"]),
+        ("empty", ["not a readable Parquet file"]),
+        ("not ours", ["not iwae-sweep results", "schema_version"]),
+        ("other version", ["schema version 7", "reads 5"]),
+        ("missing columns", ["['test_nll'] are missing"]),
+    ],
+)
 def test_bad_parquet_files_are_named_with_the_fix(tmp_path, kind, words):
     path = tmp_path / "results.parquet"
     write_bad(path, kind)

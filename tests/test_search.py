@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-from pyarrow import fs as pafs
 import pytest
 import ray
 import yaml
+from pyarrow import fs as pafs
 from test_sweep import trial_dirs, wait_for_checkpoint
 
 from iwae_model import TrainConfig
@@ -25,14 +25,25 @@ from sweep.space import FAIR_K, SpaceError, load_space, parse_space
 # The fair metric's k in the sweeps below: FAIR_K's estimate costs seconds per pass, and these test
 # what ranks the trials, not its accuracy.
 VALID_LL_K = 100
-TINY_TRAINING = {"passes": 2, "train_images": 200, "test_images": 20, "latent_dims": [4], "hidden_dims": [16],
-                 "schedule": "constant"}
+TINY_TRAINING = {
+    "passes": 2,
+    "train_images": 200,
+    "test_images": 20,
+    "latent_dims": [4],
+    "hidden_dims": [16],
+    "schedule": "constant",
+}
 
 
 def search_space(name: str, search: dict, experiments=None, **training) -> dict:
-    return {"name": name, "experiments": experiments or [{"objective": "iwae", "k": 2}],
-            "training": {**TINY_TRAINING, "lr": {"loguniform": [1.0e-4, 1.0e-2]}, **training},
-            "search": search, "evaluation": {"k": 20, "images": 10}, "checkpoints": {"keep": 1, "every": 1}}
+    return {
+        "name": name,
+        "experiments": experiments or [{"objective": "iwae", "k": 2}],
+        "training": {**TINY_TRAINING, "lr": {"loguniform": [1.0e-4, 1.0e-2]}, **training},
+        "search": search,
+        "evaluation": {"k": 20, "images": 10},
+        "checkpoints": {"keep": 1, "every": 1},
+    }
 
 
 BAD_SPECS = {  # name: (the space's changes, words the error must hold)
@@ -40,25 +51,44 @@ BAD_SPECS = {  # name: (the space's changes, words the error must hold)
     "low >= high": ({"training": {"lr": {"uniform": [0.01, 0.001]}}}, ["training.lr", "low must be below high"]),
     "log range reaching 0": ({"training": {"lr": {"loguniform": [0.0, 0.01]}}}, ["a log range must stay above 0"]),
     "empty choice": ({"experiments": [{"objective": "iwae", "k": {"choice": []}}]}, ["experiments[0].k", "non-empty"]),
-    "continuous layers": ({"experiments": [{"objective": "iwae", "layers": {"uniform": [1, 2]}}]},
-                          ["experiments[0].layers", "layers takes an integer: randint"]),
+    "continuous layers": (
+        {"experiments": [{"objective": "iwae", "layers": {"uniform": [1, 2]}}]},
+        ["experiments[0].layers", "layers takes an integer: randint"],
+    ),
     "a range on a string key": ({"training": {"schedule": {"uniform": [0, 1]}}}, ["schedule takes only choice"]),
-    "a bad value in a choice": ({"experiments": [{"objective": "iwae", "k": {"choice": [1, 0]}}]},
-                                ["experiments[0].k", "{'k': 0}", "positive integer"]),
-    "searched twice": ({"experiments": [{"objective": "iwae", "lr": {"uniform": [0.001, 0.002]}}]},
-                       ["already searched at training.lr"]),
+    "a bad value in a choice": (
+        {"experiments": [{"objective": "iwae", "k": {"choice": [1, 0]}}]},
+        ["experiments[0].k", "{'k': 0}", "positive integer"],
+    ),
+    "searched twice": (
+        {"experiments": [{"objective": "iwae", "lr": {"uniform": [0.001, 0.002]}}]},
+        ["already searched at training.lr"],
+    ),
     "no search section": ({"search": None}, ["needs a `search` section"]),
     "a search of nothing": ({"training": TINY_TRAINING}, ["no key is a distribution"]),
     "unknown algorithm": ({"search": {"algorithm": "hyperband"}}, ["search.algorithm", "random, optuna"]),
-    "optuna with a grid axis": ({"experiments": [{"objective": "iwae", "k": [2, 3]}], "search": {"algorithm": "optuna"}},
-                                ["optuna cannot take a grid axis", "{choice: [1, 5, 50]}"]),
-    "optuna with a choice of lists": ({"search": {"algorithm": "optuna"},
-                                       "experiments": [{"objective": "iwae", "latent_dims": {"choice": [[4], [8]]}}]},
-                                      ["optuna's choices are numbers or strings"]),
-    "a distribution inside continue": ({"continue": {"training": {"lr": {"uniform": [0.001, 0.002]}},
-                                                     "switch": [{"from": {"objective": "iwae"}, "to": {"k": 3}}]},
-                                        "search": None, "training": TINY_TRAINING},
-                                       ["continue.training.lr", "a distribution inside `continue`"]),
+    "optuna with a grid axis": (
+        {"experiments": [{"objective": "iwae", "k": [2, 3]}], "search": {"algorithm": "optuna"}},
+        ["optuna cannot take a grid axis", "{choice: [1, 5, 50]}"],
+    ),
+    "optuna with a choice of lists": (
+        {
+            "search": {"algorithm": "optuna"},
+            "experiments": [{"objective": "iwae", "latent_dims": {"choice": [[4], [8]]}}],
+        },
+        ["optuna's choices are numbers or strings"],
+    ),
+    "a distribution inside continue": (
+        {
+            "continue": {
+                "training": {"lr": {"uniform": [0.001, 0.002]}},
+                "switch": [{"from": {"objective": "iwae"}, "to": {"k": 3}}],
+            },
+            "search": None,
+            "training": TINY_TRAINING,
+        },
+        ["continue.training.lr", "a distribution inside `continue`"],
+    ),
     "negative samples": ({"search": {"samples": 0}}, ["samples and max_concurrent must be positive"]),
 }
 
@@ -83,14 +113,16 @@ def test_a_search_ranks_by_the_fair_metric_where_objectives_or_k_differ():
 
 def test_a_grid_under_asha_ranks_by_the_fair_metric_where_objectives_differ(tmp_path):
     spec = {key: value for key, value in search_space("asha", {}).items() if key != "search"}
-    objectives = parse_space({**spec, "training": TINY_TRAINING, "experiments": [{"objective": ["vae", "iwae"], "k": 2}]},
-                             "<asha>")
+    objectives = parse_space(
+        {**spec, "training": TINY_TRAINING, "experiments": [{"objective": ["vae", "iwae"], "k": 2}]}, "<asha>"
+    )
     assert objectives.metric == "valid_bound"  # each trial's own best checkpoint: its own bound is fine
     early = objectives.with_asha()
     assert early.metric == "valid_ll" and {t.valid_ll_k for t in early.trials} == {FAIR_K}
     assert type(early).from_dict(early.to_dict()) == early  # the spec file keeps it
-    optimizer_only = parse_space({**spec, "training": TINY_TRAINING,
-                                  "experiments": [{"objective": "iwae", "k": 2, "lr": [1e-3, 1e-4]}]}, "<lr>").with_asha()
+    optimizer_only = parse_space(
+        {**spec, "training": TINY_TRAINING, "experiments": [{"objective": "iwae", "k": 2, "lr": [1e-3, 1e-4]}]}, "<lr>"
+    ).with_asha()
     assert optimizer_only.metric == "valid_bound" and optimizer_only.early_stopped
     # The scheduler is fixed when a sweep starts: a resume cannot add it.
     write_spec(str(tmp_path / "asha"), pafs.LocalFileSystem(), objectives, "data")
@@ -100,8 +132,10 @@ def test_a_grid_under_asha_ranks_by_the_fair_metric_where_objectives_differ(tmp_
 
 def drawn(sweep_dir) -> list[dict]:
     """Each trial's drawn values, as its checkpoint's configuration says it trained."""
-    configs = [TrainConfig.from_dict(load_checkpoint(sorted(trial.glob("checkpoint_*"))[-1])["config"])
-               for trial in trial_dirs(sweep_dir)]
+    configs = [
+        TrainConfig.from_dict(load_checkpoint(sorted(trial.glob("checkpoint_*"))[-1])["config"])
+        for trial in trial_dirs(sweep_dir)
+    ]
     return sorted(({"lr": c.lr, "k": c.k} for c in configs), key=lambda d: d["lr"])
 
 
@@ -113,8 +147,12 @@ def local_ray():
 
 
 def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mnist_dir, tmp_path):
-    spec = search_space("random", {"algorithm": "random", "samples": 3, "seed": 7},
-                        [{"objective": "iwae", "k": {"choice": [1, 2, 3]}}], valid_ll_k=VALID_LL_K)
+    spec = search_space(
+        "random",
+        {"algorithm": "random", "samples": 3, "seed": 7},
+        [{"objective": "iwae", "k": {"choice": [1, 2, 3]}}],
+        valid_ll_k=VALID_LL_K,
+    )
     runs = []
     for folder in ("first", "second"):
         path, rows, failed = run_sweep(parse_space(spec, "<random>"), str(tmp_path / folder), str(mnist_dir))
@@ -135,23 +173,35 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
 
 
 def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
-    spec = search_space("optuna", {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
-                        [{"objective": "iwae", "k": {"choice": [1, 2]}}], passes=3, train_images=600,
-                        valid_ll_k=VALID_LL_K)
+    spec = search_space(
+        "optuna",
+        {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
+        [{"objective": "iwae", "k": {"choice": [1, 2]}}],
+        passes=3,
+        train_images=600,
+        valid_ll_k=VALID_LL_K,
+    )
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(mnist_dir)]
-    whole = subprocess.run([*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900)
+    whole = subprocess.run(
+        [*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
-    driver = subprocess.Popen([*command, "--storage", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        [*command, "--storage", str(tmp_path / "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for_checkpoint(driver, tmp_path / "killed" / "optuna", "checkpoint_000001")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
     started = len(trial_dirs(tmp_path / "killed" / "optuna"))
-    resumed = subprocess.run([*command, "--storage", str(tmp_path / "killed"), "--resume"], capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        [*command, "--storage", str(tmp_path / "killed"), "--resume"], capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 1 <= started < 5
     # Optuna's suggestions are what the trials trained, and the resumed study drew the rest:
@@ -159,20 +209,38 @@ def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnis
     assert drawn(tmp_path / "killed" / "optuna") == drawn(tmp_path / "whole" / "optuna")
     assert len(trial_dirs(tmp_path / "killed" / "optuna")) == 5
     for sweep in ("whole", "killed"):
-        ray_configs = sorted(json.loads((trial / "params.json").read_text())["search"]["lr"]
-                             for trial in trial_dirs(tmp_path / sweep / "optuna"))
+        ray_configs = sorted(
+            json.loads((trial / "params.json").read_text())["search"]["lr"]
+            for trial in trial_dirs(tmp_path / sweep / "optuna")
+        )
         assert ray_configs == [d["lr"] for d in drawn(tmp_path / sweep / "optuna")]
     # The query: trials best first by the fair metric, the drawn values, the test NLL beside them.
-    query = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "whole" / "optuna"), "--importance",
-                            "--parallel-plot", str(tmp_path / "parallel.png"), "--slice-plot", str(tmp_path / "slice.png")],
-                           capture_output=True, text=True, timeout=300)
+    query = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweep.query",
+            str(tmp_path / "whole" / "optuna"),
+            "--importance",
+            "--parallel-plot",
+            str(tmp_path / "parallel.png"),
+            "--slice-plot",
+            str(tmp_path / "slice.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert query.returncode == 0, query.stderr[-3000:]
     assert f"best first by valid_ll (k={VALID_LL_K})" in query.stdout and "| trial | k | lr |" in query.stdout
     names = [line.split(" | ")[0][2:] for line in query.stdout.splitlines() if line.startswith("| iwae_")]
     assert len(set(names)) == 5 and all("_trial" in name for name in names)  # each trial named apart
     values = [float(line.split(" | ")[3]) for line in query.stdout.splitlines() if line.startswith("| iwae_")]
     assert len(values) == 5 and values == sorted(values, reverse=True)
-    assert "Importance of each searched parameter for valid_ll" in query.stdout and "the figures become meaningful" in query.stdout
+    assert (
+        "Importance of each searched parameter for valid_ll" in query.stdout
+        and "the figures become meaningful" in query.stdout
+    )
     shares = {line.split()[0]: float(line.split()[1]) for line in query.stdout.splitlines() if line.startswith("  ")}
     assert set(shares) == {"k", "lr"} and abs(sum(shares.values()) - 1) < 1e-6
     assert (tmp_path / "parallel.png").stat().st_size > 10_000 and (tmp_path / "slice.png").stat().st_size > 10_000

@@ -67,7 +67,9 @@ def test_measuring_the_snr_in_training_changes_nothing_else(mnist, tmp_path):
     data = small_mnist(mnist)
     base = dict(k=3, passes=3, train_images=200, test_images=50)
     plain = train(TrainConfig(**base), tmp_path / "plain", data, progress=False)
-    measured = train(TrainConfig(**base, snr_every=2, snr_draws=5, snr_images=20), tmp_path / "snr", data, progress=False)
+    measured = train(
+        TrainConfig(**base, snr_every=2, snr_draws=5, snr_images=20), tmp_path / "snr", data, progress=False
+    )
     assert [row["snr"] is not None for row in measured] == [False, True, True]  # every 2nd pass and the last
     assert all(row["snr"] is None for row in plain)
     assert set(measured[-1]["snr"]) == {"encoder_mean", "encoder_median", "decoder_mean", "decoder_median"}

@@ -18,18 +18,19 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
+from google.protobuf import json_format
 from pyarrow import fs as pafs
 from ray import tune
-from google.protobuf import json_format
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from conftest import FLOAT32_REORDER_RTOL, TINY_PASSES, TINY_SPACE
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.folder import saved_results, write_spec
+from sweep.plan import drawn_trials, plan_sweep
 from sweep.results import (
     PER_IMAGE_FILE,
     PER_IMAGE_SCHEMA,
@@ -42,7 +43,6 @@ from sweep.results import (
     write_evaluated,
 )
 from sweep.run import dry_run, run_sweep
-from sweep.plan import drawn_trials, plan_sweep
 from sweep.space import SpaceError, load_space, parse_space
 from sweep.trainable import NODES_FILE
 
@@ -99,8 +99,15 @@ def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
     records = table.to_pylist()
     assert sorted(r["trial_name"] for r in records) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
     for record in records:
-        for column in ("test_nll", "test_nll_se", "test_bound", "train_bound", "valid_bound", "train_seconds",
-                       "eval_seconds"):
+        for column in (
+            "test_nll",
+            "test_nll_se",
+            "test_bound",
+            "train_bound",
+            "valid_bound",
+            "train_seconds",
+            "eval_seconds",
+        ):
             assert math.isfinite(record[column]), column
         assert 90 < record["test_nll"] < 400 and record["test_bound"] < -record["test_nll"]
         assert record["eval_k"] == 50 and record["eval_images"] == 40 and record["epochs"] == PASSES
@@ -109,8 +116,9 @@ def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
         # A sweep that asked for no GPU trains and evaluates on the CPU, in IEEE float32, never moved.
         assert (record["device"], record["train_device"]) == ("cpu", "cpu")
         assert (record["eval_float32"], record["train_float32"]) == ("ieee", "ieee")
-        assert [record[f"{part}_gpu_{what}"] for part in ("eval", "train") for what in ("name", "capability")] == \
-            [None] * 4
+        assert [record[f"{part}_gpu_{what}"] for part in ("eval", "train") for what in ("name", "capability")] == [
+            None
+        ] * 4
         assert record["generator_reseeded_at"] is None
     assert table.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
     assert not list(path.parent.glob(".tmp-*"))  # the atomic write left nothing behind
@@ -191,8 +199,14 @@ def test_query_prints_the_table_from_parquet(finished_sweep, tmp_path):
     table = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert "| layers | M | K | VAE | IWAE |" in table and "not comparable to the papers" in table
     assert "[paper 86.76" in table  # VAE, 1 layer, k=1 from Burda's Table 1
-    rows = json.loads(subprocess.run([*run, "--format", "json", "--where", "objective=iwae", "--plot",
-                                      str(tmp_path / "nll.png")], capture_output=True, text=True, check=True).stdout)
+    rows = json.loads(
+        subprocess.run(
+            [*run, "--format", "json", "--where", "objective=iwae", "--plot", str(tmp_path / "nll.png")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert [(r["variant"], r["k"]) for r in rows] == [("IWAE", 3)]
     assert (tmp_path / "nll.png").stat().st_size > 10_000
     bad = subprocess.run([*run, "--where", "colour=red"], capture_output=True, text=True)
@@ -226,8 +240,9 @@ def test_importance_sampling_health_and_snr_reach_parquet_and_tensorboard(finish
         for tag in ("snr/encoder_mean", "snr/encoder_median", "snr/decoder_mean", "snr/decoder_median"):
             assert [v.step for v in scalars.Scalars(tag)] == [PASSES], tag
         record = next(r for r in records if trial.name.endswith(r["trial_id"]))
-        evaluation = EventAccumulator(str(trial / "tb_evaluation" / record["evaluation_id"]),
-                                      size_guidance={"histograms": 0})
+        evaluation = EventAccumulator(
+            str(trial / "tb_evaluation" / record["evaluation_id"]), size_guidance={"histograms": 0}
+        )
         evaluation.Reload()
         for name in ("test_nll", "ess_mean", "pareto_k_above_0_7"):
             (event,) = evaluation.Scalars(f"evaluation/{name}")
@@ -247,15 +262,18 @@ def test_query_compares_two_checkpoints_paired_and_against_a_baseline(finished_s
     paired = float(out.stdout.split("paired SE")[1].split()[0])
     unpaired = float(out.stdout.split("unpaired SE")[1].split()[0])
     assert 0 < paired < unpaired  # the same images: the images' own spread cancels
-    table = subprocess.run([*run, "--baseline", "vae_L1_M1_K1_s0", "--snr-plot", str(tmp_path / "snr.png")],
-                           capture_output=True, text=True)
+    table = subprocess.run(
+        [*run, "--baseline", "vae_L1_M1_K1_s0", "--snr-plot", str(tmp_path / "snr.png")], capture_output=True, text=True
+    )
     assert table.returncode == 0, table.stderr
     assert "Δ +0.000 ± 0.000" in table.stdout and f"Δ {expected:+.3f} ± {paired:.3f}" in table.stdout
     assert "Δ: mean per-image NLL difference to vae_L1_M1_K1_s0" in table.stdout
     assert (tmp_path / "snr.png").stat().st_size > 10_000
-    for args, words in ((["--compare", "nope", "vae_L1_M1_K1_s0"], "--compare A 'nope': no trial of that label"),
-                        (["--compare", "layers=1", "vae_L1_M1_K1_s0"], "matches 2 checkpoints"),
-                        (["--baseline", "colour=red"], "'colour' is not a column")):
+    for args, words in (
+        (["--compare", "nope", "vae_L1_M1_K1_s0"], "--compare A 'nope': no trial of that label"),
+        (["--compare", "layers=1", "vae_L1_M1_K1_s0"], "matches 2 checkpoints"),
+        (["--baseline", "colour=red"], "'colour' is not a column"),
+    ):
         bad = subprocess.run([*run, *args], capture_output=True, text=True)
         assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
@@ -263,8 +281,12 @@ def test_query_compares_two_checkpoints_paired_and_against_a_baseline(finished_s
 def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
     sweep_dir, _, rows = finished_sweep
     before = {r["trial_name"]: r["test_nll"] for r in rows}
-    out = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20",
-                          "--eval-actors", "2"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "200", "--images", "20", "--eval-actors", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 at a time, 0 GPU and 1 CPU each" in out.stderr  # two evaluations shared the two cores
     table = read_results(str(sweep_dir)).to_pylist()
@@ -272,8 +294,9 @@ def test_the_evaluation_stage_reruns_alone_with_another_k(finished_sweep):
     assert {r["trial_name"] for r in table} == set(before)
     # A tighter estimate on a subset: different numbers from the same checkpoints.
     assert all(r["test_nll"] != before[r["trial_name"]] for r in table)
-    missing = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir / "nope")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "sweep.evaluate", str(sweep_dir / "nope")], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 1 and "not a Ray Tune sweep folder" in missing.stderr
 
 
@@ -288,21 +311,30 @@ def test_an_existing_sweep_needs_resume_and_resume_reruns_nothing(finished_sweep
 
 
 def evaluate_cli(location: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweep.evaluate", str(location)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sweep.evaluate", str(location)], capture_output=True, text=True, timeout=120
+    )
 
 
 SWEEP_DAMAGE = {  # name: (what is done to a copy of a finished sweep, words the error must hold)
     "spec not JSON": (lambda d: (d / "iwae_sweep.json").write_text("{half a fi"), ["iwae_sweep.json: damaged", "JSON"]),
-    "spec of another shape": (lambda d: (d / "iwae_sweep.json").write_text('{"space": {}}'),
-                              ["iwae_sweep.json: damaged", "KeyError"]),
+    "spec of another shape": (
+        lambda d: (d / "iwae_sweep.json").write_text('{"space": {}}'),
+        ["iwae_sweep.json: damaged", "KeyError"],
+    ),
     "no spec": (lambda d: (d / "iwae_sweep.json").unlink(), ["no iwae_sweep.json", "sweep.run"]),
-    "experiment state not JSON": (lambda d: [f.write_text("{") for f in d.glob("experiment_state-*.json")],
-                                  ["cannot read this sweep's experiment state", "restore the folder"]),
-    "searcher state cut short": (lambda d: [f.write_bytes(f.read_bytes()[:100]) for f in d.glob("basic-variant-state-*")],
-                                 ["basic-variant-state-", "cannot read this sweep's experiment state", "restore the folder"]),
-    "node record not JSON": (lambda d: [f.write_text("[{") for f in d.glob("*/checkpoint_*/nodes.json")],
-                             ["nodes.json: damaged", "delete it"]),
+    "experiment state not JSON": (
+        lambda d: [f.write_text("{") for f in d.glob("experiment_state-*.json")],
+        ["cannot read this sweep's experiment state", "restore the folder"],
+    ),
+    "searcher state cut short": (
+        lambda d: [f.write_bytes(f.read_bytes()[:100]) for f in d.glob("basic-variant-state-*")],
+        ["basic-variant-state-", "cannot read this sweep's experiment state", "restore the folder"],
+    ),
+    "node record not JSON": (
+        lambda d: [f.write_text("[{") for f in d.glob("*/checkpoint_*/nodes.json")],
+        ["nodes.json: damaged", "delete it"],
+    ),
 }
 
 
@@ -321,7 +353,9 @@ def test_a_damaged_sweep_folder_is_named_with_the_fix(finished_sweep, tmp_path, 
 def test_resuming_with_another_space_is_refused(finished_sweep, mnist_dir):
     sweep_dir, _, _ = finished_sweep
     other = parse_space({**TINY, "name": "tiny", "experiments": [{"objective": "iwae", "k": 7}]}, "other.yaml")
-    with pytest.raises(SpaceError, match=r"started from <tiny> \(2 trials\); other.yaml defines other trials \(1 trials\)"):
+    with pytest.raises(
+        SpaceError, match=r"started from <tiny> \(2 trials\); other.yaml defines other trials \(1 trials\)"
+    ):
         run_sweep(other, str(sweep_dir.parent), str(mnist_dir), resume=True)
 
 
@@ -332,10 +366,16 @@ def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mni
     assert len(rows) == 2 and not failed and "its trials start again" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("space", sorted(path.stem for path in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "space", sorted(path.stem for path in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
+)
 def test_dry_run_plans_every_shipped_space_and_writes_nothing(tmp_path, space):
-    out = subprocess.run([sys.executable, "-m", "sweep.run", "--space", space, "--dry-run", "--storage",
-                          str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep.run", "--space", space, "--dry-run", "--storage", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = load_space(space)
     for trial in [*drawn_trials(loaded), *loaded.continued]:  # a search: the values drawn for the estimate
@@ -375,8 +415,10 @@ def test_a_local_sweep_ray_is_on_loopback():
     # What python -m sweep.run and sweep.evaluate start without --address, in a process that
     # has not inherited the tests' switch.
     env = {key: value for key, value in os.environ.items() if key != LOOPBACK_SWITCH}
-    script = ("import ray; from sweep.cluster import init_ray; init_ray(None); "
-              "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
+    script = (
+        "import ray; from sweep.cluster import init_ray; init_ray(None); "
+        "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "['127.0.0.1']"
@@ -415,15 +457,17 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_p
     assert {r["epochs"] for r in rows} == {5}
 
 
-def wait_for_checkpoint(driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240,
-                        log: Path | None = None) -> None:
+def wait_for_checkpoint(
+    driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240, log: Path | None = None
+) -> None:
     """Until some trial of the running sweep has written checkpoint `name`, every file of it (polled:
     the files are all there is to wait on; Ray copies them into place one by one). `log`: the
     driver's output, shown if it ends first."""
     deadline = time.monotonic() + seconds
     while not list(sweep_dir.glob(f"*/{name}/{NODES_FILE}")) or not list(sweep_dir.glob(f"*/{name}/checkpoint.pt")):
         assert driver.poll() is None, "the sweep ended before it could be stopped" + (
-            f":\n{log.read_text()[-3000:]}" if log else "")
+            f":\n{log.read_text()[-3000:]}" if log else ""
+        )
         assert time.monotonic() < deadline, f"no {name} within {seconds} s"
         time.sleep(0.2)
 
@@ -432,8 +476,17 @@ def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path,
     """Start `python -m sweep.run` on `space` and SIGKILL it (and the local Ray it started) once a
     trial in `<sweep>/<stage>` has written its first checkpoint; return the command and the sweep folder."""
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
-               "--storage", str(tmp_path / "store"), "--data-dir", str(mnist_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "sweep.run",
+        "--space",
+        str(tmp_path / "space.yaml"),
+        "--storage",
+        str(tmp_path / "store"),
+        "--data-dir",
+        str(mnist_dir),
+    ]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "store" / space["name"]
     try:
@@ -491,8 +544,11 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
     # kill can land after a trial's first checkpoint is written, before Tune saves its state:
     # that trial starts again from scratch, on the CPU, and nothing is reseeded).
     if moved:
-        named = {Path(r.checkpoint.path).parent for r in saved_results(str(sweep_dir), pafs.LocalFileSystem())
-                 if r.checkpoint is not None}
+        named = {
+            Path(r.checkpoint.path).parent
+            for r in saved_results(str(sweep_dir), pafs.LocalFileSystem())
+            if r.checkpoint is not None
+        }
         moved = [trial for trial in moved if trial in named]
     begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
@@ -521,19 +577,32 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_
         assert set(reseeded_at.values()) == {None}
 
 
-
 # Burda's Table 2 in small: each first-stage trial continues under the other objective.
-TWO_STAGE = {**TINY, "name": "two_stage", "continue": {
-    "training": {"passes": 6, "train_images": 2000, "lr": 1e-4, "schedule": "constant"},
-    "switch": [{"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}},
-               {"from": {"objective": "iwae"}, "to": {"objective": "vae", "k": 1}}]}}
+TWO_STAGE = {
+    **TINY,
+    "name": "two_stage",
+    "continue": {
+        "training": {"passes": 6, "train_images": 2000, "lr": 1e-4, "schedule": "constant"},
+        "switch": [
+            {"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}},
+            {"from": {"objective": "iwae"}, "to": {"objective": "vae", "k": 1}},
+        ],
+    },
+}
 
 
-def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retraining_stage_1(mnist_dir, mnist, tmp_path):
+def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retraining_stage_1(
+    mnist_dir, mnist, tmp_path
+):
     command, sweep_dir = kill_sweep_at_first_checkpoint(TWO_STAGE, tmp_path, mnist_dir, "stage2")  # stage 2 midway
+
     def training_files() -> dict[Path, int]:  # the evaluation adds tb_evaluation/ beside them
-        return {path: path.stat().st_mtime_ns for trial in trial_dirs(sweep_dir) for path in trial.rglob("*")
-                if "tb_evaluation" not in path.parts}
+        return {
+            path: path.stat().st_mtime_ns
+            for trial in trial_dirs(sweep_dir)
+            for path in trial.rglob("*")
+            if "tb_evaluation" not in path.parts
+        }
 
     first_stage = training_files()
     assert sum(path.name == "checkpoint.pt" for path in first_stage) >= 2
@@ -543,10 +612,16 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
     # Stage 1 was not trained again: not a file of its trials was written or added.
     assert training_files() == first_stage
     rows = {r["trial_name"]: r for r in read_results(str(sweep_dir)).to_pylist()}
-    assert sorted(rows) == ["iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0",
-                            "vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0"]
-    for name, parent in (("iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0"),
-                         ("vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0")):
+    assert sorted(rows) == [
+        "iwae_L1_M1_K3_s0",
+        "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0",
+        "vae_L1_M1_K1_s0",
+        "vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0",
+    ]
+    for name, parent in (
+        ("iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0", "vae_L1_M1_K1_s0"),
+        ("vae_L1_M1_K1_s0_from_iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0"),
+    ):
         child = rows[name]
         assert child["sweep_stage"] == 2 and rows[parent]["sweep_stage"] == 1 and child["parent_trial_name"] == parent
         # It started from the checkpoint its parent's row was evaluated from (both the best by validation bound).
@@ -566,8 +641,12 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
     assert "Table 2: second stage continued from the first stage's best checkpoint" in resumed.stdout
     assert "| vae_L1_M1_K1_s0 | " in resumed.stdout and "| iwae_L1_M1_K3_s0 | " in resumed.stdout
     # Re-running the evaluation stage alone finds both stages' checkpoints.
-    again = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "20", "--images", "10"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "20", "--images", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     table = read_results(str(sweep_dir)).to_pylist()
     assert sorted(r["trial_name"] for r in table) == sorted(rows) and {r["eval_k"] for r in table} == {20}
@@ -576,29 +655,58 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
 def test_a_second_stage_continues_another_finished_sweep(finished_sweep, local_ray, mnist_dir, tmp_path):
     parent_dir, _, _ = finished_sweep
     untouched = {path: path.stat().st_mtime_ns for path in parent_dir.rglob("*")}
-    continued = {**TINY, "name": "continued", "continue": {
-        "training": {"passes": 2}, "switch": [{"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}}]}}
+    continued = {
+        **TINY,
+        "name": "continued",
+        "continue": {
+            "training": {"passes": 2},
+            "switch": [{"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}}],
+        },
+    }
     space = replace(parse_space(continued, "<continued>"), init_from_sweep=str(parent_dir))
     _, rows, failed = run_sweep(space, str(tmp_path), str(mnist_dir))
     by_name = {row["trial_name"]: row for row in rows}
-    assert not failed and sorted(by_name) == ["iwae_L1_M1_K3_s0", "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0",
-                                              "vae_L1_M1_K1_s0"]
+    assert not failed and sorted(by_name) == [
+        "iwae_L1_M1_K3_s0",
+        "iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0",
+        "vae_L1_M1_K1_s0",
+    ]
     child = by_name["iwae_L1_M1_K3_s0_from_vae_L1_M1_K1_s0"]
     assert child["parent_checkpoint_uri"] == by_name["vae_L1_M1_K1_s0"]["checkpoint_uri"]
     assert child["parent_checkpoint_uri"].startswith(f"{parent_dir}/") and child["epochs"] == 2
     # Stage 1 is read from the other sweep, never trained or written to here.
     assert trial_dirs(tmp_path / "continued") == [] and len(trial_dirs(tmp_path / "continued" / "stage2")) == 1
     assert {path: path.stat().st_mtime_ns for path in parent_dir.rglob("*")} == untouched
-    again = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(tmp_path / "continued"), "--k", "20",
-                            "--images", "10"], capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "sweep.evaluate", str(tmp_path / "continued"), "--k", "20", "--images", "10"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(read_results(str(tmp_path / "continued")).to_pylist()) == 3
-    unknown = replace(parse_space({**continued, "name": "unknown", "experiments": [{"objective": "vae", "k": 7}]},
-                                  "<unknown>"), init_from_sweep=str(parent_dir))
+    unknown = replace(
+        parse_space({**continued, "name": "unknown", "experiments": [{"objective": "vae", "k": 7}]}, "<unknown>"),
+        init_from_sweep=str(parent_dir),
+    )
     with pytest.raises(SpaceError, match="no finished trial labelled vae_L1_M1_K7_s0 to continue"):
         run_sweep(unknown, str(tmp_path), str(mnist_dir))
-    cli = subprocess.run([sys.executable, "-m", "sweep.run", "--space", "quick", "--init-from-sweep", str(parent_dir),
-                          "--storage", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sweep.run",
+            "--space",
+            "quick",
+            "--init-from-sweep",
+            str(parent_dir),
+            "--storage",
+            str(tmp_path / "cli"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 1 and "has no `continue` section" in cli.stderr and "Traceback" not in cli.stderr
 
 
@@ -640,12 +748,16 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
 
 def test_asha_stops_trials_worse_than_the_ones_before_them(local_ray, mnist_dir, tmp_path):
     # One trial at a time, the good one first: the later ones meet its record at the first rung.
-    space = tiny_space("asha", experiments=[{"objective": "iwae", "k": 3, "lr": [1e-3, 1e-7, 2e-7]}],
-                       training={**TINY["training"], "passes": 4})
+    space = tiny_space(
+        "asha",
+        experiments=[{"objective": "iwae", "k": 3, "lr": [1e-3, 1e-7, 2e-7]}],
+        training={**TINY["training"], "passes": 4},
+    )
     _, rows, _ = run_sweep(space, str(tmp_path), str(mnist_dir), max_concurrent=1, asha=True)
     assert sorted((row["epochs"], json.loads(row["config"])["lr"]) for row in rows) == [(1, 1e-7), (1, 2e-7), (4, 1e-3)]
-    table = subprocess.run([sys.executable, "-m", "sweep.query", str(tmp_path / "asha")],
-                           capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "sweep.query", str(tmp_path / "asha")], capture_output=True, text=True, check=True
+    ).stdout
     assert "IWAE lr=0.001" in table and "IWAE lr=1e-07" in table  # never averaged as if seeds
 
 
@@ -653,9 +765,21 @@ def test_ctrl_c_stops_before_the_evaluation_and_says_what_is_unfinished(mnist_di
     space = {**TINY, "name": "interrupted", "training": {**TINY["training"], "passes": 8, "train_images": 2000}}
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     with (tmp_path / "stderr.txt").open("w") as err:
-        driver = subprocess.Popen([sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"),
-                                   "--storage", str(tmp_path), "--data-dir", str(mnist_dir)],
-                                  stdout=subprocess.DEVNULL, stderr=err)
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sweep.run",
+                "--space",
+                str(tmp_path / "space.yaml"),
+                "--storage",
+                str(tmp_path),
+                "--data-dir",
+                str(mnist_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         wait_for_checkpoint(driver, tmp_path / "interrupted", "checkpoint_000000")
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=120) == 1
@@ -675,12 +799,26 @@ def evaluated_rows(sweep_dir: Path) -> list[dict]:
 def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps_it(mnist_dir, tmp_path):
     # One trial at a time, the one-pass VAE first: its evaluation runs on the core it left free
     # while the IWAE trains its 40 passes.
-    space = {**TINY, "name": "stream",
-             "experiments": [{"objective": "vae", "k": 1, "passes": 1}, {"objective": "iwae", "k": 3}],
-             "training": {"passes": 40, "train_images": 2000, "test_images": 100}}
+    space = {
+        **TINY,
+        "name": "stream",
+        "experiments": [{"objective": "vae", "k": 1, "passes": 1}, {"objective": "iwae", "k": 3}],
+        "training": {"passes": 40, "train_images": 2000, "test_images": 100},
+    }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--storage",
-               str(tmp_path / "store"), "--data-dir", str(mnist_dir), "--max-concurrent", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sweep.run",
+        "--space",
+        str(tmp_path / "space.yaml"),
+        "--storage",
+        str(tmp_path / "store"),
+        "--data-dir",
+        str(mnist_dir),
+        "--max-concurrent",
+        "1",
+    ]
     sweep_dir, log = tmp_path / "store" / "stream", tmp_path / "driver.txt"
     with log.open("w") as out:
         driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -692,8 +830,9 @@ def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps
             time.sleep(0.2)
         iwae = next(sweep_dir.glob("iwae_*"))
         passes_done = max((int(p.name.rsplit("_", 1)[1]) + 1 for p in iwae.glob("checkpoint_*")), default=0)
-        query = subprocess.run([sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True,
-                               timeout=120)
+        query = subprocess.run(
+            [sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True, timeout=120
+        )
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -711,4 +850,5 @@ def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps
     assert [p.name for p in (sweep_dir.glob("vae_*/tb_evaluation/*"))] == [kept["evaluation_id"]]
     per_image = read_per_image(str(sweep_dir)).to_pandas()
     assert per_image.groupby("trial_name")["evaluation_id"].unique().map(list).to_dict() == {
-        name: [row["evaluation_id"]] for name, row in rows.items()}
+        name: [row["evaluation_id"]] for name, row in rows.items()
+    }

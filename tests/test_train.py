@@ -15,8 +15,22 @@ from iwae_model.train import parse_args
 from iwae_model.training import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
 
 TINY = dict(train_images=200, test_images=100, passes=3, k=5, seed=3)
-METRIC_FIELDS = {"epoch", "step", "stage", "lr", "train_bound", "valid_bound", "valid_ll", "test_bound", "test_nll",
-                 "active_units", "train_seconds", "images_per_s", "snr", "generator_reseeded"}
+METRIC_FIELDS = {
+    "epoch",
+    "step",
+    "stage",
+    "lr",
+    "train_bound",
+    "valid_bound",
+    "valid_ll",
+    "test_bound",
+    "test_nll",
+    "active_units",
+    "train_seconds",
+    "images_per_s",
+    "snr",
+    "generator_reseeded",
+}
 TIMING_FIELDS = {"train_seconds", "images_per_s"}
 
 
@@ -120,9 +134,15 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("objective, extra", [
-    ("vae", {}), ("miwae", {"m": 2}), ("ciwae", {"beta": 0.3}), ("piwae", {"m": 2}),
-])
+@pytest.mark.parametrize(
+    "objective, extra",
+    [
+        ("vae", {}),
+        ("miwae", {"m": 2}),
+        ("ciwae", {"beta": 0.3}),
+        ("piwae", {"m": 2}),
+    ],
+)
 def test_every_objective_trains_and_improves(tiny_data, tmp_path, objective, extra):
     config = TrainConfig(**{**TINY, "objective": objective, "k": 3, "passes": 4, "schedule": "truncated", **extra})
     history = train(config, tmp_path, tiny_data, progress=False)
@@ -141,25 +161,46 @@ def run_cli(*args, env_data=None):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--k", "0"], "k=0: must be a positive integer"),
-    (["--layers", "2", "--estimator", "dreg"], "estimator='dreg' with layers=2"),
-    (["--objective", "ciwae", "--beta", "2"], "beta=2.0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--k", "0"], "k=0: must be a positive integer"),
+        (["--layers", "2", "--estimator", "dreg"], "estimator='dreg' with layers=2"),
+        (["--objective", "ciwae", "--beta", "2"], "beta=2.0"),
+    ],
+)
 def test_train_cli_rejects_bad_settings_by_name(tmp_path, args, message):
     result = run_cli("iwae_model.train", "--out", str(tmp_path), *args)
     assert result.returncode == 2 and message in result.stderr
 
 
 def test_train_cli_runs_on_real_mnist_and_prints_the_last_row(mnist_dir, tmp_path):
-    result = run_cli("iwae_model.train", "--out", str(tmp_path / "run"), "--data-dir", str(mnist_dir),
-                     "--train-images", "400", "--test-images", "20", "--passes", "2", "--no-progress",
-                     "--nll-every", "2", "--nll-k", "100", "--nll-images", "20", "--device", "cpu")
+    result = run_cli(
+        "iwae_model.train",
+        "--out",
+        str(tmp_path / "run"),
+        "--data-dir",
+        str(mnist_dir),
+        "--train-images",
+        "400",
+        "--test-images",
+        "20",
+        "--passes",
+        "2",
+        "--no-progress",
+        "--nll-every",
+        "2",
+        "--nll-k",
+        "100",
+        "--nll-images",
+        "20",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["epoch"] == 2 and last["label"] == "iwae_L1_M1_K5_s0"
     assert 0 < last["test_nll"] < -last["test_bound"] + 1  # the NLL estimate beats the bound's value
-
 
 
 @pytest.mark.parametrize("changes", [{}, {"objective": "piwae", "m": 2, "k": 2, "estimator": "dreg"}])
@@ -182,8 +223,16 @@ def test_a_continued_run_starts_from_its_parents_weights_with_a_fresh_optimizer(
     parent_dir = uninterrupted[0]
     parent = load_checkpoint(parent_dir)
     # lr 1e-12: one pass moves no weight by more than ~1e-10, so the start is visible at the end.
-    child = dict(TINY, objective="vae", k=1, passes=1, lr=1e-12, schedule="constant", init_from=str(parent_dir),
-                 init_label="iwae_L1_M1_K5_s3")
+    child = dict(
+        TINY,
+        objective="vae",
+        k=1,
+        passes=1,
+        lr=1e-12,
+        schedule="constant",
+        init_from=str(parent_dir),
+        init_label="iwae_L1_M1_K5_s3",
+    )
     history = train(TrainConfig(**child), tmp_path / "fresh_adam", tiny_data, progress=False)
     state = load_checkpoint(tmp_path / "fresh_adam")
     for name, value in parent["model"].items():
@@ -207,24 +256,54 @@ def test_a_continued_run_resumes_bit_identical_without_reloading_its_parent(tiny
 
 
 def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, uninterrupted, tmp_path, mnist_dir):
-    with pytest.raises(InitError, match=r"\(iwae_L1_M1_K5_s3: latent sizes \[50\].*than this run.s \(latent sizes \[100, 50\]"):
+    with pytest.raises(
+        InitError, match=r"\(iwae_L1_M1_K5_s3: latent sizes \[50\].*than this run.s \(latent sizes \[100, 50\]"
+    ):
         train(TrainConfig(**dict(TINY, layers=2, init_from=str(uninterrupted[0]))), tmp_path, tiny_data, progress=False)
     with pytest.raises(ValueError, match="need init_from"):
         TrainConfig(init_label="vae_L1_M1_K1_s0")
-    cli = subprocess.run([sys.executable, "-m", "iwae_model.train", "--out", str(tmp_path / "x"), "--init-from",
-                          str(tmp_path / "nowhere"), "--data-dir", str(mnist_dir), "--device", "cpu"],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iwae_model.train",
+            "--out",
+            str(tmp_path / "x"),
+            "--init-from",
+            str(tmp_path / "nowhere"),
+            "--data-dir",
+            str(mnist_dir),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 2 and "nowhere" in cli.stderr and "no checkpoint there" in cli.stderr
     assert "Traceback" not in cli.stderr
 
 
 def test_the_train_cli_has_a_flag_for_every_setting(tmp_path):
     # Made from TrainConfig's fields, so the two cannot drift apart.
-    config, _ = parse_args(["--out", str(tmp_path), "--adam-beta2", "0.99", "--latent-dims", "20", "--hidden-dims",
-                            "64", "--compile", "--train-images", "400"])
+    config, _ = parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--adam-beta2",
+            "0.99",
+            "--latent-dims",
+            "20",
+            "--hidden-dims",
+            "64",
+            "--compile",
+            "--train-images",
+            "400",
+        ]
+    )
     assert (config.adam_beta2, config.latent_dims, config.hidden_dims, config.compile) == (0.99, (20,), (64,), True)
-    assert config.train_images == 400 and config == TrainConfig(adam_beta2=0.99, latent_dims=(20,), hidden_dims=(64,),
-                                                                 compile=True, train_images=400)
+    assert config.train_images == 400 and config == TrainConfig(
+        adam_beta2=0.99, latent_dims=(20,), hidden_dims=(64,), compile=True, train_images=400
+    )
     text = run_cli("iwae_model.train", "--help").stdout
     for field in dataclasses.fields(TrainConfig):
         if field.name != "init_label":  # read from the --init-from run
