@@ -1,10 +1,12 @@
-"""The CUDA path, on a GPU host: run it there with
+"""The CUDA path of `iwae_model`, on a GPU host: run it there with
 
     python -m pytest -m cuda && python -m iwae_model.bench --device cuda
 
-Everywhere else every test here is skipped with one line saying why. What the CPU suite checks of
-the same path (the device decision, a GPU's checkpoint resumed on a CPU, batch- and
-chunk-independent noise) is in test_devices.py."""
+These checks import only `iwae_model` (pure PyTorch), so they run on a GPU host with the site's
+torch and no Ray (docs/gpu.md); a sweep's trial on a GPU is in test_cuda_sweep.py. Everywhere else
+every test here is skipped with one line saying why. What the CPU suite checks of the same path
+(the device decision, a GPU's checkpoint resumed on a CPU, batch- and chunk-independent noise) is
+in test_devices.py."""
 
 import dataclasses
 import json
@@ -12,18 +14,14 @@ import subprocess
 import sys
 
 import pytest
-import ray
 import torch
-from conftest import TINY_SPACE, Crash, crash_after_first_pass, random_binary, small_mnist
+from conftest import Crash, crash_after_first_pass, random_binary, small_mnist
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import Dataset
 from iwae_model.likelihood import burda_active_units, importance_sampling
 from iwae_model.training import build_surrogate, train
-from sweep.results import read_results
-from sweep.run import run_sweep
-from sweep.space import parse_space
 
 pytestmark = [
     pytest.mark.cuda,
@@ -118,22 +116,6 @@ def test_compiled_and_eager_surrogates_agree(data):
     # a CPU); a wrong backward graph is off by its whole scale.
     for eager, compiled in zip(eager_grads, compiled_grads):
         assert (eager - compiled).abs().max() <= 1e-4 * eager.abs().max()
-
-
-def test_a_sweep_trial_given_half_a_gpu_trains_and_is_evaluated_on_it(mnist_dir, tmp_path):
-    space = parse_space({**TINY_SPACE, "name": "gpu", "resources": {"gpus_per_trial": 0.5, "eval_gpus": 0.5}}, "<gpu>")
-    ray.init(address="local", include_dashboard=False)
-    try:
-        run_sweep(space, str(tmp_path), str(mnist_dir), max_failures=0)
-    finally:
-        ray.shutdown()
-    table = read_results(str(tmp_path / "gpu")).to_pylist()
-    name = torch.cuda.get_device_name(0)
-    for row in table:
-        assert (row["train_device"], row["device"]) == ("cuda", "cuda")
-        assert (row["train_gpu_name"], row["eval_gpu_name"]) == (name, name)
-        assert (row["train_float32"], row["eval_float32"]) == ("ieee", "ieee")
-        assert all(run["ray_gpu_ids"] and run["device"] == "cuda" for run in json.loads(row["train_nodes"]))
 
 
 def test_the_benchmark_s_cuda_figures():
