@@ -68,8 +68,8 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], durable: bool = True) -> None:
     """torch.save to a temp file beside `path`, fsync, then rename: a crash leaves the previous
-    checkpoint intact, never half of a new one. Not `durable`: a plain write (a folder that is
-    handed to Ray and deleted)."""
+    checkpoint intact, never half of a new one. Not `durable`: still whole, but not fsynced (a
+    folder that is handed to Ray and deleted)."""
     write_atomically(path, lambda out: torch.save({"format": CHECKPOINT_FORMAT, **state}, out), durable)
 
 

@@ -157,7 +157,7 @@ def continuation_seed(seed: int, step: int) -> int:
 
 
 def write_metrics(run_dir: Path, history: list[dict], durable: bool = True) -> None:
-    """Rewrite metrics.jsonl from the checkpoint's history (atomically when `durable`), so a
+    """Rewrite metrics.jsonl from the checkpoint's history (whole; fsynced when `durable`), so a
     resumed run never shows rows of a pass that was lost in a crash."""
     text = "".join(json.dumps(row) + "\n" for row in history).encode()
     write_atomically(run_dir / "metrics.jsonl", lambda out: out.write(text), durable)

@@ -34,6 +34,7 @@ from iwae_model.datasets import SPLIT_SIZES, load_dataset
 from iwae_model.device import pin_float32
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import evaluate_model
+from iwae_model.files import WriteError
 
 from .cluster import ray_device, this_node
 from .folder import (
@@ -166,6 +167,7 @@ class Evaluations:
         self.folder, self.filesystem = folder, filesystem
         self.done: Evaluated = read_evaluated(folder, filesystem) if read else {}
         self.running: dict[ray.ObjectRef, tuple[str, tune.Checkpoint]] = {}  # ref: (trial id, checkpoint)
+        self.unwritten: list[tuple[dict[str, Any], dict[str, Any], tune.Checkpoint]] = []  # collected since `write`
 
     def alike(self, trial_id: str, checkpoint: tune.Checkpoint, space: SweepSpace) -> bool:
         """Whether `checkpoint` is evaluated, or being evaluated, as `space` asks."""
@@ -181,9 +183,8 @@ class Evaluations:
         return ref
 
     def collect(self, ready: list[ray.ObjectRef], write: bool = True) -> list[dict[str, Any]]:
-        """The rows of the `ready` evaluations, kept (with `write`: the files rewritten whole, and
-        the trial's TensorBoard events written); a failed one raises (without Ray's traceback
-        for an IWAEError), the others still kept."""
+        """The rows of the `ready` evaluations, kept here (with `write`: then written, see `write`);
+        a failed one raises (without Ray's traceback for an IWAEError), the others still kept."""
         rows, failure = [], None
         for ref in ready:
             _, checkpoint = self.running.pop(ref)
@@ -193,14 +194,28 @@ class Evaluations:
                 failure = failure or error
                 continue
             self.done[row["trial_id"]] = (row, per_image)
-            if write:
-                write_evaluation_events(row, per_image, checkpoint, self.folder)
+            self.unwritten.append((row, per_image, checkpoint))
             rows.append(row)
-        if rows and write:
-            write_evaluated(self.folder, self.filesystem, self.done)
+        if write:
+            self.write()
         if failure is not None:
             raise failure
         return rows
+
+    def write(self) -> None:
+        """The evaluations collected since the last write: their TensorBoard events, then the files
+        rewritten whole. A write that fails (a full disk) raises; what it did not write is written
+        by the next one, or by `evaluate_sweep` when training ends."""
+        if self.unwritten:
+            self.write_events()
+            write_evaluated(self.folder, self.filesystem, self.done)
+
+    def write_events(self) -> None:
+        """The TensorBoard events of the evaluations collected since the last write."""
+        while self.unwritten:  # one at a time: after a failure, none is written twice
+            row, per_image, checkpoint = self.unwritten[0]
+            write_evaluation_events(row, per_image, checkpoint, self.folder)
+            self.unwritten.pop(0)
 
 
 _IN_THIS_DRIVER: dict[str, Evaluations] = {}  # by sweep folder: Ray's references are this process's
@@ -234,6 +249,7 @@ class EvaluateAsTrialsFinish(tune.Callback):
         self.folder, self.filesystem, self.view = folder, filesystem, view
         self.waiting: list[dict[str, Any]] = []  # jobs of finished trials
         self.spec: tuple[SweepSpace, str] | None = None
+        self.shown: set[str] = set()  # failures noted: one that repeats at every step is shown once
 
     def __getstate__(self) -> dict[str, Any]:
         return {"folder": self.folder, "filesystem": self.filesystem, "view": self.view}
@@ -267,6 +283,10 @@ class EvaluateAsTrialsFinish(tune.Callback):
             ready = ray.wait(list(state.running), num_returns=len(state.running), timeout=0)[0]
             if not ready:
                 return
+            # Collected before anything is written: a write that fails (a full disk) leaves them
+            # kept here for `evaluate_sweep`, not ready again at every step.
+            for row in state.collect(ready, write=False):
+                self.view.note(trials, headline(row))
             # The trials file first: a query reading between the writes sees the trial unevaluated.
             merge_trials(
                 [
@@ -277,8 +297,9 @@ class EvaluateAsTrialsFinish(tune.Callback):
                 self.folder,
                 self.filesystem,
             )
-            for row in state.collect(ready):
-                self.view.note(trials, headline(row))
+            state.write()
+        except WriteError as error:
+            self.failed(trials, "writing the results", error)
         except Exception as error:  # noqa: BLE001 -- see the class's docstring
             self.failed(trials, "an evaluation", error)
 
@@ -297,10 +318,16 @@ class EvaluateAsTrialsFinish(tune.Callback):
             free_cpus, free_gpus = free_cpus - cpus, free_gpus - gpus
 
     def failed(self, trials: list, what: str, error: Exception) -> None:
-        self.view.note(
-            trials,
-            f"{what} failed ({type(error).__name__}: {str(error).strip()[:300]}); it is tried again when training ends",
+        """`what` failed, noted once however often it repeats (an IWAEError by its message alone)."""
+        cause = (
+            str(error).strip()
+            if isinstance(error, IWAEError)
+            else f"{type(error).__name__}: {str(error).strip()[:300]}"
         )
+        text = f"{what} failed: {cause}; it is tried again when training ends"
+        if text not in self.shown:
+            self.shown.add(text)
+            self.view.note(trials, text)
 
 
 # A trial's status in trials.parquet while the sweep runs (a terminated one's says how it ended).
@@ -375,9 +402,7 @@ def evaluate_sweep(
             ready, _ = ray.wait(list(state.running), num_returns=1)
             state.collect(ready, write=keep)  # without keep, the old files stay whole until all are done
             progress.update(len(ready))
-    if not keep:
-        for row, per_image in state.done.values():
-            write_evaluation_events(row, per_image, chosen[row["trial_id"]], folder)
+    state.write_events()  # without keep, all of them; with, those a full disk kept from being written
     rows = write_evaluated(folder, filesystem, state.done)
     write_trials(trial_rows(grids, space), f"{folder}/{TRIALS_FILE}", filesystem)
     write_hparams(folder, filesystem, grids, rows)

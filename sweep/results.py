@@ -89,8 +89,9 @@ import iwae_model
 from iwae_model import TrainConfig
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation
+from iwae_model.files import write_atomically
 
-from .storage import filesystem_and_path
+from .storage import TEMP_PREFIX, filesystem_and_path, is_local
 
 SCHEMA_VERSION = 5
 RESULTS_FILE = "results/results.parquet"
@@ -421,12 +422,16 @@ def write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem) -> None
 
 
 def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem) -> None:
-    """`data` to a temp name beside `path` on a local or object-store filesystem, then moved into
-    place: readers and a crash never see half a file (an object store writes each object whole
-    anyway). iwae_model.files.write_atomically is the same for a local run's files."""
+    """`data` as the file `path`, whole or not at all: readers and a crash never see half a file,
+    and a failed write (a full disk: WriteError) leaves the previous version. A local file through
+    iwae_model.files.WholeFile; on an object store, which writes each object whole anyway, to a
+    temp name then moved into place."""
+    if is_local(filesystem):
+        write_atomically(path, lambda out: out.write(data))
+        return
     folder, name = path.rsplit("/", 1)
     filesystem.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{name}"
+    tmp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
     with filesystem.open_output_stream(tmp) as out:
         out.write(data)
     filesystem.move(tmp, path)

@@ -4,48 +4,25 @@ Ray Tune rewrites its experiment and searcher state in place, from a background 
 time it saves (at every checkpoint when `checkpoints.keep` is 1). A driver killed mid-write left
 a truncated file; Tune's restore then fails, logs it and silently restarts the experiment with an
 empty configuration. Object stores (S3, GCS) already replace an object whole, so only a local
-(or mounted shared) folder needs this."""
+(or mounted shared) folder needs this.
+
+A write that finds the disk full raises (iwae_model.files.WholeFile) rather than leaving a file
+cut short; `check_space` turns such an error, in a trial or the driver, into the sweep's message
+and fix, and `clean_partial_files` removes the temp files of writes that never finished."""
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
+import errno
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from iwae_model.files import umask
+from iwae_model.errors import IWAEError
+from iwae_model.files import PARTIAL_SUFFIX, WholeFile, WriteError
 
-
-class _WholeFile(io.FileIO):
-    """A temp file beside `path`, renamed onto it when closed (pyarrow's copy_files leaves that to
-    garbage collection: IOBase's finaliser closes); a write that failed leaves `path` as it was."""
-
-    def __init__(self, path: str) -> None:
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)  # as LocalFileSystem's output streams do
-        fd, self._temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".partial")
-        os.fchmod(fd, 0o666 & ~umask())  # a temp file is private; the file it becomes is not
-        super().__init__(fd, "wb")
-        self._path, self._failed = path, False
-
-    def write(self, data) -> int:
-        try:
-            return super().write(data)
-        except OSError:
-            self._failed = True
-            raise
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        super().close()
-        if self._failed:
-            os.unlink(self._temp)
-        else:
-            os.replace(self._temp, self._path)
+TEMP_PREFIX = ".tmp-"  # results.write_whole's temp object on an object store: .tmp-<hex>-NAME
 
 
 class WholeFiles(pafs.FileSystemHandler):
@@ -103,7 +80,7 @@ class WholeFiles(pafs.FileSystemHandler):
         return self._local.open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: dict | None) -> pa.PythonFile:
-        return pa.PythonFile(_WholeFile(path), mode="w")
+        return pa.PythonFile(WholeFile(path), mode="w")
 
     def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
         return self._local.open_append_stream(path)
@@ -121,3 +98,49 @@ def is_local(filesystem: pafs.FileSystem) -> bool:
     return isinstance(filesystem, pafs.LocalFileSystem) or (
         isinstance(filesystem, pafs.PyFileSystem) and isinstance(filesystem.handler, WholeFiles)
     )
+
+
+def clean_partial_files(folder: str, filesystem: pafs.FileSystem) -> list[str]:
+    """Remove the temp files that writes which never finished (a killed driver or trial, a full
+    disk) left anywhere in sweep `folder`: WholeFile's `.NAME.<random>.partial` and an object
+    store's `.tmp-<hex>-NAME`; returns their paths. Only while nothing writes the sweep (before
+    a resumed sweep starts): a write in progress would lose its temp file."""
+    selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
+    leftovers = [
+        info.path
+        for info in filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and _is_temp(info.base_name)
+    ]
+    for path in leftovers:
+        filesystem.delete_file(path)
+    return leftovers
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) or (name.startswith(".") and name.endswith(PARTIAL_SUFFIX))
+
+
+class StorageFull(IWAEError, RuntimeError):
+    """A sweep's storage has no space left; the message names the file, the storage and the fix."""
+
+
+def check_space(errors: Iterable[BaseException | None], folder: str) -> None:
+    """Raise StorageFull if one of `errors` (trials' errors as Ray hands them, or a write's) is a
+    write that found no space left on the storage of sweep `folder`."""
+    for error in errors:
+        if (full := _no_space(error)) is not None:
+            raise StorageFull(
+                f"{full.filename}: not written, no space left on --storage (the sweep folder {folder}). Free "
+                f"space there, then continue with the same command plus --resume: finished trials and their "
+                f"evaluations are kept, the others continue from their last whole checkpoint"
+            )
+
+
+def _no_space(error: BaseException | None) -> WriteError | None:
+    """`error`, or the error it carries (Ray's RayTaskError: `cause`), if it is a write that found
+    no space left."""
+    while error is not None:
+        if isinstance(error, WriteError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None

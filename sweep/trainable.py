@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.data import DataError
 from iwae_model.datasets import MIRRORS_VARIABLES, load_dataset
 from iwae_model.device import device_record, pin_float32
+from iwae_model.files import held_folder, remove_abandoned_folders
 from iwae_model.training import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
@@ -34,6 +34,7 @@ IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: re
 IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
 TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
 NODES_FILE = "nodes.json"  # in each checkpoint: every node the trial ran on, from which pass, on which device
+CHECKPOINT_FOLDER = "iwae_checkpoint_"  # in the temp dir: a checkpoint written there before Ray copies it
 
 
 def trial_metrics(row: dict) -> dict[str, float | int]:
@@ -170,8 +171,10 @@ def report(run: TrainingRun, row: dict, nodes: list[dict], writer: SummaryWriter
         tune.report(trial_metrics(row))
         return
     # Outside the working dir, which Ray uploads with every checkpoint (sync_artifacts); Ray copies
-    # the folder before it is deleted, so it needs no fsync.
-    with tempfile.TemporaryDirectory(prefix="iwae_checkpoint_") as folder:
+    # the folder before it is deleted, so it needs no fsync. A killed trial's folder (one per
+    # checkpoint) is removed by the next checkpoint made on its node.
+    remove_abandoned_folders(CHECKPOINT_FOLDER)
+    with held_folder(CHECKPOINT_FOLDER) as folder:
         run.save(folder, durable=False)
         (Path(folder) / NODES_FILE).write_text(json.dumps(nodes))
         tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))
