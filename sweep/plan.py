@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,26 @@ from .space import Distribution, SweepSpace
 
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
+# Only the model, objective and estimator set the cost: a configuration is calibrated with these
+# fields as here, once for all the trials that differ only in them.
+CALIBRATED_AS = {
+    "seed": 0,
+    "lr": TrainConfig.lr,
+    "beta": TrainConfig.beta,
+    "adam_beta1": TrainConfig.adam_beta1,
+    "adam_beta2": TrainConfig.adam_beta2,
+    "adam_eps": TrainConfig.adam_eps,
+    "passes": 1,
+    "schedule": "compressed",
+    "train_images": None,
+    "test_images": None,
+    "nll_every": 0,
+    "snr_every": 0,
+    "init_from": None,
+    "init_label": None,
+    "init_optimizer": False,
+}
+COST_FIELDS = [f.name for f in fields(TrainConfig) if f.name not in CALIBRATED_AS]
 
 
 @dataclass(frozen=True)
@@ -103,7 +125,14 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     `resources.cpus_per_trial`) and estimate each trial and the evaluation."""
     threads = torch.get_num_threads()
     trial_threads = max(1, int(space.resources.cpus_per_trial))
-    step_cache: dict[TrainConfig, tuple[float, float]] = {}
+    calibrated: dict[tuple, TrainConfig] = {}  # by COST_FIELDS: a 20,000-trial grid has a handful
+    seconds: dict[tuple, float] = {}
+
+    def timed(what: tuple, measure: Callable[[], float]) -> float:
+        if what not in seconds:
+            seconds[what] = measure()
+        return seconds[what]
+
     plans = []
     try:
         torch.set_num_threads(trial_threads)
@@ -111,31 +140,12 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         searched = list(space.search.distributions) if space.search else []
         trained = [] if space.init_from_sweep else trials  # --init-from-sweep: stage 1 exists
         for config in [*trained, *space.continued]:
-            # Only the model, objective and estimator set the cost: calibrate each once.
-            key = replace(
-                config,
-                seed=0,
-                lr=TrainConfig.lr,
-                beta=TrainConfig.beta,
-                adam_beta1=TrainConfig.adam_beta1,
-                adam_beta2=TrainConfig.adam_beta2,
-                adam_eps=TrainConfig.adam_eps,
-                passes=1,
-                schedule="compressed",
-                train_images=None,
-                test_images=None,
-                nll_every=0,
-                snr_every=0,
-                init_from=None,
-                init_label=None,
-                init_optimizer=False,
-            )
-            if key not in step_cache:
-                step_cache[key] = (
-                    training_step_seconds(key, device, CALIBRATION_STEPS, warmup=3),
-                    bound_seconds_per_image(key, device),
-                )
-            step, per_image = step_cache[key]
+            cost = tuple(getattr(config, name) for name in COST_FIELDS)
+            if cost not in calibrated:
+                calibrated[cost] = replace(config, **CALIBRATED_AS)
+            key = calibrated[cost]
+            step = timed(("step", key), partial(training_step_seconds, key, device, CALIBRATION_STEPS, warmup=3))
+            per_image = timed(("bound", key), partial(bound_seconds_per_image, key, device))
             steps = steps_per_pass(config) * config.passes
             _, valid_images, all_test = SPLIT_SIZES[config.dataset]
             test_images = config.test_images or all_test
@@ -147,13 +157,19 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
                     config.passes
                     // config.nll_every
                     * min(config.nll_images, test_images)
-                    * likelihood_seconds_per_image(key, device, config.nll_k, CALIBRATION_IMAGES)
+                    * timed(
+                        ("likelihood", key, config.nll_k),
+                        partial(likelihood_seconds_per_image, key, device, config.nll_k, CALIBRATION_IMAGES),
+                    )
                 )
             if config.valid_ll_k:  # the fair metric, every pass
                 nll += (
                     config.passes
                     * valid_images
-                    * likelihood_seconds_per_image(key, device, config.valid_ll_k, CALIBRATION_IMAGES)
+                    * timed(
+                        ("likelihood", key, config.valid_ll_k),
+                        partial(likelihood_seconds_per_image, key, device, config.valid_ll_k, CALIBRATION_IMAGES),
+                    )
                 )
             plans.append(
                 TrialPlan(

@@ -24,6 +24,7 @@ import ray
 import torch
 from pyarrow import fs as pafs
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -32,6 +33,7 @@ from iwae_model import TrainConfig
 from iwae_model.data import default_data_dir
 from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError
+from iwae_model.files import WriteError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
 from .evaluation import EvaluateAsTrialsFinish, evaluate_sweep, forget
@@ -52,9 +54,20 @@ from .folder import (
 )
 from .hparams import RayScalarsOnly
 from .live import LiveView
+from .lock import driver_lock
 from .plan import drawn_trials, plan_sweep, render
-from .space import DEFAULT_SPACE, Distribution, SpaceError, SweepSpace, load_space, shipped_spaces
-from .storage import filesystem_and_path
+from .space import (
+    DEFAULT_SPACE,
+    FOLDER_NAME_RULE,
+    Distribution,
+    SpaceError,
+    SweepSpace,
+    check_memory,
+    is_folder_name,
+    load_space,
+    shipped_spaces,
+)
+from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
 from .trainable import train_trial, trial_config
 
@@ -191,18 +204,22 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
             )
         tuner = build_tuner(stage, options)
     grid = tuner.fit()
+    check_space((result.error for result in grid), options.folder)  # trials that found the storage full
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
     # terminated; the experiment state it saved on the way out still says which are not.
     saved = saved_results(experiment, filesystem)
-    pending = len(saved) - saved.num_terminated - saved.num_errors
-    if pending:
+    if len(saved) - saved.num_terminated - saved.num_errors:
+        # Named by their status in that state too, not from this process's results, where
+        # trials that finished after the last save had been counted but not named ("2 of 2
+        # trial(s) did not finish: .").
+        trials = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
         behind = [
-            f"{trial_label(r)} ({r.metrics.get('epoch', 0)}/{trial_config(r.config).passes} passes)"
-            for r in grid
-            if r.error is None and r.metrics.get("epoch", 0) < trial_config(r.config).passes
+            f"{trial_label(t)} ({t.last_result.get('epoch', 0)}/{trial_config(t.config).passes} passes)"
+            for t in trials
+            if t.status not in (Trial.TERMINATED, Trial.ERROR)
         ]
         raise SweepInterrupted(
-            f"{pending} of {len(grid)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
+            f"{len(behind)} of {len(trials)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
             f"lost: continue with the same command plus --resume"
         )
     return grid
@@ -251,68 +268,81 @@ def run_sweep(
     max_failures: int = 2,
     wait_for_gpus: float = 0,
     callbacks: list[tune.Callback] | None = None,
+    address: str | None = None,
 ) -> tuple[str, list[dict], list[str]]:
     """Train (or resume) every trial -- the first stage, then a `continue` stage from its best
     checkpoints -- evaluating each finished one as it finishes (`best: each`) or the best when
     all have (`best: top`); returns the Parquet path, its rows and the names of trials that
-    failed for good. Ray must be initialised (see `cluster.init_ray`). `asha`: stop poor trials
+    failed for good. Holds the sweep's driver lock throughout (sweep.lock), and refuses a sweep
+    that exists (unless `resume`) or cannot be resumed before it joins Ray: `address`, or a new
+    local Ray unless one is initialised (see `cluster.init_ray`). `asha`: stop poor trials
     early (SweepSpace.with_asha). `callbacks`: extra Ray Tune callbacks (used when a stage
     starts, not on resume). On resume the trials, evaluation settings, ASHA and data folder are
     the ones the sweep was started with (its iwae_sweep.json); only `space.resources` is taken
     anew, and the evaluations already made are kept."""
-    space = space.with_asha() if asha else space
-    filesystem, storage_path = filesystem_and_path(storage)
-    experiment = f"{storage_path.rstrip('/')}/{space.name}"
-    exists = any(
-        tune.Tuner.can_restore(path, storage_filesystem=filesystem) for path in (experiment, f"{experiment}/{STAGE_2}")
-    )
-    begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
-    if exists and not resume:
-        raise SpaceError(
-            f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
-            f"or --name to start another"
+    with driver_lock(storage, space.name):  # before the "already exists" check, for the driver's life
+        space = space.with_asha() if asha else space
+        filesystem, storage_path = filesystem_and_path(storage)
+        experiment = f"{storage_path.rstrip('/')}/{space.name}"
+        exists = any(
+            tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+            for path in (experiment, f"{experiment}/{STAGE_2}")
         )
-    if resume and not (exists or begun):
-        raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
-    if resume:
-        started, data_dir = read_spec(experiment, filesystem)
-        if asha and not started.early_stopped:
+        begun = filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File
+        if exists and not resume:
             raise SpaceError(
-                f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
-                f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
-                f"start a new sweep with --name"
+                f"a sweep named {space.name!r} already exists in {storage}: pass --resume to continue it, "
+                f"or --name to start another"
             )
-        space = space.with_asha() if started.asha else space
-        if (started.trials, started.continued, started.init_from_sweep) != (
-            space.trials,
-            space.continued,
-            space.init_from_sweep,
-        ):
-            raise SpaceError(
-                f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
-                f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
-                f"start a new sweep with --name"
-            )
-        space = replace(started, resources=space.resources)
-    marker = storage_marker(experiment, filesystem)
-    check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
-    check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
-    write_spec(experiment, filesystem, space, data_dir)  # on resume, with the resources it resumes with
-    forget(experiment)  # an earlier run's evaluations in this process: the files say what is done
-    options = StageOptions(space, data_dir, experiment, resume, max_concurrent, max_failures, callbacks, marker)
-    if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
-        grids = load_grids(space.init_from_sweep)[:1]
-    else:
-        grids = [fit_stage(Stage(space.trials, storage, space.name), options)]
-    if space.continued:
-        trials, checkpoints = second_stage(space, grids[0])
-        if trials:
-            grids.append(fit_stage(Stage(trials, stage_storage(storage, space.name), STAGE_2, checkpoints), options))
-    failed = [result for grid in grids for result in grid if result.error is not None]
-    for result in failed:
-        print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
-    path, rows = evaluate_sweep(grids, experiment, filesystem, space, data_dir)
-    return path, rows, [Path(result.path).name for result in failed]
+        if resume and not (exists or begun):
+            raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
+        if resume:
+            started, data_dir = read_spec(experiment, filesystem)
+            if asha and not started.early_stopped:
+                raise SpaceError(
+                    f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
+                    f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
+                    f"start a new sweep with --name"
+                )
+            space = space.with_asha() if started.asha else space
+            if (started.trials, started.continued, started.init_from_sweep) != (
+                space.trials,
+                space.continued,
+                space.init_from_sweep,
+            ):
+                raise SpaceError(
+                    f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
+                    f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
+                    f"start a new sweep with --name"
+                )
+            space = replace(started, resources=space.resources)
+            clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
+        init_ray(address)
+        marker = storage_marker(experiment, filesystem)
+        check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
+        check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
+        write_spec(experiment, filesystem, space, data_dir)  # on resume, with the resources it resumes with
+        forget(experiment)  # an earlier run's evaluations in this process: the files say what is done
+        options = StageOptions(space, data_dir, experiment, resume, max_concurrent, max_failures, callbacks, marker)
+        if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
+            grids = load_grids(space.init_from_sweep)[:1]
+        else:
+            grids = [fit_stage(Stage(space.trials, storage, space.name), options)]
+        if space.continued:
+            trials, checkpoints = second_stage(space, grids[0])
+            if trials:
+                grids.append(
+                    fit_stage(Stage(trials, stage_storage(storage, space.name), STAGE_2, checkpoints), options)
+                )
+        failed = [result for grid in grids for result in grid if result.error is not None]
+        for result in failed:
+            print(f"trial {Path(result.path).name} failed for good: {result.error}", file=sys.stderr)
+        try:
+            path, rows = evaluate_sweep(grids, experiment, filesystem, space, data_dir)
+        except WriteError as error:
+            check_space([error], experiment)
+            raise
+        return path, rows, [Path(result.path).name for result in failed]
 
 
 def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: bool = False) -> str:
@@ -346,6 +376,21 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: b
     device = torch.device("cuda" if use_gpu else "cpu")
     eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
     return render(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)
+
+
+def storage_location(storage: str) -> str:
+    """--storage as run_sweep takes it: a URI, or an absolute folder (made if missing), refused
+    when it or a folder above it is a file."""
+    if "://" in storage:
+        return storage
+    path = Path(storage).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpaceError(
+            f"--storage {storage}: {existing} is a file, not a folder; give a folder (made if missing) or a URI "
+            f"such as s3://bucket/sweeps"
+        )
+    return str(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -437,7 +482,11 @@ def main(argv: list[str] | None = None) -> None:
             for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")
             if getattr(args, key) is not None
         }
+        if args.name is not None and not is_folder_name(args.name):
+            raise SpaceError(f"--name {args.name!r}: {FOLDER_NAME_RULE}: the sweep's folder, right under --storage")
         space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        if overrides:
+            check_memory(space)  # again, on the devices the resources now give
         if args.init_from_sweep:
             if not space.continued:
                 raise SpaceError(
@@ -451,15 +500,23 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             print(dry_run(space, args.address, args.max_concurrent, args.asha))
             return
-        data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
-        for dataset in sorted({trial.dataset for trial in space.trials + space.continued}):
-            load_dataset(dataset, data_dir, download=True)  # verified (or downloaded) before any trial starts
-        storage = args.storage if "://" in args.storage else str(Path(args.storage).expanduser().resolve())
-        init_ray(args.address)
-        start = time.perf_counter()
-        path, rows, failed = run_sweep(
-            space, storage, data_dir, args.resume, args.max_concurrent, args.asha, args.max_failures, args.wait_for_gpus
-        )
+        storage = storage_location(args.storage)
+        with driver_lock(storage, space.name):  # a second driver is refused before anything runs
+            data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
+            for dataset in sorted({trial.dataset for trial in space.trials + space.continued}):
+                load_dataset(dataset, data_dir, download=True)  # verified (or downloaded) before any trial starts
+            start = time.perf_counter()
+            path, rows, failed = run_sweep(
+                space,
+                storage,
+                data_dir,
+                args.resume,
+                args.max_concurrent,
+                args.asha,
+                args.max_failures,
+                args.wait_for_gpus,
+                address=args.address,
+            )
     except IWAEError as error:
         sys.exit(f"error: {error}")
     print_results(rows, path)

@@ -62,7 +62,10 @@ unless `training.valid_ll_k` says otherwise) whenever the trials can differ in o
 or CIWAE's beta, since each objective's own bound is not comparable across them; otherwise by
 `valid_bound`. Never by a test-set figure.
 
-Errors name the file, the key, the value and what is allowed, before any trial starts.
+Errors name the file, the key, the value and what is allowed, before any trial starts. So
+does a setting whose trial or evaluation would need more memory than one may use
+(MEMORY_LIMIT, 16 GiB, estimated from the model's layer sizes on the device the resources
+give it): a K, M, batch size, likelihood k or SNR setting far past the papers'.
 """
 
 from __future__ import annotations
@@ -75,10 +78,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from iwae_model import TrainConfig
+from iwae_model import TrainConfig, build_model
 from iwae_model.errors import IWAEError
+from iwae_model.likelihood import default_image_batch
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 DEFAULT_SPACE = "quick"
@@ -121,6 +126,15 @@ BEST_MODES = ("each", "top")
 
 class SpaceError(IWAEError, ValueError):
     """A search-space file that cannot be run; the message names the file, key and fix."""
+
+
+FOLDER_NAME_RULE = "must be a folder name of letters, digits, '_', '-' and '.'"
+
+
+def is_folder_name(name: Any) -> bool:
+    """A sweep's name (the space file's `name`, sweep.run's --name): one folder right under the
+    storage, never a path that leaves it or nests."""
+    return isinstance(name, str) and re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -313,8 +327,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         if key not in TOP_LEVEL:
             raise fail(key, f"unknown key; allowed top-level keys: {', '.join(sorted(TOP_LEVEL))}")
     name = raw.get("name", Path(source).stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name in (".", ".."):
-        raise fail("name", f"{name!r}: must be a folder name of letters, digits, '_', '-' and '.'")
+    if not is_folder_name(name):
+        raise fail("name", f"{name!r}: {FOLDER_NAME_RULE}")
 
     sections = {}
     for section, schema in SECTIONS.items():
@@ -369,7 +383,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     experiments = raw.get("experiments")
     if not isinstance(experiments, list) or not experiments:
         raise fail("experiments", "expected a non-empty list of grids, e.g. [{objective: [vae, iwae], k: [1, 5]}]")
-    trials: list[TrainConfig] = []
+    # Deduplicated by hash, in order: a list's `in` made a 20,000-trial grid 200 million comparisons.
+    unique: dict[TrainConfig, None] = {}
     for index, grid in enumerate(experiments):
         where = f"experiments[{index}]"
         if not isinstance(grid, dict):
@@ -378,8 +393,8 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         for point in _expand(grid, where, mk_product, fail):
             for seed in seeds:
                 config = _config({**training, **point, "seed": seed}, where, point, fail)
-                if config not in trials:
-                    trials.append(config)
+                unique.setdefault(config)
+    trials = list(unique)
     search = _search(raw.get("search"), distributions, trials, fail)
     if search and raw.get("continue") is not None:
         raise fail("continue", "a search has no second stage: a `continue` stage continues a grid's trials")
@@ -394,8 +409,9 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         description=str(raw.get("description", "")).strip(),
         continued=continued,
         search=search,
-    )
-    return space.measuring_rank()
+    ).measuring_rank()
+    check_memory(space)
+    return space
 
 
 # The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).
@@ -510,15 +526,18 @@ def _search(section: Any, found: dict[str, tuple[str, Distribution]], trials: li
             raise fail(
                 where, f"{distribution}: optuna's choices are numbers or strings; use random for a choice of lists"
             )
-        if distribution.kind == "choice":
-            probes = list(distribution.values)
-        else:
-            low, high = distribution.values
-            probes = [low, high - 1 if RANGES[distribution.kind] is int else high]
         for trial in trials:
-            for value in probes:
+            for value in _probes(distribution):
                 _config({**trial.to_dict(), key: value}, where, {key: value}, fail)
     return search
+
+
+def _probes(distribution: Distribution) -> list:
+    """The values that stand for a distribution in checks: every choice, or a range's ends."""
+    if distribution.kind == "choice":
+        return list(distribution.values)
+    low, high = distribution.values
+    return [low, high - 1 if RANGES[distribution.kind] is int else high]
 
 
 def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfig]:
@@ -545,7 +564,7 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     if not isinstance(switches, list) or not switches:
         raise fail("continue.switch", "expected a non-empty list of {from: {...}, to: {...}}")
     labels = [t.label() for t in trials]
-    continued: list[TrainConfig] = []
+    continued: dict[TrainConfig, None] = {}  # deduplicated by hash, in order
     for index, switch in enumerate(switches):
         where = f"continue.switch[{index}]"
         if (
@@ -583,9 +602,8 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
                 switch["to"],
                 fail,
             )
-            if child not in continued:
-                continued.append(child)
-    return continued
+            continued.setdefault(child)
+    return list(continued)
 
 
 def _config(values: dict, where: str, shown: dict, fail) -> TrainConfig:
@@ -633,3 +651,134 @@ def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:
 def _type_names(types: type | tuple[type, ...]) -> str:
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+# What one trial or one evaluation may ask for. 16 GiB: two thirds of the A10G (24 GB) that
+# cluster.yaml's GPU workers have, and what a laptop or a CPU node can spare for one process.
+# Burda's largest settings need far less (2 layers, k=50: 30 MB per training step; evaluation
+# k=5000: 0.7 GB on a GPU, 0.1 GB on a CPU); a value over it is a typo, found before any trial
+# starts rather than as allocation tracebacks in every trial or after the training.
+MEMORY_LIMIT = 16 * 2**30
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """An architecture's memory per unit of work, from its layer sizes."""
+
+    row: int  # bytes per sample row of a training step: 4 floats per Linear output and latent
+    # after the first encoder (output, activation and both gradients); measured on CPU, Burda's
+    # 1- and 2-layer models keep 10 and 20 KB per row, this says 20 and 33 KB
+    noise: int  # bytes per (sample, image) of an evaluation's noise, drawn up front (likelihood.py):
+    # 2 floats per latent unit (the draw and its slice; measured: 1 to 2)
+    parameters: int  # bytes of the parameters (one row of an SNR measurement's gradient draws)
+
+
+_SIZES: dict[tuple, _Sizes] = {}
+
+
+def _sizes(config: TrainConfig) -> _Sizes:
+    key = (config.layers, config.latent_dims, config.hidden_dims)
+    if key not in _SIZES:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = build_model(*key)
+        sampled = [*model.encoders[1:], *model.priors, model.decoder]  # run once per sample
+        outputs = sum(m.out_features for part in sampled for m in part.modules() if isinstance(m, torch.nn.Linear))
+        latents = sum(model.latent_dims)
+        _SIZES[key] = _Sizes(
+            row=4 * 4 * (outputs + latents),
+            noise=2 * 4 * latents,
+            parameters=4 * sum(p.numel() for p in model.parameters()),
+        )
+    return _SIZES[key]
+
+
+def _image_batch(gpus: float) -> int:
+    """Images evaluated at once on the device `gpus` GPUs (0: the CPU) give a trial or evaluation."""
+    return default_image_batch(torch.device("cuda" if gpus else "cpu"))
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def _check_needs(where: str, needs: list[tuple[str, int, int, str, str]], config: TrainConfig | None = None) -> None:
+    """Refuse the first (key, value, bytes per unit of value, what needs it, other fixes) of
+    `needs` whose value passes MEMORY_LIMIT, naming `where` and `config`'s label."""
+    for key, value, unit, what, fix in needs:
+        if value * unit > MEMORY_LIMIT:
+            where += f": {config.label()}" if config else ""  # only here: labels cost, and grids are large
+            raise SpaceError(
+                f"{where}: {key}={value}: {what} needs about {_gib(value * unit)} of memory, over the "
+                f"{_gib(MEMORY_LIMIT)} one trial or evaluation may use (sweep.space.MEMORY_LIMIT); lower {key} to "
+                f"at most {MEMORY_LIMIT // unit:,}{fix}"
+            )
+
+
+def _check_trial_memory(config: TrainConfig, where: str, gpus: float) -> None:
+    """A trial's training step, SNR measurement and per-pass likelihood estimates, on the
+    device `gpus` gives it."""
+    try:
+        sizes = _sizes(config)
+    except ValueError as error:  # e.g. layers: 3 without latent_dims and hidden_dims
+        raise SpaceError(f"{where}: {config.label()}: {error}") from None
+    samples = config.build_objective().num_samples
+    per_k = _image_batch(gpus) * sizes.noise
+    needs = [
+        (
+            "k",
+            config.k,
+            config.batch_size * config.m * sizes.row,
+            f"a training step (batch_size {config.batch_size} x M {config.m} x K sample rows)",
+            ", or m or batch_size",
+        ),
+        ("valid_ll_k", config.valid_ll_k, per_k, "the validation likelihood estimate", ""),
+    ]
+    if config.nll_every:
+        needs.append(("nll_k", config.nll_k, per_k, "the test NLL estimate", ", or set nll_every: 0"))
+    if config.snr_every:
+        needs += [
+            (
+                "snr_images",
+                config.snr_images,
+                samples * sizes.row,
+                f"a gradient-SNR draw (snr_images x M*K {samples} sample rows)",
+                ", or set snr_every: 0",
+            ),
+            (
+                "snr_draws",
+                config.snr_draws,
+                sizes.parameters,
+                "the SNR's gradient draws (the parameters once per draw)",
+                ", or set snr_every: 0",
+            ),
+        ]
+    _check_needs(where, needs, config)
+
+
+def check_memory(space: SweepSpace) -> None:
+    """Raise SpaceError naming the key, its value and the fix when a trial or an evaluation of
+    `space` would need more than MEMORY_LIMIT on the device its resources give it (GPUs take
+    more images at once). Estimated from the model's layer sizes: an upper estimate."""
+    gpus = space.resources.gpus_per_trial
+    for where, configs in (("experiments", space.trials), ("continue", space.continued)):
+        for config in configs:
+            _check_trial_memory(config, f"{space.source}: {where}", gpus)
+    for key, distribution in (space.search.distributions if space.search else {}).items():
+        where = f"{space.source}: search: {key} ~ {distribution}"
+        for value in _probes(distribution):
+            for config in space.trials:
+                _check_trial_memory(dataclasses.replace(config, **{key: value}), where, gpus)
+    eval_gpus = space.resources.eval_gpus
+    images = _image_batch(eval_gpus)
+    _check_needs(
+        space.source,
+        [
+            (
+                "evaluation.k",
+                space.evaluation.k,
+                images * max(_sizes(t).noise for t in space.trials + space.continued),
+                f"the final evaluation on {'a GPU' if eval_gpus else 'the CPU'} ({images} images at once)",
+                ", or evaluate on the CPU (resources.eval_gpus: 0)" if eval_gpus else "",
+            )
+        ],
+    )
