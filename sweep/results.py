@@ -471,7 +471,8 @@ def _read_versioned(location: str, default_file: str, key: str, version: int) ->
         )
     try:
         table = pq.read_table(path, filesystem=filesystem)
-    except (pa.ArrowException, OSError) as error:
+        _check_readable(table)
+    except (pa.ArrowException, OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError too
         raise ResultsError(
             f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
             f"python -m sweep.evaluate SWEEP_DIR"
@@ -489,6 +490,16 @@ def _read_versioned(location: str, default_file: str, key: str, version: int) ->
             f"with the iwae-sweep version that wrote them"
         )
     return table
+
+
+def _check_readable(table: pa.Table) -> None:
+    """Raise if a damaged byte that Parquet's reader let through would fail a reader later: in
+    the footer's column names, in a string column (invalid UTF-8), or in a config's JSON."""
+    table.validate(full=True)
+    if "config" in table.schema.names:
+        for config in table.column("config").to_pylist():
+            if config is not None:
+                json.loads(config)
 
 
 def _require_columns(location: str, table: pa.Table, names: list[str], version: int) -> None:

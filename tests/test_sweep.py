@@ -31,6 +31,7 @@ from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.folder import saved_results, write_spec
 from sweep.plan import drawn_trials, plan_sweep
+from sweep.query import main as query_main
 from sweep.results import (
     PER_IMAGE_FILE,
     PER_IMAGE_SCHEMA,
@@ -145,6 +146,31 @@ def test_the_evaluated_rows_read_back_as_written_and_a_damaged_file_is_named(fin
     with pytest.raises(ResultsError, match="delete .*results.parquet and .*per_image.parquet to evaluate"):
         read_evaluated(str(tmp_path), local)
     assert read_evaluated(str(tmp_path / "nothing yet"), local) == {}
+
+
+def test_byte_flips_in_the_results_footer_get_the_usual_error_never_a_traceback(finished_sweep, tmp_path, capsys):
+    # The footer holds the column names, the schema metadata and the statistics; flipping a byte's
+    # high bit there gave sweep.query UnicodeDecodeError and JSONDecodeError tracebacks.
+    sweep_dir, _, _ = finished_sweep
+    good = (sweep_dir / RESULTS_FILE).read_bytes()
+    footer = int.from_bytes(good[-8:-4], "little")
+    damaged = tmp_path / "results.parquet"
+    outcomes = {"read": 0, "refused": 0}
+    for position in range(len(good) - 8 - footer, len(good) - 8, max(1, footer // 100)):
+        damaged.write_bytes(good[:position] + bytes([good[position] ^ 0x80]) + good[position + 1 :])
+        try:
+            query_main([str(damaged)])
+            outcomes["read"] += 1
+        except SystemExit as refused:
+            stderr = capsys.readouterr().err
+            assert refused.code == 1 and stderr.startswith(f"error: {damaged}"), (position, stderr)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["read"] > 0, outcomes  # both kinds of flip were met
+    config = pq.read_table(sweep_dir / RESULTS_FILE)
+    config = config.set_column(config.schema.get_field_index("config"), "config", pa.array(["{"] * len(config)))
+    pq.write_table(config, damaged)
+    with pytest.raises(ResultsError, match="not a readable Parquet file"):
+        read_results(str(damaged))
 
 
 def test_tensorboard_curves_and_images_read_back(finished_sweep):
