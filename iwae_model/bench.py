@@ -12,7 +12,10 @@ during the first measurement would overstate every fraction, and the two lines s
 (the same maths as one plain function): the median over alternating rounds.
 `is_diagnostics_overhead` is the k=5000 evaluation's extra time for its importance-sampling
 diagnostics (ESS, Pareto k̂), as a fraction, again the median over alternating rounds. The
-timings come from iwae_model.timing (random images, binarized as training does).
+timings come from iwae_model.timing (random images, binarized as training does). `ais` lines
+time annealed importance sampling (iwae_model.ais) at the evaluate CLI's defaults (16 chains,
+encoder start, 10 leapfrog steps) with a short schedule; its cost grows linearly with the
+number of distributions, which `seconds_per_image_per_1000_steps` scales to.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import time
 
 import torch
 
+from .ais import LEAPFROG_STEPS, ais
 from .bare_loop import BareIWAE
 from .config import TrainConfig
 from .device import pin_float32, resolve_device
+from .errors import DeviceError, exit_with
 from .likelihood import default_image_batch
 from .timing import (
     BATCHES,
@@ -179,12 +184,40 @@ def bench_diagnostics_overhead(layers: int, device: torch.device, images: int, r
     }
 
 
+def bench_ais(layers: int, device: torch.device, images: int, steps: int, chains: int = 16) -> dict:
+    """AIS + encoder at the evaluate CLI's defaults on random binary images. Every transition
+    costs the same whatever the model's training (always LEAPFROG_STEPS gradient evaluations),
+    so an untrained model times it."""
+    torch.manual_seed(0)
+    model = TrainConfig(layers=layers).build_model().to(device).eval()
+    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    ais(model, x[:1], 2, chains)  # kernels and allocator pools, as the IS timing's first call
+    sync(device)
+    start = time.perf_counter()
+    ais(model, x, steps, chains)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "figure": "ais",
+        "name": f"ais_encoder_s{steps}_c{chains}_L{layers}",
+        "images": images,
+        "steps": steps,
+        "chains": chains,
+        "leapfrog": LEAPFROG_STEPS,
+        "images_per_s": round(images / seconds, 3),
+        "seconds_per_image_per_1000_steps": round(seconds / images * 1000 / steps, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m iwae_model.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and images (under 3 minutes on 2 CPU cores)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as error:
+        exit_with(error)
     pin_float32()
     steps = 1000 if args.quick else 3000
     image_batch = default_image_batch(device)  # whole batches: a partial one times launch latency on a GPU
@@ -226,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dumps(bench_diagnostics_overhead(layers, device, image_batch, rounds=5 if args.quick else 9)),
             flush=True,
         )
+    for layers in (1,) if args.quick else (1, 2):
+        print(json.dumps(bench_ais(layers, device, image_batch, steps=20 if args.quick else 100)), flush=True)
     end = print_peak("end")
     if not 0.8 < end / peak < 1.25:
         print(

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .errors import DeviceError
+
 IEEE = "ieee"
 
 
@@ -14,7 +16,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
+        raise DeviceError("--device cuda: no CUDA device is visible to torch here; use --device cpu or auto")
     return torch.device(name)
 
 

@@ -176,6 +176,14 @@ class IWAEModel(nn.Module):
             log_p = log_p + log_normal(h_below, *prior(h_above))
         return log_p
 
+    def log_prior(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """log p(h1..hL) `[k, B]`: log_joint without log p(x|h1), for annealing from the prior
+        (ais.py). log_joint keeps its own sum, so its rounding is what it always was."""
+        log_p = log_std_normal(latents[-1])
+        for prior, h_below, h_above in zip(self.priors, latents[:-1], latents[1:]):
+            log_p = log_p + log_normal(h_below, *prior(h_above))
+        return log_p
+
     def log_weights(
         self, x: torch.Tensor, k: int | None = None, generator: torch.Generator | None = None, **sampling: Any
     ) -> torch.Tensor:

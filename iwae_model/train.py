@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .device import resolve_device
-from .errors import IWAEError
+from .errors import IWAEError, exit_with
 from .training import train
 
 CLI_TYPES = {
@@ -74,11 +73,11 @@ def parent_label(init_from: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         history = train(config, args.out, data_dir=args.data_dir, device=device, progress=not args.no_progress)
     except IWAEError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)
     last = history[-1]
     print(json.dumps({"run_dir": str(Path(args.out).resolve()), "label": config.label(), **last}))
 

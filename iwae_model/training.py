@@ -59,6 +59,7 @@ from .likelihood import burda_active_units
 from .models import IWAEModel
 from .objectives import GradientEstimator, Objective, Surrogate
 from .snr import gradient_snr
+from .torch_private import deterministic_inductor
 
 STAGES = 8
 SNR_SEED = 0  # the SNR's minibatch binarization and gradient noise: the same every measurement
@@ -119,9 +120,7 @@ def build_surrogate(
     if not compile:
         return surrogate
     if next(model.parameters()).device.type == "cuda":
-        # Inductor otherwise picks among kernel variants by timing them when it compiles: a
-        # resumed run could pick others, and sum in another order. (A process-wide setting.)
-        torch._inductor.config.deterministic = True
+        deterministic_inductor()  # kernel variants not chosen by timing: a resumed run sums alike
     return torch.compile(surrogate, dynamic=False)
 
 

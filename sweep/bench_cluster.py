@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from iwae_model.data import default_data_dir
+from iwae_model.errors import exit_with
 
 from .local_cluster import LocalClusterError, down, read_state, session_processes, up
 from .results import read_results
@@ -61,7 +62,7 @@ def timed_sweep(folder: Path, data_dir: str, *cluster_args: str) -> dict:
     run = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
     if run.returncode != 0:
-        sys.exit(f"error: the benchmark sweep failed ({' '.join(command)}):\n{run.stderr[-3000:]}")
+        exit_with(f"the benchmark sweep failed ({' '.join(command)}):\n{run.stderr[-3000:]}")
     rows = read_results(str(folder / SPACE["name"])).to_pylist()
     runs = [json.loads(row["train_nodes"])[0] for row in rows]
     first_trial = min(run["started_at"] for run in runs) - start
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     data_dir = str(default_data_dir(args.data_dir))
     if (state := read_state()) is not None and session_processes(state["session"]):
-        sys.exit(
-            "error: a local cluster is already up; the benchmark starts its own: python -m sweep.local_cluster "
-            "down first"
+        exit_with(
+            "a local cluster is already up; the benchmark starts its own: python -m sweep.local_cluster down first"
         )
     with tempfile.TemporaryDirectory(prefix="bench_cluster_") as folder:
         (Path(folder) / "local").mkdir()
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             up()
         except LocalClusterError as error:
-            sys.exit(f"error: {error}")
+            exit_with(error)
         try:
             (Path(folder) / "cluster").mkdir()
             cluster = timed_sweep(

@@ -22,11 +22,11 @@ from typing import Any
 import ray
 import torch
 from pyarrow import fs as pafs
-from ray._private import ray_constants, services
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from iwae_model.errors import IWAEError
 
+from .ray_private import address_from_environment, single_machine_addressing
 from .storage import is_local
 
 # Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch of Ray
@@ -149,13 +149,13 @@ def keep_local_ray_on_loopback() -> None:
     workers) uses 127.0.0.1, not the external address. Only for a single-machine Ray: a real
     cluster keeps Ray's normal addressing (and with the switch Ray's CLI refuses to join one)."""
     os.environ[LOOPBACK_SWITCH] = "0"  # for the processes ray.init starts
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported ray
+    single_machine_addressing()
 
 
 def on_loopback(address: str) -> bool:
     """Whether the cluster at `address` ("auto": the one `ray start` last made here) is a
     single-machine one on 127.0.0.1, such as `python -m sweep.local_cluster up` makes."""
-    resolved = services.get_ray_address_from_environment(address, None) or ""
+    resolved = address_from_environment(address)
     return resolved.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
 
 

@@ -11,14 +11,15 @@ import argparse
 import time
 from dataclasses import replace
 
-from iwae_model.errors import IWAEError
+from iwae_model.errors import IWAEError, exit_with
 
 from .cluster import check_gpus, init_ray
 from .evaluation import evaluate_sweep
-from .folder import SweepFolderError, load_grids, read_spec
+from .folder import SweepFolderError, read_spec
 from .results import RESULTS_FILE
 from .storage import filesystem_and_path
 from .tables import print_results
+from .tune_state import load_grids
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         filesystem, folder = filesystem_and_path(args.sweep_dir)
         space, data_dir = read_spec(folder, filesystem)
     except SweepFolderError as error:
-        parser.exit(1, f"error: {error}\n")
+        exit_with(error)
     evaluation = replace(
         space.evaluation,
         k=args.k or space.evaluation.k,
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors, keep=False
         )
     except IWAEError as error:
-        parser.exit(1, f"error: {error}\n")
+        exit_with(error)
     print_results(rows, path)
     print(f"Evaluation wall time: {time.perf_counter() - start:.0f} s")
 

@@ -4,35 +4,25 @@ final figures (the metric that ranked it, the validation bound, and the k-sample
 evaluated), in `<sweep>/hparams/<trial>`.
 
 Ray Tune's own HParams rows (each trial's 25 flattened settings and training scalars, nothing
-from the evaluation) are left out (`RayScalarsOnly`), so the tab shows one row per trial.
+from the evaluation) are left out (`ray_private.RayScalarsOnly`), so the tab shows one row per trial.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from typing import Any
 
 from pyarrow import fs as pafs
 from ray import tune
-from ray.tune.logger import TBXLoggerCallback
-from torch.utils.tensorboard import SummaryWriter
 
 from iwae_model import TrainConfig
 
-from .folder import trial_label
-from .trainable import trial_config
+from .tensorboard_files import events_written_to
+from .trials import trial_config, trial_label
 
 HPARAMS_DIR = "hparams"
 ALWAYS_SHOWN = ("dataset", "objective", "layers", "m", "k", "estimator", "lr", "passes", "batch_size", "seed")
-
-
-class RayScalarsOnly(TBXLoggerCallback):
-    """Ray Tune's TensorBoard logger (the training curves) without its HParams rows."""
-
-    def _try_log_hparams(self, trial: Any, result: dict) -> None:
-        pass
 
 
 def _value(value: Any) -> int | float | str | bool:
@@ -67,9 +57,6 @@ def write_hparams(folder: str, filesystem: pafs.FileSystem, grids: list[tune.Res
     destination = f"{folder}/{HPARAMS_DIR}"
     if filesystem.get_file_info(destination).type == pafs.FileType.Directory:
         filesystem.delete_dir(destination)
-    with tempfile.TemporaryDirectory() as local:
-        with SummaryWriter(local) as writer:
-            for label, (hparams, metrics) in hparam_rows(grids, rows).items():
-                writer.add_hparams(hparams, {f"final/{name}": value for name, value in metrics.items()}, run_name=label)
-        filesystem.create_dir(destination, recursive=True)
-        pafs.copy_files(local, destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    with events_written_to(destination, filesystem) as writer:
+        for label, (hparams, metrics) in hparam_rows(grids, rows).items():
+            writer.add_hparams(hparams, {f"final/{name}": value for name, value in metrics.items()}, run_name=label)

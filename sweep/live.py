@@ -16,8 +16,7 @@ from typing import Any
 
 from ray import tune
 
-from .folder import trial_label
-from .trainable import trial_config
+from .trials import trial_config, trial_label
 
 HEADER = ("trial", "status", "pass", "stage", "lr", "train", "valid", "best valid", "img/s", "node")
 STATUS_ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 2, "TERMINATED": 3, "ERROR": 4}

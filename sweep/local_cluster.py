@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray._common.utils import get_ray_address_file
-
-from iwae_model.errors import IWAEError
+from iwae_model.errors import IWAEError, exit_with
 
 from .cluster import LOOPBACK_SWITCH
+from .ray_private import address_file
 
 CONFIG = Path(__file__).resolve().parent.parent / "cluster.local.yaml"
 ADDRESS = "127.0.0.1:6379"  # the fake provider joins its nodes to port 6379 of this machine
@@ -194,7 +193,7 @@ def forget_address() -> None:
     """Remove the head's `ray start` record of "the current cluster" (what `ray stop` removes), if it
     still names the rehearsal: left behind, it makes the user's next plain `ray.init()` try to join
     the stopped head for minutes instead of starting a Ray of its own."""
-    path = Path(get_ray_address_file(None))
+    path = address_file()
     try:
         if path.read_text().strip() == ADDRESS:
             path.unlink()
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(status())
     except LocalClusterError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from iwae_model import TrainConfig
 from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
 
-from .folder import trial_name
 from .space import Distribution, SweepSpace
+from .trials import trial_name
 
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4

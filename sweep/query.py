@@ -16,7 +16,7 @@ import sys
 
 from pyarrow import fs as pafs
 
-from iwae_model.errors import IWAEError
+from iwae_model.errors import IWAEError, exit_with
 
 from .compare import beside_results, comparison_text, load_per_image, select_one, where
 from .folder import SPEC_FILE, read_spec
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             snr_plot(frame, args.snr_plot)
             print(f"SNR plot written to {args.snr_plot}", file=sys.stderr)
     except IWAEError as error:
-        parser.exit(1, f"error: {error}\n")
+        exit_with(error, finalize=False)
 
 
 if __name__ == "__main__":

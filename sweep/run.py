@@ -32,30 +32,19 @@ from ray.tune.search.optuna import OptunaSearch
 from iwae_model import TrainConfig
 from iwae_model.data import default_data_dir
 from iwae_model.datasets import load_dataset
-from iwae_model.errors import IWAEError
+from iwae_model.errors import IWAEError, exit_with
 from iwae_model.files import WriteError
 
 from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
-from .evaluation import EvaluateAsTrialsFinish, evaluate_sweep, forget
-from .folder import (
-    SPEC_FILE,
-    STAGE_2,
-    best_checkpoint,
-    checkpoint_uri,
-    experiment_state_saved,
-    load_grids,
-    read_spec,
-    recover_deleted_checkpoints,
-    restore_tuner,
-    saved_results,
-    stage_storage,
-    trial_label,
-    write_spec,
-)
-from .hparams import RayScalarsOnly
+from .evaluation import evaluate_sweep
+from .evaluation_callback import EvaluateAsTrialsFinish
+from .evaluation_jobs import best_checkpoint, checkpoint_uri
+from .evaluation_registry import IN_THIS_DRIVER
+from .folder import SPEC_FILE, STAGE_2, read_spec, stage_storage, write_spec
 from .live import LiveView
 from .lock import driver_lock
 from .plan import drawn_trials, plan_sweep, render
+from .ray_private import RayScalarsOnly
 from .space import (
     DEFAULT_SPACE,
     FOLDER_NAME_RULE,
@@ -69,7 +58,9 @@ from .space import (
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
-from .trainable import train_trial, trial_config
+from .trainable import train_trial
+from .trials import trial_config, trial_label
+from .tune_state import experiment_state_saved, load_grids, recover_deleted_checkpoints, restore_tuner, saved_results
 
 
 class SweepInterrupted(IWAEError, RuntimeError):
@@ -322,7 +313,7 @@ def run_sweep(
         check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
         check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
         write_spec(experiment, filesystem, space, data_dir)  # on resume, with the resources it resumes with
-        forget(experiment)  # an earlier run's evaluations in this process: the files say what is done
+        IN_THIS_DRIVER.forget(experiment)  # an earlier run's evaluations in this process: the files say what is done
         options = StageOptions(space, data_dir, experiment, resume, max_concurrent, max_failures, callbacks, marker)
         if space.init_from_sweep:  # stage 1 is that sweep's, finished: its trials are only read
             grids = load_grids(space.init_from_sweep)[:1]
@@ -518,14 +509,14 @@ def main(argv: list[str] | None = None) -> None:
                 address=args.address,
             )
     except IWAEError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)
     print_results(rows, path)
     print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")
     print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
     if failed:
-        sys.exit(
-            f"error: {len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "
+        exit_with(
+            f"{len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "
             f"(their error.txt says why; --resume retries them)"
         )
 

@@ -138,7 +138,7 @@ def is_folder_name(name: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class EvaluationSettings:
     k: int = 5000
     images: int | None = None
     best: str = "each"
@@ -207,7 +207,7 @@ class SweepSpace:
     name: str
     source: str
     trials: list[TrainConfig]
-    evaluation: Evaluation = field(default_factory=Evaluation)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     resources: Resources = field(default_factory=Resources)
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     description: str = ""
@@ -280,7 +280,7 @@ class SweepSpace:
             source=d["source"],
             description=d["description"],
             trials=[TrainConfig.from_dict(t) for t in d["trials"]],
-            evaluation=Evaluation(**d["evaluation"]),
+            evaluation=EvaluationSettings(**d["evaluation"]),
             resources=Resources(**d["resources"]),
             checkpoints=Checkpoints(**d["checkpoints"]),
             continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
@@ -344,7 +344,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
             if isinstance(value, float) and not math.isfinite(value):
                 raise fail(f"{section}.{key}", f"{value!r}: must be a finite number")
         sections[section] = values
-    evaluation = Evaluation(**sections["evaluation"])
+    evaluation = EvaluationSettings(**sections["evaluation"])
     if evaluation.best not in BEST_MODES:
         raise fail("evaluation.best", f"{evaluation.best!r}: choose one of {', '.join(BEST_MODES)}")
     if evaluation.k < 1 or evaluation.top < 1 or (evaluation.images is not None and evaluation.images < 1):

@@ -10,7 +10,6 @@ result.json, is the scientific record: the Parquet results are built from it.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ from iwae_model.files import held_folder, remove_abandoned_folders
 from iwae_model.training import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
+from .ray_private import quiet_checkpoint_logging
+from .trials import NODES_FILE, read_nodes, trial_config
 
 IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
 IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
 TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
-NODES_FILE = "nodes.json"  # in each checkpoint: every node the trial ran on, from which pass, on which device
 CHECKPOINT_FOLDER = "iwae_checkpoint_"  # in the temp dir: a checkpoint written there before Ray copies it
 
 
@@ -81,34 +81,12 @@ def load_node_data(config: TrainConfig, data_dir: str, device: torch.device) -> 
         ) from None
 
 
-def read_nodes(path: Path) -> list[dict]:
-    """A checkpoint's node record ([] for checkpoints made before it existed)."""
-    if not path.is_file():
-        return []
-    try:
-        nodes = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        nodes = None
-    if not isinstance(nodes, list) or not all(isinstance(node, dict) for node in nodes):
-        raise CheckpointError(
-            f"{path}: damaged (it should be a JSON list of the nodes the trial ran on); delete it -- it "
-            f"only records where the trial ran, the checkpoint itself is not affected"
-        )
-    return nodes
-
-
-def trial_config(config: dict[str, Any]) -> TrainConfig:
-    """A Ray trial's TrainConfig: its grid point, with the values the searcher drew for it."""
-    return TrainConfig.from_dict({**config["train"], **(config.get("search") or {})})
-
-
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "search": the values a search
     drew (replacing train's; absent in a grid), "data_dir": absolute path,
     "checkpoint_every": passes, "init_checkpoint": the parent's checkpoint of a stage-2 trial (else
     None), "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
-    # Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view.
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    quiet_checkpoint_logging()
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
         verify_storage_marker(config["storage_marker"])
     train_config = trial_config(config)

@@ -5,7 +5,14 @@ import torch
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.bare_loop import BareIWAE
-from iwae_model.bench import bench_against_bare_loop, bench_evaluation, bench_training, fraction_of_peak, matmul_peak
+from iwae_model.bench import (
+    bench_against_bare_loop,
+    bench_ais,
+    bench_evaluation,
+    bench_training,
+    fraction_of_peak,
+    matmul_peak,
+)
 from iwae_model.data import binarize
 from iwae_model.training import build_optimizer, build_surrogate, train_step
 
@@ -27,6 +34,14 @@ def test_evaluation_figure_counts_the_first_encoder_once_per_image(layers):
     assert figure["name"] == f"nll_k100_L{layers}"
     assert figure["gflops"] == pytest.approx(figure["images_per_s"] * 2 * macs / 1e9, rel=1e-2, abs=0.06)
     assert figure["test_set_minutes"] == pytest.approx(10000 / figure["images_per_s"] / 60, rel=1e-2, abs=0.006)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_ais_figure_scales_its_time_to_1000_distributions(layers):
+    figure = bench_ais(layers, CPU, images=2, steps=3, chains=2)
+    assert figure["name"] == f"ais_encoder_s3_c2_L{layers}" and figure["leapfrog"] == 10
+    per_1000 = 1000 / 3 / figure["images_per_s"]
+    assert figure["seconds_per_image_per_1000_steps"] == pytest.approx(per_1000, rel=1e-2, abs=0.06)
 
 
 @pytest.mark.parametrize("seconds", [0.0, 0.2])

@@ -23,7 +23,8 @@ from iwae_model.data import DataError
 from sweep.cluster import init_ray, on_loopback
 from sweep.local_cluster import ADDRESS, process_table, read_state, session_processes
 from sweep.results import read_results
-from sweep.trainable import NODES_FILE, load_node_data
+from sweep.trainable import load_node_data
+from sweep.trials import NODES_FILE
 
 WORKER_ID_PREFIX = "f" * 51  # the fake provider numbers its nodes: ff...f00000 the head, then each worker it starts
 

@@ -133,6 +133,7 @@ def test_the_benchmark_s_cuda_figures():
         "vs_bare_loop",
         "evaluate",
         "is_diagnostics_overhead",
+        "ais",
     }
     assert all(f["device"] == "cuda" for f in figures if f["figure"] == "matmul_peak")
-    assert all(f["images_per_s"] > 0 for f in figures if f["figure"] in ("train", "evaluate"))
+    assert all(f["images_per_s"] > 0 for f in figures if f["figure"] in ("train", "evaluate", "ais"))

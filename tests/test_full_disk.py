@@ -21,7 +21,8 @@ from ray import tune
 
 from iwae_model.checkpoint import save_checkpoint
 from iwae_model.files import WriteError, held_folder, remove_abandoned_folders, write_atomically
-from sweep.evaluation import EvaluateAsTrialsFinish, evaluations, forget
+from sweep.evaluation_callback import EvaluateAsTrialsFinish
+from sweep.evaluation_registry import IN_THIS_DRIVER
 from sweep.folder import write_spec
 from sweep.live import LiveView
 from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_evaluated, read_results, write_results, write_table
@@ -156,7 +157,7 @@ def test_the_evaluations_callback_on_a_full_disk_keeps_its_evaluations_and_says_
     folder = f"{storage}/sweep"
     write_spec(folder, filesystem, parse_space({"name": "sweep", "experiments": [{"k": 1}]}, "<test>"), "/data")
     callback = EvaluateAsTrialsFinish(folder, filesystem, LiveView())
-    state = evaluations(folder, filesystem)
+    state = IN_THIS_DRIVER.of(folder, filesystem)
     elsewhere = tune.Checkpoint.from_directory(str(tmp_path))  # its TensorBoard events are not this sweep's
     try:
         fill(disk / "filler")
@@ -172,7 +173,7 @@ def test_the_evaluations_callback_on_a_full_disk_keeps_its_evaluations_and_says_
         state.running[ray.put(evaluated("t3"))] = ("t3", elsewhere)
         callback.on_step_end(3, [])
     finally:
-        forget(folder)
+        IN_THIS_DRIVER.forget(folder)
     assert "failed" not in capsys.readouterr().out
     assert sorted(read_evaluated(folder, filesystem)) == ["t0", "t1", "t2", "t3"]
     assert leftovers(disk) == []

@@ -29,7 +29,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
-from sweep.folder import saved_results, write_spec
+from sweep.folder import write_spec
 from sweep.plan import drawn_trials, plan_sweep
 from sweep.query import main as query_main
 from sweep.results import (
@@ -45,7 +45,8 @@ from sweep.results import (
 )
 from sweep.run import dry_run, run_sweep
 from sweep.space import SpaceError, load_space, parse_space
-from sweep.trainable import NODES_FILE
+from sweep.trials import NODES_FILE
+from sweep.tune_state import saved_results
 
 PASSES = TINY_PASSES
 TINY = TINY_SPACE

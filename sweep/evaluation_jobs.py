@@ -1,0 +1,84 @@
+"""Which checkpoints a sweep evaluates (the best of each trial by the ranking metric, never a test
+figure) and the job each becomes for the evaluation task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from iwae_model.datasets import SPLIT_SIZES
+
+from .space import SweepSpace
+from .storage import is_local
+from .trials import score
+
+
+def checkpoint_uri(checkpoint: tune.Checkpoint) -> str:
+    filesystem = checkpoint.filesystem
+    return checkpoint.path if is_local(filesystem) else f"{filesystem.type_name}://{checkpoint.path}"
+
+
+def best_checkpoint(result: tune.Result, metric: str) -> tune.Checkpoint:
+    return result.get_best_checkpoint(metric, "max") or result.checkpoint
+
+
+def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
+    """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by the space's
+    metric (`best: each`), or of the `top` trials best by it (`best: top`). Never a test figure."""
+    evaluation, metric = space.evaluation, space.metric
+    chosen = []
+    for result in (result for grid in grids for result in grid):
+        if result.error is not None or result.checkpoint is None:
+            continue
+        best = best_checkpoint(result, metric)
+        chosen.append((score(result, metric), result.metrics["trial_id"], best))
+    chosen.sort(key=lambda item: item[0], reverse=True)
+    if evaluation.best == "top":
+        chosen = chosen[: evaluation.top]
+    return [(trial_id, checkpoint) for _, trial_id, checkpoint in chosen]
+
+
+def same_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, space: SweepSpace) -> bool:
+    """Whether results `row` is `checkpoint` evaluated as `space` asks (k, test images)."""
+    test_images = SPLIT_SIZES.get(row["dataset"], (0, 0, 0))[2]
+    images = min(space.evaluation.images or test_images, test_images)
+    return (row["checkpoint_uri"], row["eval_k"], row["eval_images"]) == (
+        checkpoint_uri(checkpoint),
+        space.evaluation.k,
+        images,
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    """One checkpoint's evaluation, as the Ray task takes it."""
+
+    sweep: str
+    trial_id: str
+    checkpoint: tune.Checkpoint
+    uri: str  # the checkpoint where the user finds it (a path, or s3://...)
+    k: int
+    images: int | None  # the first test images; None: all
+    data_dir: str
+    threads: int
+    metric: str  # the ranking metric the checkpoint was chosen by
+    searched: tuple[str, ...]  # a search's drawn keys (for the trial's name)
+
+
+def evaluation_job(
+    space: SweepSpace, data_dir: str, trial_id: str, checkpoint: tune.Checkpoint, threads: int
+) -> EvaluationJob:
+    return EvaluationJob(
+        sweep=space.name,
+        trial_id=trial_id,
+        checkpoint=checkpoint,
+        uri=checkpoint_uri(checkpoint),
+        k=space.evaluation.k,
+        images=space.evaluation.images,
+        data_dir=data_dir,
+        threads=threads,
+        metric=space.metric,
+        searched=tuple(sorted(space.search.distributions)) if space.search else (),
+    )

@@ -1,0 +1,50 @@
+"""Ray's private APIs that iwae-sweep relies on, in one place. Each was checked against Ray 2.60.0,
+the pinned version; tests/test_private_apis.py fails on a Ray where one is gone or has changed,
+before a user's sweep does."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray._common.utils import get_ray_address_file
+from ray._private import ray_constants, services
+from ray.tune.logger import TBXLoggerCallback
+
+CHECKED_WITH = "2.60.0"
+
+
+def single_machine_addressing() -> None:
+    """A Ray started by this process uses 127.0.0.1: this process read the loopback switch's
+    variable when it imported ray, so setting the variable alone is too late here."""
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def address_from_environment(address: str) -> str:
+    """The `host:port` that `address` ("auto": the cluster `ray start` last made here) resolves to."""
+    return services.get_ray_address_from_environment(address, None) or ""
+
+
+def address_file() -> Path:
+    """`ray start`'s record of the current cluster (what `ray stop` removes)."""
+    return Path(get_ray_address_file(None))
+
+
+def kept_checkpoint_results(trial: Any) -> list:
+    """A running Ray Tune trial's kept checkpoints with their metrics (Tune builds a Result's
+    `best_checkpoints` from these; a Trial has no public accessor)."""
+    return trial.run_metadata.checkpoint_manager.best_checkpoint_results
+
+
+def quiet_checkpoint_logging() -> None:
+    """Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view."""
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+
+
+class RayScalarsOnly(TBXLoggerCallback):
+    """Ray Tune's TensorBoard logger (the training curves) without its HParams rows: the sweep
+    writes its own, one row per trial with its evaluated figures (`sweep.hparams`)."""
+
+    def _try_log_hparams(self, trial: Any, result: dict) -> None:
+        pass

@@ -1,0 +1,36 @@
+"""The private Ray and torch APIs the code relies on (sweep/ray_private.py,
+iwae_model/torch_private.py) still exist and behave as checked: on another version this fails
+here, not in a user's sweep."""
+
+import importlib.util
+import logging
+
+from ray.tune.experiment import Trial
+from ray.tune.logger import TBXLoggerCallback
+
+from iwae_model import torch_private
+from sweep import ray_private
+
+
+def test_ray_s_private_apis_are_as_checked():
+    assert isinstance(ray_private.address_from_environment("127.0.0.1:6379"), str)
+    assert ray_private.address_file().name  # a path, wherever Ray keeps it
+    assert ray_private.kept_checkpoint_results(Trial("__fake", stub=True)) == []
+    assert callable(TBXLoggerCallback._try_log_hparams)  # the method RayScalarsOnly silences
+    assert importlib.util.find_spec("ray.train._internal.storage") is not None
+    ray_private.quiet_checkpoint_logging()
+    assert logging.getLogger("ray.train._internal.storage").level == logging.WARNING
+    from ray._private import ray_constants
+
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+
+
+def test_torch_s_private_apis_are_as_checked():
+    import torch._inductor.config  # noqa: I001 -- loads the compiler stack: only here
+
+    before = torch._inductor.config.deterministic
+    try:
+        torch_private.deterministic_inductor()
+        assert torch._inductor.config.deterministic is True
+    finally:
+        torch._inductor.config.deterministic = before
