@@ -136,12 +136,15 @@ def check_storage_shared(marker: dict[str, str] | None) -> None:
         _verify_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(marker)
         for node in nodes
     ]
-    try:
-        ray.get(checks)
-    except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, StorageNotShared):
-            raise error.cause from None
-        raise
+    for check in checks:
+        try:
+            ray.get(check)
+        except ray.exceptions.TaskUnschedulableError:
+            continue  # the node left since it was listed (the autoscaler took an idle worker away)
+        except ray.exceptions.RayTaskError as error:
+            if isinstance(error.cause, StorageNotShared):
+                raise error.cause from None
+            raise
 
 
 def keep_local_ray_on_loopback() -> None:

@@ -43,7 +43,9 @@ def test_iwae_encoder_snr_falls_and_decoder_snr_rises_with_k_and_dreg_keeps_the_
     fall_reparam = reparam_64["encoder_mean"] / reparam_1["encoder_mean"]
     assert fall_dreg > fall_reparam + 0.1
     # The decoder's gradient is the bound's own whatever the encoder estimator: the same draws.
-    assert dreg_64["decoder_mean"] == pytest.approx(reparam_64["decoder_mean"], rel=1e-6)
+    # DReG's surrogate is another float32 graph, so its gradients round differently (2e-6 of the
+    # SNR seen on one machine); a wrong decoder gradient moves the SNR by its whole size.
+    assert dreg_64["decoder_mean"] == pytest.approx(reparam_64["decoder_mean"], rel=1e-5)
 
 
 def test_a_seeded_snr_is_reproducible(trained):
