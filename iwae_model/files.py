@@ -51,8 +51,8 @@ def _write_error(path: str, error: OSError) -> WriteError:
 class WholeFile(contextlib.AbstractContextManager):
     """A binary file written to a temp name beside `path` and renamed onto `path` when closed
     whole. A failed write (removing the temp file at once: pyarrow's copy_files leaves a stream
-    whose write raised unclosed), an exception in its `with` block, or a size on disk other than
-    the bytes written raises WriteError and leaves `path` as it was. `durable`: fsynced before
+    whose write raised unclosed) or a size on disk other than the bytes written raises WriteError
+    and leaves `path` as it was; an exception in its `with` block leaves `path` as it was too. `durable`: fsynced before
     the rename (not for a folder Ray copies, then deletes)."""
 
     def __init__(self, path: str | os.PathLike, durable: bool = True) -> None:

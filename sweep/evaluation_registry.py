@@ -34,6 +34,7 @@ class Evaluations:
         self.done: Evaluated = read_evaluated(folder, filesystem) if read else {}
         self.running: dict[ray.ObjectRef, tuple[str, tune.Checkpoint]] = {}  # ref: (trial id, checkpoint)
         self.unwritten: list[tuple[dict[str, Any], dict[str, Any], tune.Checkpoint]] = []  # collected since `write`
+        self.files_behind = False  # rows collected that the Parquet files do not hold yet
 
     def alike(self, trial_id: str, checkpoint: tune.Checkpoint, space: SweepSpace) -> bool:
         """Whether `checkpoint` is evaluated, or being evaluated, as `space` asks."""
@@ -61,6 +62,7 @@ class Evaluations:
                 continue
             self.done[row["trial_id"]] = (row, per_image)
             self.unwritten.append((row, per_image, checkpoint))
+            self.files_behind = True
             rows.append(row)
         if write:
             self.write()
@@ -72,9 +74,10 @@ class Evaluations:
         """The evaluations collected since the last write: their TensorBoard events, then the files
         rewritten whole. A write that fails (a full disk) raises; what it did not write is written
         by the next one, or by `evaluate_sweep` when training ends."""
-        if self.unwritten:
+        if self.unwritten or self.files_behind:
             self.write_events()
             write_evaluated(self.folder, self.filesystem, self.done)
+            self.files_behind = False
 
     def write_events(self) -> None:
         """The TensorBoard events of the evaluations collected since the last write."""

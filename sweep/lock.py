@@ -22,6 +22,7 @@ another; it stops (as Ctrl+C would) at its next heartbeat.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import fcntl
 import json
 import os
@@ -145,7 +146,8 @@ def _flock(filesystem: pafs.FileSystem, path: str, name: str) -> Iterator[None]:
         os.pwrite(fd, json.dumps(this_driver()).encode(), 0)
         yield
     finally:
-        os.unlink(path)  # before the unlock: a driver that locks the old file then looks again
+        with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+            os.unlink(path)  # before the unlock: a driver that locks the old file then looks again
         os.close(fd)
 
 

@@ -207,7 +207,7 @@ class EvaluationRecord:
 
     sweep: str
     trial_id: str
-    trial_name: str  # the configuration's label (sweep.folder.trial_name)
+    trial_name: str  # the configuration's label (sweep.trials.trial_name)
     checkpoint_uri: str
     evaluation_id: str
     config: TrainConfig

@@ -24,7 +24,7 @@ from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.data import DataError
 from iwae_model.datasets import MIRRORS_VARIABLES, load_dataset
 from iwae_model.device import device_record, pin_float32
-from iwae_model.files import held_folder, remove_abandoned_folders
+from iwae_model.files import held_folder, remove_abandoned_folders, write_atomically
 from iwae_model.training import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
@@ -154,5 +154,5 @@ def report(run: TrainingRun, row: dict, nodes: list[dict], writer: SummaryWriter
     remove_abandoned_folders(CHECKPOINT_FOLDER)
     with held_folder(CHECKPOINT_FOLDER) as folder:
         run.save(folder, durable=False)
-        (Path(folder) / NODES_FILE).write_text(json.dumps(nodes))
+        write_atomically(Path(folder) / NODES_FILE, lambda out: out.write(json.dumps(nodes).encode()), durable=False)
         tune.report(trial_metrics(row), checkpoint=tune.Checkpoint.from_directory(folder))

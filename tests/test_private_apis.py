@@ -13,6 +13,9 @@ from sweep import ray_private
 
 
 def test_ray_s_private_apis_are_as_checked():
+    import ray
+
+    assert ray.__version__ == ray_private.CHECKED_WITH, "check sweep/ray_private.py against this Ray"
     assert isinstance(ray_private.address_from_environment("127.0.0.1:6379"), str)
     assert ray_private.address_file().name  # a path, wherever Ray keeps it
     assert ray_private.kept_checkpoint_results(Trial("__fake", stub=True)) == []
@@ -27,6 +30,8 @@ def test_ray_s_private_apis_are_as_checked():
 
 def test_torch_s_private_apis_are_as_checked():
     import torch._inductor.config  # noqa: I001 -- loads the compiler stack: only here
+
+    assert torch.__version__.split("+")[0] == torch_private.CHECKED_WITH, "check iwae_model/torch_private.py"
 
     before = torch._inductor.config.deterministic
     try:
