@@ -15,13 +15,20 @@ class DeviceError(IWAEError, RuntimeError):
     """A device asked for that this machine does not have."""
 
 
-def exit_with(error: IWAEError | str, finalize: bool = True) -> NoReturn:
+def exit_with(error: IWAEError | str) -> NoReturn:
     """How every command-line tool ends on a user's error: `error: MESSAGE` on stderr, status 1,
-    no traceback. `finalize=False`, for a tool that only read files: the process ends without
-    the interpreter's shutdown, where pyarrow, after a failed read, aborts about one run in 20
-    (status 134, "terminate called without an active exception")."""
-    if finalize:
-        sys.exit(f"error: {error}")
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    no traceback."""
+    sys.exit(f"error: {error}")
+
+
+def end_without_shutdown(ended: SystemExit) -> NoReturn:
+    """End a command-line tool that only read files as `ended` says, without the interpreter's
+    shutdown, where pyarrow, after a failed read, aborts about one run in 20 (status 134,
+    "terminate called without an active exception"). Only for `__main__`: it ends the process."""
+    code = ended.code
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
     sys.stdout.flush()
-    os._exit(1)
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -16,7 +16,7 @@ import sys
 
 from pyarrow import fs as pafs
 
-from iwae_model.errors import IWAEError, exit_with
+from iwae_model.errors import IWAEError, end_without_shutdown, exit_with
 
 from .compare import beside_results, comparison_text, load_per_image, select_one, where
 from .folder import SPEC_FILE, read_spec
@@ -140,8 +140,11 @@ def main(argv: list[str] | None = None) -> None:
             snr_plot(frame, args.snr_plot)
             print(f"SNR plot written to {args.snr_plot}", file=sys.stderr)
     except IWAEError as error:
-        exit_with(error, finalize=False)
+        exit_with(error)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as ended:
+        end_without_shutdown(ended)

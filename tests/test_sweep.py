@@ -163,9 +163,9 @@ def test_byte_flips_in_the_results_footer_get_the_usual_error_never_a_traceback(
             query_main([str(damaged)])
             outcomes["read"] += 1
         except SystemExit as refused:
-            stderr = capsys.readouterr().err
-            assert refused.code == 1 and stderr.startswith(f"error: {damaged}"), (position, stderr)
+            assert str(refused.code).startswith(f"error: {damaged}"), (position, refused.code)
             outcomes["refused"] += 1
+    capsys.readouterr()
     assert outcomes["refused"] > 0 and outcomes["read"] > 0, outcomes  # both kinds of flip were met
     config = pq.read_table(sweep_dir / RESULTS_FILE)
     config = config.set_column(config.schema.get_field_index("config"), "config", pa.array(["{"] * len(config)))
