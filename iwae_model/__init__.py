@@ -1,6 +1,9 @@
 """Importance Weighted Autoencoders in pure PyTorch: Burda et al. (2016)'s models, data protocol
 and k=5000 evaluation, and Rainforth et al. (2018)'s MIWAE / CIWAE / PIWAE objectives."""
 
+# The AIS functions by their own names: a function called `ais` here would hide the submodule
+# iwae_model.ais as an attribute of the package.
+from .ais import ais_log_likelihood, bdmc
 from .config import TrainConfig
 from .data import Dataset, load_mnist
 from .likelihood import active_units, bound, log_likelihood
@@ -13,6 +16,8 @@ __all__ = [
     "IWAEModel",
     "TrainConfig",
     "active_units",
+    "ais_log_likelihood",
+    "bdmc",
     "bound",
     "build_estimator",
     "build_model",

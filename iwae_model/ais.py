@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -345,6 +346,75 @@ def ais(
             run = forward_run(Path(model, xb, start), betas, chains, seed, first, first + len(xb), leapfrog, bar)
             parts.append(as_estimate(run))
     return concat(parts)
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """The mean over images and its standard error (NaN for one image)."""
+    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), se
+
+
+@dataclass
+class AISComparison:
+    """AIS beside an importance-sampling (IS) estimate on the same images: both NLLs (nats, mean
+    over images, with standard errors) and the paired difference AIS - IS of log p(x) per image
+    (mean and SE over images; > 0: IS falls at least about this far below log p(x))."""
+
+    steps: int
+    chains: int
+    start: str
+    leapfrog: int
+    images: int
+    nll: float
+    nll_se: float
+    is_nll: float
+    is_nll_se: float
+    ais_minus_is: float
+    ais_minus_is_se: float
+    acceptance: float  # mean HMC acceptance of the estimation chains (NaN for steps = 1)
+    log_weight_sd_median: float  # median over images of the chains' log-weight SD
+    seconds: float
+    log_likelihood: np.ndarray = field(repr=False)  # [images] float64: the per-image AIS estimates
+
+    def summary(self) -> dict:
+        """Every figure but the per-image estimates, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "log_likelihood"}
+
+
+def ais_beside_is(
+    model: IWAEModel,
+    x: torch.Tensor,
+    is_log_likelihood: np.ndarray,
+    steps: int,
+    chains: int = 16,
+    start: str = "encoder",
+    progress: bool = False,
+) -> AISComparison:
+    """AIS (`ais`, the evaluation seed) on binary images x `[N, D]` beside the IS estimates
+    `is_log_likelihood` `[N]` of the same images."""
+    began = time.perf_counter()
+    result = ais(model, x, steps, chains, start, progress=progress)
+    ais_ll = result.log_likelihood.cpu().numpy()
+    nll, nll_se = mean_se(-ais_ll)
+    is_nll, is_nll_se = mean_se(-is_log_likelihood)
+    difference, difference_se = mean_se(ais_ll - is_log_likelihood)
+    return AISComparison(
+        steps=steps,
+        chains=chains,
+        start=start,
+        leapfrog=LEAPFROG_STEPS,
+        images=len(x),
+        nll=nll,
+        nll_se=nll_se,
+        is_nll=is_nll,
+        is_nll_se=is_nll_se,
+        ais_minus_is=difference,
+        ais_minus_is_se=difference_se,
+        acceptance=float(result.acceptance.mean()),
+        log_weight_sd_median=float(result.log_weights.std(0).median()),
+        seconds=time.perf_counter() - began,
+        log_likelihood=ais_ll,
+    )
 
 
 def ais_log_likelihood(

@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .ais import LEAPFROG_STEPS, STARTS, ais, bdmc
+from .ais import LEAPFROG_STEPS, STARTS, ais_beside_is, bdmc, mean_se
 from .checkpoint import load_model
 from .datasets import load_dataset
 from .device import resolve_device
@@ -40,38 +40,11 @@ def pareto_k_text(result: Evaluation) -> str:
     )
 
 
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-    """The mean over images and its standard error."""
-    se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
-    return float(values.mean()), se
-
-
 def ais_figures(model: IWAEModel, x: torch.Tensor, is_ll: np.ndarray, args: argparse.Namespace) -> dict:
     """AIS on the test images x beside IS's per-image estimates `is_ll` of the same images: both
     NLLs, and the paired difference AIS - IS of log p(x) (mean and SE over images)."""
-    start = time.perf_counter()
-    result = ais(model, x, args.ais, args.ais_chains, args.ais_start, progress=True)
-    ais_ll = result.log_likelihood.cpu().numpy()
-    nll, nll_se = mean_se(-ais_ll)
-    is_nll, is_nll_se = mean_se(-is_ll)
-    difference, difference_se = mean_se(ais_ll - is_ll)
-    return {
-        "steps": args.ais,
-        "chains": args.ais_chains,
-        "start": args.ais_start,
-        "leapfrog": LEAPFROG_STEPS,
-        "images": len(x),
-        "k": args.k,
-        "nll": nll,
-        "nll_se": nll_se,
-        "is_nll": is_nll,
-        "is_nll_se": is_nll_se,
-        "ais_minus_is": difference,
-        "ais_minus_is_se": difference_se,
-        "acceptance": float(result.acceptance.mean()),
-        "log_weight_sd_median": float(result.log_weights.std(0).median()),
-        "seconds": time.perf_counter() - start,
-    }
+    comparison = ais_beside_is(model, x, is_ll, args.ais, args.ais_chains, args.ais_start, progress=True)
+    return {**comparison.summary(), "k": args.k}
 
 
 def bdmc_figures(model: IWAEModel, images: int, args: argparse.Namespace) -> dict:

@@ -10,7 +10,7 @@ from ray import tune
 
 from iwae_model.datasets import SPLIT_SIZES
 
-from .space import SweepSpace
+from .space import AISSettings, SweepSpace
 from .storage import is_local
 from .trials import score
 
@@ -41,14 +41,27 @@ def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[
 
 
 def same_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, space: SweepSpace) -> bool:
-    """Whether results `row` is `checkpoint` evaluated as `space` asks (k, test images)."""
+    """Whether results `row` is `checkpoint` evaluated as `space` asks: k, test images and the AIS
+    settings (AIS off, or its steps, chains, start and images). A row is one evaluation, IS and
+    AIS together under one evaluation id, so other AIS settings evaluate the checkpoint anew."""
     test_images = SPLIT_SIZES.get(row["dataset"], (0, 0, 0))[2]
     images = min(space.evaluation.images or test_images, test_images)
-    return (row["checkpoint_uri"], row["eval_k"], row["eval_images"]) == (
+    return (row["checkpoint_uri"], row["eval_k"], row["eval_images"], *ais_settings(row)) == (
         checkpoint_uri(checkpoint),
         space.evaluation.k,
         images,
+        *asked_ais(space.evaluation.ais, images),
     )
+
+
+def ais_settings(row: dict[str, Any]) -> tuple:
+    """The AIS settings a results row was evaluated with (Nones: AIS off)."""
+    return tuple(row[f"ais_{key}"] for key in ("steps", "chains", "start", "images"))
+
+
+def asked_ais(ais: AISSettings | None, evaluated: int) -> tuple:
+    """`ais_settings` of a row evaluated with `ais` where IS evaluates `evaluated` images."""
+    return (None,) * 4 if ais is None else (ais.steps, ais.chains, ais.start, ais.images_of(evaluated))
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class EvaluationJob:
     threads: int
     metric: str  # the ranking metric the checkpoint was chosen by
     searched: tuple[str, ...]  # a search's drawn keys (for the trial's name)
+    ais: AISSettings | None  # AIS after the IS estimate (None: off)
 
 
 def evaluation_job(
@@ -81,4 +95,5 @@ def evaluation_job(
         threads=threads,
         metric=space.metric,
         searched=tuple(sorted(space.search.distributions)) if space.search else (),
+        ais=space.evaluation.ais,
     )

@@ -13,7 +13,7 @@ from ray import tune
 
 from .evaluation_jobs import EvaluationJob, checkpoint_uri, same_evaluation
 from .evaluation_task import result_of, submit
-from .results import Evaluated, read_evaluated, write_evaluated
+from .results import EVALUATION_SCALARS, PER_IMAGE_HISTOGRAMS, Evaluated, read_evaluated, write_evaluated
 from .space import SweepSpace
 from .tensorboard_files import events_written_to
 
@@ -116,18 +116,19 @@ def write_evaluation_events(
     row: dict[str, Any], per_image: dict[str, Any], checkpoint: tune.Checkpoint, folder: str
 ) -> None:
     """The evaluation's figures in the trial's TensorBoard: scalars (evaluation/test_nll, ess_mean,
-    pareto_k_above_0_7, ...) and histograms of the per-image NLL, ESS and Pareto k̂, at the
-    checkpoint's pass, in `tb_evaluation/<evaluation id>` beside the trial's checkpoints, if the
-    trial is in sweep `folder` (not another sweep's, --init-from-sweep). Written locally, then
-    copied through the storage filesystem (`events_written_to`)."""
+    pareto_k_above_0_7, ais_minus_is, ...) and histograms of the per-image NLL, ESS, Pareto k̂
+    and AIS NLL (results.EVALUATION_SCALARS, PER_IMAGE_HISTOGRAMS), at the checkpoint's pass, in
+    `tb_evaluation/<evaluation id>` beside the trial's checkpoints, if the trial is in sweep
+    `folder` (not another sweep's, --init-from-sweep). Written locally, then copied through the
+    storage filesystem (`events_written_to`)."""
     if not checkpoint.path.startswith(f"{folder}/"):
         return
     trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
     with events_written_to(f"{trial_dir}/tb_evaluation/{row['evaluation_id']}", checkpoint.filesystem) as writer:
-        for name in ("test_nll", "test_bound", "ess_mean", "ess_median", "pareto_k_above_0_7", "pareto_k_max"):
+        for name in EVALUATION_SCALARS:
             if row[name] is not None and math.isfinite(row[name]):
                 writer.add_scalar(f"evaluation/{name}", row[name], row["epochs"])
-        for name in ("nll", "ess", "pareto_k"):
+        for name in PER_IMAGE_HISTOGRAMS:
             values = per_image[name][np.isfinite(per_image[name])]
             if len(values):
                 writer.add_histogram(f"evaluation/{name}_per_image", values, row["epochs"])

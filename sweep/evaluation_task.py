@@ -1,5 +1,5 @@
 """The evaluation of one checkpoint as a Ray task: its results row and per-image columns, on the
-device Ray gave the task."""
+device Ray gave the task; with `evaluation.ais`, AIS after the IS estimate, on its first images."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import ray
 import torch
 
 from iwae_model import Dataset
+from iwae_model.ais import ais_beside_is
 from iwae_model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_model
 from iwae_model.datasets import load_dataset
 from iwae_model.device import pin_float32
@@ -42,6 +43,12 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
             raise CheckpointError(str(error).replace(folder, job.uri)) from None
     data = _dataset(config.dataset, job.data_dir, str(device), config.binarization)
     result = evaluate_model(model, data, config.build_objective(), job.k, job.images)
+    ais = None
+    if job.ais:
+        # IS noise is drawn per image, so its first n estimates are those of an n-image evaluation.
+        n = job.ais.images_of(result.images)
+        is_ll = result.per_image["log_likelihood"][:n]
+        ais = ais_beside_is(model, data.fixed("test")[:n], is_ll, job.ais.steps, job.ais.chains, job.ais.start)
     record = EvaluationRecord(
         job.sweep,
         job.trial_id,
@@ -55,7 +62,7 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
         job.metric,
         list(job.searched),
     )
-    return results_row(record, result), per_image_part(record, result)
+    return results_row(record, result, ais), per_image_part(record, result, ais)
 
 
 # A GPU task's worker is not reused (Ray's default for a function declared with GPUs, which

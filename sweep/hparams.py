@@ -1,7 +1,8 @@
 """TensorBoard's HParams tab for a sweep, grid or search: one session per trial, its
 configuration (the settings that vary across the sweep and the ones a reader needs) and its
-final figures (the metric that ranked it, the validation bound, and the k-sample test NLL once
-evaluated), in `<sweep>/hparams/<trial>`.
+final figures (the metric that ranked it, the validation bound, and once evaluated the k-sample
+test NLL, the share of its images with PSIS k̂ > 0.7 and, with `evaluation.ais`, the AIS NLL and
+AIS - IS), in `<sweep>/hparams/<trial>`.
 
 Ray Tune's own HParams rows (each trial's 25 flattened settings and training scalars, nothing
 from the evaluation) are left out (`ray_private.RayScalarsOnly`), so the tab shows one row per trial.
@@ -22,6 +23,7 @@ from .tensorboard_files import events_written_to
 from .trials import trial_config, trial_label
 
 HPARAMS_DIR = "hparams"
+EVALUATED = ("test_nll", "pareto_k_above_0_7", "ais_nll", "ais_minus_is")  # a results row's final figures
 ALWAYS_SHOWN = ("dataset", "objective", "layers", "m", "k", "estimator", "lr", "passes", "batch_size", "seed")
 
 
@@ -45,8 +47,14 @@ def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tup
     for result in results:
         config = configs[id(result)]
         metrics = {name: result.metrics[name] for name in ("valid_bound", "valid_ll") if name in result.metrics}
-        if (row := evaluated.get(result.metrics.get("trial_id"))) is not None and math.isfinite(row["test_nll"]):
-            metrics["test_nll"] = row["test_nll"]
+        if (row := evaluated.get(result.metrics.get("trial_id"))) is not None:
+            metrics.update(
+                {
+                    name: row[name]
+                    for name in EVALUATED
+                    if row[name] is not None and math.isfinite(row[name])  # null: AIS off
+                }
+            )
         sessions[trial_label(result)] = ({key: _value(config[key]) for key in shown}, metrics)
     return sessions
 

@@ -6,7 +6,7 @@ Load them without this package:
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's metadata):
+results.parquet, schema version 6 (`iwae_sweep.schema_version` in the file's metadata):
   sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
   dataset, objective, m, k, beta, layers, estimator, seed, passes, schedule, train_images
                                      the trial's configuration (train_images null: the whole training set)
@@ -58,6 +58,18 @@ results.parquet, schema version 5 (`iwae_sweep.schema_version` in the file's met
                                      value at the evaluated checkpoint
   searched                           a search's drawn values as JSON {key: value} (null: a grid)
 
+  AIS, with the space's `evaluation.ais` (docs/ais.md); every ais_ column null where it is off:
+  ais_steps, ais_chains, ais_start, ais_leapfrog   annealing distributions, chains per image, where chains
+                                     start (encoder or prior), leapfrog steps per HMC transition
+  ais_images                         the first test images AIS ran on (at most eval_images)
+  ais_nll, ais_nll_se                -mean AIS log p(x) over those images (nats) and its standard error
+  ais_is_nll, ais_is_nll_se          the IS estimate (test_nll's) on the same images and its standard error
+  ais_minus_is, ais_minus_is_se      paired AIS - IS in log p(x) on those images, mean and SE over images
+                                     (> 0: the IS estimate falls at least about this far below log p(x))
+  ais_acceptance                     mean HMC acceptance probability (about 0.65 once step sizes adapted)
+  ais_log_weight_sd_median           median over images of the chains' log-weight SD (nats)
+  ais_seconds                        AIS's wall clock (eval_seconds is the IS evaluation's)
+
 trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
 or not (a search's analyses need every trial, `best: top` evaluates a few)
   trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), failed, or
@@ -66,14 +78,16 @@ or not (a search's analyses need every trial, `best: top` evaluates a few)
   searched                           the values a search drew, as JSON (null: a grid)
   rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
 
-per_image.parquet, schema version 1 (`iwae_sweep.per_image_schema_version`):
+per_image.parquet, schema version 2 (`iwae_sweep.per_image_schema_version`):
   evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
   image                              index into the fixed-binarised test set
   nll, ess, pareto_k                 -log p(x) estimate (nats), effective sample size, PSIS k̂ (NaN for k < 25)
+  ais_nll                            -log p(x) by AIS (nats); null beyond the first ais_images images, or AIS off
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import uuid
@@ -87,16 +101,17 @@ from pyarrow import fs as pafs
 
 import iwae_model
 from iwae_model import TrainConfig
+from iwae_model.ais import AISComparison
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation
 from iwae_model.files import write_atomically
 
 from .storage import TEMP_PREFIX, filesystem_and_path, is_local
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RESULTS_FILE = "results/results.parquet"
 PER_IMAGE_FILE = "results/per_image.parquet"
-PER_IMAGE_SCHEMA_VERSION = 1
+PER_IMAGE_SCHEMA_VERSION = 2
 TRIALS_FILE = "results/trials.parquet"
 TRIALS_SCHEMA_VERSION = 1
 
@@ -170,6 +185,20 @@ SCHEMA = pa.schema(
         ("rank_metric_k", pa.int64()),
         ("rank_metric_value", pa.float64()),
         ("searched", pa.string()),
+        ("ais_steps", pa.int64()),
+        ("ais_chains", pa.int64()),
+        ("ais_start", pa.string()),
+        ("ais_leapfrog", pa.int64()),
+        ("ais_images", pa.int64()),
+        ("ais_nll", pa.float64()),
+        ("ais_nll_se", pa.float64()),
+        ("ais_is_nll", pa.float64()),
+        ("ais_is_nll_se", pa.float64()),
+        ("ais_minus_is", pa.float64()),
+        ("ais_minus_is_se", pa.float64()),
+        ("ais_acceptance", pa.float64()),
+        ("ais_log_weight_sd_median", pa.float64()),
+        ("ais_seconds", pa.float64()),
     ],
     metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
 )
@@ -196,6 +225,7 @@ PER_IMAGE_SCHEMA = pa.schema(
         ("nll", pa.float64()),
         ("ess", pa.float64()),
         ("pareto_k", pa.float64()),
+        ("ais_nll", pa.float64()),
     ],
     metadata={"iwae_sweep.per_image_schema_version": str(PER_IMAGE_SCHEMA_VERSION)},
 )
@@ -218,8 +248,8 @@ class EvaluationRecord:
     searched: list[str]  # the keys a search drew ([] for a grid)
 
 
-def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
-    """The results.parquet row (SCHEMA) of one evaluated checkpoint."""
+def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison | None) -> dict[str, Any]:
+    """The results.parquet row (SCHEMA) of one evaluated checkpoint, with its AIS figures if any."""
     config, state, nodes = record.config, record.state, record.nodes
     last = state["history"][-1]
     snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
@@ -288,7 +318,32 @@ def results_row(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
         **record.eval_node,
         **search_columns(config, record.metric, record.searched),
         "rank_metric_value": last[record.metric],
+        **ais_columns(ais),
     }
+
+
+# An evaluation's figures in TensorBoard (evaluation_registry): these results columns as scalars
+# (those null or NaN left out: AIS off, k̂ for k < 25), these per-image columns as histograms.
+EVALUATION_SCALARS = (
+    "test_nll",
+    "test_bound",
+    "ess_mean",
+    "ess_median",
+    "pareto_k_above_0_7",
+    "pareto_k_max",
+    "ais_nll",
+    "ais_is_nll",
+    "ais_minus_is",
+    "ais_acceptance",
+)
+PER_IMAGE_HISTOGRAMS = ("nll", "ess", "pareto_k", "ais_nll")
+
+
+def ais_columns(ais: AISComparison | None) -> dict[str, Any]:
+    """The ais_* columns of a results row: AISComparison's figures (all None: AIS off)."""
+    names = [f.name for f in dataclasses.fields(AISComparison) if f.name != "log_likelihood"]
+    figures = ais.summary() if ais else dict.fromkeys(names)
+    return {name if name.startswith("ais_") else f"ais_{name}": figures[name] for name in names}
 
 
 def search_columns(config: TrainConfig, metric: str, searched: list[str]) -> dict[str, Any]:
@@ -300,8 +355,12 @@ def search_columns(config: TrainConfig, metric: str, searched: list[str]) -> dic
     }
 
 
-def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, Any]:
-    """The per_image.parquet columns (PER_IMAGE_SCHEMA) of one evaluated checkpoint."""
+def per_image_part(record: EvaluationRecord, result: Evaluation, ais: AISComparison | None) -> dict[str, Any]:
+    """The per_image.parquet columns (PER_IMAGE_SCHEMA) of one evaluated checkpoint; ais_nll NaN
+    (written as null) where AIS did not run."""
+    ais_nll = np.full(result.images, np.nan)
+    if ais is not None:
+        ais_nll[: ais.images] = -ais.log_likelihood
     return {
         "evaluation_id": record.evaluation_id,
         "trial_id": record.trial_id,
@@ -311,6 +370,7 @@ def per_image_part(record: EvaluationRecord, result: Evaluation) -> dict[str, An
         "nll": -result.per_image["log_likelihood"],
         "ess": result.per_image["ess"],
         "pareto_k": result.per_image["pareto_k"],
+        "ais_nll": ais_nll,
     }
 
 
@@ -359,7 +419,8 @@ def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
     return evaluated
 
 
-_PER_IMAGE_ARRAYS = ("image", "nll", "ess", "pareto_k")
+_PER_IMAGE_ARRAYS = ("image", "nll", "ess", "pareto_k", "ais_nll")
+_NULL_FOR_NAN = ("ais_nll",)  # NaN there means "not run": null in the file, NaN again when read
 
 
 def _version(table: pa.Table, key: str) -> str | None:
@@ -406,7 +467,11 @@ def per_image_table(parts: list[dict[str, Any]]) -> pa.Table:
         tables.append(
             pa.table(
                 {
-                    name: part[name] if isinstance(part[name], np.ndarray) else [part[name]] * images
+                    name: pa.array(
+                        part[name], from_pandas=name in _NULL_FOR_NAN, type=PER_IMAGE_SCHEMA.field(name).type
+                    )
+                    if isinstance(part[name], np.ndarray)
+                    else [part[name]] * images
                     for name in PER_IMAGE_SCHEMA.names
                 },
                 schema=PER_IMAGE_SCHEMA,

@@ -20,6 +20,11 @@ Format (every section but `experiments` is optional; defaults below):
       images: null                # null: the whole test set (comparable to the papers)
       best: each                  # each: the best checkpoint of every trial; top: the `top` best trials
       top: 5
+      ais:                        # optional (absent: off): annealed importance sampling beside the
+        steps: 1000               # IS estimate, in the same task, on its first `images` test images
+        images: 100               # (default 100, or evaluation.images if fewer; null: all IS evaluates)
+        chains: 16                # chains per image (Wu et al.: 16)
+        start: encoder            # encoder (q(h|x), "AIS + encoder") or prior (docs/ais.md)
     resources:
       cpus_per_trial: 1
       gpus_per_trial: 0           # fractions allowed: 0.25 runs four trials per GPU
@@ -65,7 +70,7 @@ or CIWAE's beta, since each objective's own bound is not comparable across them;
 Errors name the file, the key, the value and what is allowed, before any trial starts. So
 does a setting whose trial or evaluation would need more memory than one may use
 (MEMORY_LIMIT, 16 GiB, estimated from the model's layer sizes on the device the resources
-give it): a K, M, batch size, likelihood k or SNR setting far past the papers'.
+give it): a K, M, batch size, likelihood k, AIS chains or SNR setting far past the papers'.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ import torch
 import yaml
 
 from iwae_model import TrainConfig, build_model
+from iwae_model.ais import STARTS, TUNING_CHAINS
+from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.errors import IWAEError
 from iwae_model.likelihood import default_image_batch
 
@@ -102,7 +109,7 @@ TRAINING_KEYS = tuple(
     if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_")
 )
 SECTIONS = {
-    "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int},
+    "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int, "ais": (dict, type(None))},
     "resources": {
         "cpus_per_trial": (int, float),
         "gpus_per_trial": (int, float),
@@ -111,6 +118,8 @@ SECTIONS = {
     },
     "checkpoints": {"keep": int, "every": int},
 }
+AIS_SECTION = {"steps": int, "images": (int, type(None)), "chains": int, "start": str}
+AIS_IMAGES = 100  # evaluation.ais.images unless given (or evaluation.images if fewer), as evaluate's --ais-images
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
 TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search", *SECTIONS}
 ALGORITHMS = ("random", "optuna")
@@ -138,11 +147,33 @@ def is_folder_name(name: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class AISSettings:
+    """`evaluation.ais`: AIS beside the IS estimate on its first `images` test images (None: all
+    that IS evaluates), `steps` distributions, `chains` chains per image (iwae_model.ais)."""
+
+    steps: int
+    images: int | None = AIS_IMAGES
+    chains: int = 16
+    start: str = "encoder"
+
+    def images_of(self, evaluated: int) -> int:
+        """The images AIS runs on where IS evaluates the first `evaluated`: AIS is compared with IS
+        on the same images, so never more (`sweep.evaluate --images` may lower IS's)."""
+        return min(self.images or evaluated, evaluated)
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
     k: int = 5000
     images: int | None = None
     best: str = "each"
     top: int = 5
+    ais: AISSettings | None = None  # off
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvaluationSettings:
+        ais = d.get("ais")  # absent in the spec of a sweep started before AIS
+        return cls(**{**d, "ais": AISSettings(**ais) if ais else None})
 
 
 @dataclass(frozen=True)
@@ -280,7 +311,7 @@ class SweepSpace:
             source=d["source"],
             description=d["description"],
             trials=[TrainConfig.from_dict(t) for t in d["trials"]],
-            evaluation=EvaluationSettings(**d["evaluation"]),
+            evaluation=EvaluationSettings.from_dict(d["evaluation"]),
             resources=Resources(**d["resources"]),
             checkpoints=Checkpoints(**d["checkpoints"]),
             continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
@@ -344,11 +375,13 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
             if isinstance(value, float) and not math.isfinite(value):
                 raise fail(f"{section}.{key}", f"{value!r}: must be a finite number")
         sections[section] = values
-    evaluation = EvaluationSettings(**sections["evaluation"])
+    ais = sections["evaluation"].get("ais")
+    evaluation = EvaluationSettings(**{**sections["evaluation"], "ais": None})
     if evaluation.best not in BEST_MODES:
         raise fail("evaluation.best", f"{evaluation.best!r}: choose one of {', '.join(BEST_MODES)}")
     if evaluation.k < 1 or evaluation.top < 1 or (evaluation.images is not None and evaluation.images < 1):
         raise fail("evaluation", "k, top and images must be positive")
+    evaluation = dataclasses.replace(evaluation, ais=_ais(ais, evaluation.images, fail))
     resources = Resources(**sections["resources"])
     if resources.cpus_per_trial <= 0:
         raise fail("resources.cpus_per_trial", f"{resources.cpus_per_trial}: must be > 0 (Ray refuses an empty bundle)")
@@ -410,8 +443,60 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         continued=continued,
         search=search,
     ).measuring_rank()
+    _check_ais_images(space)
     check_memory(space)
     return space
+
+
+def _ais(section: dict | None, evaluated: int | None, fail) -> AISSettings | None:
+    """The `evaluation.ais` section (None: AIS off) checked key by key; `evaluated`: the test
+    images IS evaluates (None: the whole test set)."""
+    if section is None:
+        return None
+    for key, value in section.items():
+        if key not in AIS_SECTION:
+            raise fail(f"evaluation.ais.{key}", f"unknown key; allowed: {', '.join(AIS_SECTION)}")
+        if not isinstance(value, AIS_SECTION[key]) or isinstance(value, bool):
+            raise fail(
+                f"evaluation.ais.{key}", f"{value!r} has the wrong type; expected {_type_names(AIS_SECTION[key])}"
+            )
+    if "steps" not in section:
+        raise fail("evaluation.ais.steps", "missing: give the number of annealing distributions, e.g. steps: 1000")
+    ais = AISSettings(**{"images": min(AIS_IMAGES, evaluated or AIS_IMAGES), **section})
+    for key, fix in (
+        ("steps", "the number of annealing distributions, e.g. 1000; docs/ais.md"),
+        ("chains", "chains per image; Wu et al. use 16"),
+        ("images", "AIS needs a test image; null runs it on every image IS evaluates"),
+    ):
+        value = getattr(ais, key)
+        if value is not None and value < 1:
+            raise fail(f"evaluation.ais.{key}", f"{value}: must be at least 1 ({fix})")
+    if ais.start not in STARTS:
+        raise fail("evaluation.ais.start", f"{ais.start!r}: choose one of {', '.join(STARTS)}")
+    if evaluated is not None and ais.images is not None and ais.images > evaluated:
+        raise fail(
+            "evaluation.ais.images",
+            f"{ais.images}: more than the {evaluated} test images IS evaluates (evaluation.images); AIS is "
+            f"compared with IS on the same images: raise evaluation.images to {ais.images} or lower ais.images",
+        )
+    return ais
+
+
+def _check_ais_images(space: SweepSpace) -> None:
+    """evaluation.ais.images within the test set of every dataset the trials can use."""
+    ais = space.evaluation.ais
+    if ais is None or ais.images is None:
+        return
+    datasets = {t.dataset for t in [*space.trials, *space.continued]}
+    if space.search and "dataset" in space.search.distributions:
+        datasets |= set(_probes(space.search.distributions["dataset"]))
+    for dataset in sorted(datasets):
+        test_images = SPLIT_SIZES[dataset][2]
+        if ais.images > test_images:
+            raise SpaceError(
+                f"{space.source}: evaluation.ais.images: {ais.images}: the {dataset} test set has "
+                f"{test_images:,} images; pass at most {test_images}, or null for every image IS evaluates"
+            )
 
 
 # The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).
@@ -770,15 +855,26 @@ def check_memory(space: SweepSpace) -> None:
                 _check_trial_memory(dataclasses.replace(config, **{key: value}), where, gpus)
     eval_gpus = space.resources.eval_gpus
     images = _image_batch(eval_gpus)
-    _check_needs(
-        space.source,
-        [
+    configs = space.trials + space.continued
+    where = f"{'a GPU' if eval_gpus else 'the CPU'} ({images} images at once)"
+    on_cpu = ", or evaluate on the CPU (resources.eval_gpus: 0)" if eval_gpus else ""
+    needs = [
+        (
+            "evaluation.k",
+            space.evaluation.k,
+            images * max(_sizes(t).noise for t in configs),
+            f"the final evaluation on {where}",
+            on_cpu,
+        )
+    ]
+    if space.evaluation.ais:
+        needs.append(
             (
-                "evaluation.k",
-                space.evaluation.k,
-                images * max(_sizes(t).noise for t in space.trials + space.continued),
-                f"the final evaluation on {'a GPU' if eval_gpus else 'the CPU'} ({images} images at once)",
-                ", or evaluate on the CPU (resources.eval_gpus: 0)" if eval_gpus else "",
+                "evaluation.ais.chains",
+                space.evaluation.ais.chains,
+                images * max(_sizes(t).row for t in configs),
+                f"AIS ({TUNING_CHAINS} tuning chains more per image) on {where}",
+                on_cpu,
             )
-        ],
-    )
+        )
+    _check_needs(space.source, needs)

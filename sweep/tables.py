@@ -3,8 +3,11 @@
 One table per dataset. Rows: stochastic layers x (M, K); columns: objective (with beta /
 estimator when not the default); cells: test NLL in nats (mean over seeds), active units, and the published value
 with our difference. `*` marks cells not comparable to the papers (short schedule, subset of
-the training or test set, k < 5000, or a binarization other than the dataset's). With a baseline, each cell
-also shows its per-image paired difference to that checkpoint (sweep/compare.py).
+the training or test set, k < 5000, or a binarization other than the dataset's). Beside each
+estimate, what the diagnostics say of it: the share of test images whose PSIS k̂ exceeds 0.7
+(the IS estimate unreliable there) and, where the sweep ran AIS, AIS - IS on the same images.
+With a baseline, each cell also shows its per-image paired difference to that checkpoint
+(sweep/compare.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from importlib import resources
 
 import pandas as pd
 import yaml
+
+from iwae_model.importance import PARETO_K_THRESHOLD
 
 from .compare import difference, mean_image_nll
 from .results import TRIALS_SCHEMA, ResultsError
@@ -89,7 +94,7 @@ def table2(frame: pd.DataFrame) -> str:
 
     def nll_au(row: pd.Series) -> str:
         star = "" if row["comparable_to_papers"] else "*"
-        return f"{row['test_nll']:.2f}{star} | {'+'.join(map(str, row['active_units']))}"
+        return f"{row['test_nll']:.2f}{star}{doubts(row)} | {'+'.join(map(str, row['active_units']))}"
 
     for _, child in continued.sort_values("trial_name").iterrows():
         parent = by_name.get(child["parent_trial_name"])
@@ -145,6 +150,8 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
                 "eval_k": int(cell["eval_k"].min()),
                 "eval_images": int(cell["eval_images"].min()),
                 "passes": int(cell["passes"].min()),
+                "pareto_k_above_0_7": cell["pareto_k_above_0_7"].mean(),
+                **ais_gap(cell),
             }
         )
         if baseline is not None:
@@ -164,12 +171,58 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
     )
 
 
+def ais_gap(cell: pd.DataFrame) -> dict:
+    """AIS - IS of a cell's rows that ran AIS (NaN: none did): one seed's paired mean and SE over
+    images; several seeds' mean and the spread across them, as for the NLL."""
+    gaps = cell[cell["ais_minus_is"].notna()]
+    if len(gaps) < 2:
+        se = gaps["ais_minus_is_se"].mean()  # NaN without rows
+    else:
+        se = gaps["ais_minus_is"].std() / len(gaps) ** 0.5
+    return {
+        "ais_minus_is": gaps["ais_minus_is"].mean(),
+        "ais_minus_is_se": se,
+        "ais_images": gaps["ais_images"].min(),
+    }
+
+
+def doubts(row: pd.Series) -> str:
+    """What the diagnostics say of an IS estimate (a results or summary row): the share of its
+    images with PSIS k̂ > 0.7 and, where AIS ran, AIS - IS."""
+    text = ""
+    if pd.notna(row["pareto_k_above_0_7"]):
+        text += f" k̂>{PARETO_K_THRESHOLD} {row['pareto_k_above_0_7']:.0%}"
+    if pd.notna(row["ais_minus_is"]):
+        text += f" AIS−IS {row['ais_minus_is']:+.2f} ± {row['ais_minus_is_se']:.2f}"
+    return text
+
+
+def doubts_notes(frame: pd.DataFrame) -> list[str]:
+    """The notes that explain `doubts` for the rows of `frame`."""
+    notes = []
+    if frame["pareto_k_above_0_7"].notna().any():
+        notes.append(
+            f"k̂>{PARETO_K_THRESHOLD}: the share of test images whose PSIS k̂ exceeds {PARETO_K_THRESHOLD}, where "
+            f"the k-sample estimate rests on a few samples and is unreliable (docs/analyses.md)."
+        )
+    if frame["ais_minus_is"].notna().any():
+        images = frame["ais_images"].dropna()
+        on = f"{int(images.min())}" if images.min() == images.max() else f"{int(images.min())}–{int(images.max())}"
+        notes.append(
+            f"AIS−IS: log p(x) by annealed importance sampling minus the IS estimate, paired on the same first "
+            f"{on} test images, ± its SE; > 0: the IS estimate falls at least about this far below log p(x); "
+            f"< 0 by more than its SE: too few AIS distributions (docs/ais.md)."
+        )
+    return notes
+
+
 def cell_text(row: pd.Series) -> str:
     text = f"{row['test_nll']:.2f} ({row['active_units']})"
     if not row["comparable_to_papers"]:
         text += "*"
     if pd.notna(row["paper_nll"]):
         text += f" [paper {row['paper_nll']:.2f}, {row['difference']:+.2f}]"
+    text += doubts(row)
     if "vs_baseline" in row:
         text += f" Δ {row['vs_baseline']:+.3f} ± {row['vs_baseline_se']:.3f}"
     return text
@@ -189,7 +242,11 @@ def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
         for (layers, m, k), row_cells in part.groupby(KEY, sort=True):
             cells = {row["variant"]: cell_text(row) for _, row in row_cells.iterrows()}
             lines.append(f"| {layers} | {m} | {k} | " + " | ".join(cells.get(v, "") for v in variants) + " |")
-    notes = ["", "Cells: test NLL in nats (active units per layer); [published value, our difference]."]
+    notes = [
+        "",
+        "Cells: test NLL in nats (active units per layer); [published value, our difference].",
+        *doubts_notes(summary),
+    ]
     if baseline:
         notes.append(
             f"Δ: mean per-image NLL difference to {baseline} on the same test images ± its paired standard error."
@@ -251,7 +308,7 @@ def print_results(rows: list[dict], path: str) -> None:
     for _, row in best.iterrows():
         print(
             f"  {row['trial_name']:<{width}} {row['test_nll']:8.2f} ± {row['test_nll_se']:.2f}  "
-            f"active units {'+'.join(map(str, row['active_units']))}"
+            f"active units {'+'.join(map(str, row['active_units']))}{doubts(row)}"
         )
     print(f"\nResults: {path} ({len(rows)} rows)")
 

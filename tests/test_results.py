@@ -35,7 +35,7 @@ def write_bad(path, kind):
         ("text", ["not a readable Parquet file", "sweep.evaluate"]),
         ("empty", ["not a readable Parquet file"]),
         ("not ours", ["not iwae-sweep results", "schema_version"]),
-        ("other version", ["schema version 7", "reads 5"]),
+        ("other version", ["schema version 7", "reads 6"]),
         ("missing columns", ["['test_nll'] are missing"]),
     ],
 )
