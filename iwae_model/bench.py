@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .ais import LEAPFROG_STEPS, ais
+from .ais import LEAPFROG_STEPS
 from .bare_loop import BareIWAE
 from .config import TrainConfig
 from .device import pin_float32, resolve_device
@@ -37,6 +37,7 @@ from .errors import DeviceError, exit_with
 from .likelihood import default_image_batch
 from .timing import (
     BATCHES,
+    ais_seconds_per_image,
     cycled,
     likelihood_seconds_per_image,
     seconds_per_call,
@@ -185,18 +186,8 @@ def bench_diagnostics_overhead(layers: int, device: torch.device, images: int, r
 
 
 def bench_ais(layers: int, device: torch.device, images: int, steps: int, chains: int = 16) -> dict:
-    """AIS + encoder at the evaluate CLI's defaults on random binary images. Every transition
-    costs the same whatever the model's training (always LEAPFROG_STEPS gradient evaluations),
-    so an untrained model times it."""
-    torch.manual_seed(0)
-    model = TrainConfig(layers=layers).build_model().to(device).eval()
-    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
-    ais(model, x[:1], 2, chains)  # kernels and allocator pools, as the IS timing's first call
-    sync(device)
-    start = time.perf_counter()
-    ais(model, x, steps, chains)
-    sync(device)
-    seconds = time.perf_counter() - start
+    """AIS + encoder at the evaluate CLI's defaults on random binary images."""
+    seconds = images * ais_seconds_per_image(TrainConfig(layers=layers), device, steps, chains, images)
     return {
         "figure": "ais",
         "name": f"ais_encoder_s{steps}_c{chains}_L{layers}",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from .ais import ais
 from .config import TrainConfig
 from .data import binarize
 from .likelihood import bound, default_image_batch, importance_sampling
@@ -103,3 +104,20 @@ def likelihood_seconds_per_image(
     importance_sampling(model, x, k, diagnostics=diagnostics)
     sync(device)
     return (time.perf_counter() - start) / images
+
+
+def ais_seconds_per_image(
+    config: TrainConfig, device: torch.device, steps: int, chains: int, images: int, start: str = "encoder"
+) -> float:
+    """Seconds per image of AIS with `steps` distributions and `chains` chains. Every transition
+    costs the same whatever the model's training (always the same leapfrog steps), so an
+    untrained model times it; the time grows in proportion to `steps`."""
+    torch.manual_seed(0)
+    model = config.build_model().to(device).eval()
+    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    ais(model, x[:1], 2, chains, start)  # kernels and allocator pools, as the IS timing's first call
+    sync(device)
+    began = time.perf_counter()
+    ais(model, x, steps, chains, start)
+    sync(device)
+    return (time.perf_counter() - began) / images

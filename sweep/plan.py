@@ -3,7 +3,8 @@ evaluation work, and the wall time estimated from a few seconds of real training
 evaluation on this machine, spread over the trials that can run at once.
 
 The estimate counts training steps, the per-pass validation and test bounds (and NLL estimates
-when `nll_every` or `valid_ll_k` asks for them) and the final k-sample evaluation; a `continue` stage starts
+when `nll_every` or `valid_ll_k` asks for them) and the final k-sample evaluation (and AIS, with
+`evaluation.ais`); a `continue` stage starts
 when the first has finished. It leaves out Ray's start-up (seconds), checkpoint uploads and
 gradient-SNR measurements (about 2 % of a trial at the shipped settings), so short sweeps take
 longer than it says.
@@ -23,13 +24,19 @@ import torch
 
 from iwae_model import TrainConfig
 from iwae_model.datasets import SPLIT_SIZES
-from iwae_model.timing import bound_seconds_per_image, likelihood_seconds_per_image, training_step_seconds
+from iwae_model.timing import (
+    ais_seconds_per_image,
+    bound_seconds_per_image,
+    likelihood_seconds_per_image,
+    training_step_seconds,
+)
 
 from .space import Distribution, SweepSpace
 from .trials import trial_name
 
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
+AIS_CALIBRATION_STEPS = 10  # AIS's time grows in proportion to its steps
 # Only the model, objective and estimator set the cost: a configuration is calibrated with these
 # fields as here, once for all the trials that differ only in them.
 CALIBRATED_AS = {
@@ -70,7 +77,8 @@ class SweepPlan:
     checkpoints: int
     eval_images: int  # over all checkpoints
     eval_k: int
-    eval_seconds: float  # all checkpoints, `eval_actors` at a time
+    ais_images: int  # over all checkpoints (0: AIS off)
+    eval_seconds: float  # all checkpoints, IS and AIS, `eval_actors` at a time
     train_wall_seconds: float
     device: str
     threads: int
@@ -187,11 +195,28 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         trials = [*trials, *space.continued]
         chosen = trials if evaluation.best == "each" else trials[: evaluation.top]
         images = [evaluation.images or SPLIT_SIZES[t.dataset][2] for t in chosen]
+        layers = {t.layers for t in chosen}
         per_image = {
-            layers: likelihood_seconds_per_image(TrainConfig(layers=layers), device, evaluation.k, CALIBRATION_IMAGES)
-            for layers in {t.layers for t in chosen}
+            n: likelihood_seconds_per_image(TrainConfig(layers=n), device, evaluation.k, CALIBRATION_IMAGES)
+            for n in layers
         }
-        eval_seconds = makespan([n * per_image[t.layers] for n, t in zip(images, chosen)], space.resources.eval_actors)
+        ais = evaluation.ais
+        ais_images = [ais.images_of(n) if ais else 0 for n in images]
+        ais_per_image = {
+            n: ais.steps
+            / AIS_CALIBRATION_STEPS
+            * ais_seconds_per_image(
+                TrainConfig(layers=n), device, AIS_CALIBRATION_STEPS, ais.chains, CALIBRATION_IMAGES, ais.start
+            )
+            for n in (layers if ais else ())
+        }
+        eval_seconds = makespan(
+            [
+                n * per_image[t.layers] + m * ais_per_image.get(t.layers, 0)
+                for n, m, t in zip(images, ais_images, chosen)
+            ],
+            space.resources.eval_actors,
+        )
     finally:
         torch.set_num_threads(threads)
     first = len(trained)
@@ -199,7 +224,16 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         [p.seconds for p in plans[first:]], concurrent
     )
     return SweepPlan(
-        plans, concurrent, len(chosen), sum(images), evaluation.k, eval_seconds, train_wall, str(device), trial_threads
+        plans,
+        concurrent,
+        len(chosen),
+        sum(images),
+        evaluation.k,
+        sum(ais_images),
+        eval_seconds,
+        train_wall,
+        str(device),
+        trial_threads,
     )
 
 
@@ -236,8 +270,14 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         "",
         f"Training: {total_steps:,} optimizer steps in all, {duration(sum(t.seconds for t in plan.trials))} "
         f"of trial time; {plan.concurrent} trial(s) at once ({where}) -> about {duration(plan.train_wall_seconds)}.",
-        f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,} "
-        f"-> about {duration(plan.eval_seconds)}, {space.resources.eval_actors} at a time once training ends"
+        f"Evaluation: {plan.checkpoints} checkpoint(s), {plan.eval_images:,} test images in all, x k={plan.eval_k:,}"
+        + (
+            f", then AIS ({space.evaluation.ais.steps:,} steps, {space.evaluation.ais.chains} chains) on "
+            f"{plan.ais_images:,} of them"
+            if plan.ais_images
+            else ""
+        )
+        + f" -> about {duration(plan.eval_seconds)}, {space.resources.eval_actors} at a time once training ends"
         + (
             " (with best: each, a trial's evaluation starts when it finishes if resources are free and no trial "
             "waits for them: part of it can overlap the training)."
@@ -253,7 +293,8 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         ),
         "",
         f"An estimate, calibrated by timing {CALIBRATION_STEPS} training steps per model and a {CALIBRATION_IMAGES}"
-        f"-image k-sample evaluation on this machine ({plan.device}, {plan.threads} thread(s) per trial as Ray "
+        f"-image k-sample evaluation{' and AIS' if plan.ais_images else ''} on this machine ({plan.device}, "
+        f"{plan.threads} thread(s) per trial as Ray "
         f"gives it); another device (a cluster's GPUs) runs at its own speed. Ray's start-up and checkpoint "
         f"uploads are not counted.",
     ]
