@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from iwae_model.errors import IWAEError
 
-from .ray_private import address_from_environment, single_machine_addressing
+from .ray_private import address_from_environment, quiet_default_token_notice, single_machine_addressing
 from .storage import is_local
 
 # Ray turns a plain 127.0.0.1 into the machine's external address; this internal switch of Ray
@@ -169,6 +169,7 @@ def init_ray(address: str | None) -> None:
         return
     if not address:
         keep_local_ray_on_loopback()
+        quiet_default_token_notice()
         ray.init(address="local", include_dashboard=False)
         return
     try:

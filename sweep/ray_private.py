@@ -10,6 +10,7 @@ from typing import Any
 
 from ray._common.utils import get_ray_address_file
 from ray._private import ray_constants, services
+from ray._private.authentication import authentication_token_setup as _authentication
 from ray.tune.logger import TBXLoggerCallback
 
 CHECKED_WITH = "2.60.0"
@@ -40,6 +41,18 @@ def kept_checkpoint_results(trial: Any) -> list:
 def quiet_checkpoint_logging() -> None:
     """Ray logs "Checkpoint successfully created" at INFO after every pass: noise in the live view."""
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+
+
+def quiet_default_token_notice() -> None:
+    """Ray warns on every start of a local cluster that it turned token authentication on, its
+    default: noise before the live view. Only that notice is dropped; the setting stays, and
+    the warning that authentication is off is kept. (RAY_AUTH_MODE=token would silence it too,
+    but Ray reads the variable when it is imported: too late here.)"""
+    logging.getLogger(_authentication.__name__).addFilter(_not_the_default_token_notice)  # once: the same filter
+
+
+def _not_the_default_token_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled" not in record.getMessage()
 
 
 class RayScalarsOnly(TBXLoggerCallback):
