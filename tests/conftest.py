@@ -1,14 +1,25 @@
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import Dataset, load_mnist
 
 try:
+    import ray
+
     from sweep.cluster import keep_local_ray_on_loopback
+    from sweep.results import read_results
+    from sweep.space import SweepSpace, parse_space
+    from sweep.trials import NODES_FILE
 except ModuleNotFoundError as missing:  # a GPU host with torch and no Ray: the model-level checks still run
     if missing.name != "ray":
         raise
@@ -17,6 +28,11 @@ else:
     # environment) stays on 127.0.0.1, never the machine's external address: the product's own
     # switch, checked by test_ray_stays_on_loopback and test_a_local_sweep_ray_is_on_loopback.
     keep_local_ray_on_loopback()
+
+
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0)):
+    # pytest-xdist's workers share the machine's cores: torch in each takes its share, not all.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +100,96 @@ TINY_SPACE = {
     "evaluation": {"k": 50, "images": 40},
     "checkpoints": {"keep": 1, "every": 1},
 }
+
+
+def tiny_space(name: str, **changes) -> SweepSpace:
+    return parse_space({**TINY_SPACE, "name": name, **changes}, f"<{name}>")
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.startswith(("vae_", "iwae_")))
+
+
+def assert_complete_history(checkpoint_dir: Path, passes: int = TINY_PASSES):
+    """The scientific record in a trial's last checkpoint: every pass exactly once."""
+    state = load_checkpoint(checkpoint_dir)
+    assert [row["epoch"] for row in state["history"]] == list(range(1, passes + 1))
+    lines = (checkpoint_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, passes + 1))
+
+
+def assert_same_evaluations(again: list[dict], before: list[dict]):
+    """The same checkpoints evaluated with the same seed: the same estimates up to float32
+    rounding (actors with another thread count split the GEMMs differently)."""
+    key = "checkpoint_uri"
+    assert sorted(r[key] for r in again) == sorted(r[key] for r in before)
+    by_uri = {r[key]: r for r in before}
+    for row in again:
+        assert row["test_nll"] == pytest.approx(by_uri[row[key]]["test_nll"], rel=FLOAT32_REORDER_RTOL)
+
+
+def wait_for_checkpoint(
+    driver: subprocess.Popen, sweep_dir: Path, name: str, seconds: float = 240, log: Path | None = None
+) -> None:
+    """Until some trial of the running sweep has written checkpoint `name`, every file of it (polled:
+    the files are all there is to wait on; Ray copies them into place one by one). `log`: the
+    driver's output, shown if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not list(sweep_dir.glob(f"*/{name}/{NODES_FILE}")) or not list(sweep_dir.glob(f"*/{name}/checkpoint.pt")):
+        assert driver.poll() is None, "the sweep ended before it could be stopped" + (
+            f":\n{log.read_text()[-3000:]}" if log else ""
+        )
+        assert time.monotonic() < deadline, f"no {name} within {seconds} s"
+        time.sleep(0.2)
+
+
+def sweep_cli(space: dict, folder: Path, mnist_dir: Path, *options: str) -> list[str]:
+    """The `python -m sweep.run` command a user types for `space` (written to folder/space.yaml),
+    storing the sweep under folder/store."""
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    run = [sys.executable, "-m", "sweep.run", "--space", str(folder / "space.yaml"), "--storage", str(folder / "store")]
+    return [*run, "--data-dir", str(mnist_dir), *options]
+
+
+@pytest.fixture(scope="module")
+def s3_storage():
+    """A real S3 API (moto's server) on 127.0.0.1; the credentials travel in the URI, so Ray's
+    workers need no environment. Call it with a path in the bucket to get its URI."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
+    yield lambda path: f"s3://testing:testing@iwae-bucket/{path}?{query}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for a module's in-process sweeps (a start and a stop cost seconds each)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedSweep:
+    folder: Path  # <storage>/tiny
+    results: Path  # its results.parquet
+    rows: list[dict]  # the evaluated rows as the sweep wrote them
+    out: str  # what the driver printed, to a pipe as in a log file
+    err: str
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(mnist_dir, tmp_path_factory) -> FinishedSweep:
+    """TINY_SPACE run once as a user runs it, `python -m sweep.run` with its output to a pipe: the
+    tests that read a finished sweep's files, and the live view's log-file form, share it."""
+    where = tmp_path_factory.mktemp("tiny")
+    command = sweep_cli({**TINY_SPACE, "name": "tiny"}, where, mnist_dir)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    folder = where / "store" / "tiny"
+    results = folder / "results" / "results.parquet"
+    return FinishedSweep(folder, results, read_results(str(folder)).to_pylist(), done.stdout, done.stderr)

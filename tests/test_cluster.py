@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from conftest import TINY_SPACE
+from conftest import TINY_SPACE, assert_complete_history, trial_dirs, wait_for_checkpoint
 from ray._common.utils import get_ray_address_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_sweep import assert_complete_history, trial_dirs, wait_for_checkpoint
 
 from iwae_model import TrainConfig
 from iwae_model.data import DataError

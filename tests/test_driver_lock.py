@@ -35,19 +35,6 @@ with ExitStack() as stack:
 """
 
 
-@pytest.fixture(scope="module")
-def s3_storage():
-    """A real S3 API (moto's server) on 127.0.0.1; the credentials travel in the URI."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    query = f"endpoint_override={host}:{port}&scheme=http&region=us-east-1&allow_bucket_creation=true"
-    yield lambda path: f"s3://testing:testing@iwae-bucket/{path}?{query}"
-    server.stop()
-
-
 @contextmanager
 def holder(*storages: str):
     """A real process holding sweep "same"'s lock in each storage; yields its Popen once it holds them."""

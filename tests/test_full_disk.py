@@ -95,13 +95,6 @@ def test_ray_s_checkpoint_upload_to_a_full_sweep_storage_raises_and_leaves_no_tr
     assert leftovers(disk) == []
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_a_trial_that_found_the_storage_full_stops_the_sweep_with_what_to_do(local_ray, disk):
     # Before: the sweep ended "2 of 2 trial(s) did not finish ... Nothing is lost: continue with
     # the same command plus --resume", or "no finished trial with a checkpoint to evaluate".

@@ -10,10 +10,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
+from conftest import trial_dirs, wait_for_checkpoint
 from pyarrow import fs as pafs
-from test_sweep import trial_dirs, wait_for_checkpoint
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
@@ -139,13 +138,6 @@ def drawn(sweep_dir) -> list[dict]:
     return sorted(({"lr": c.lr, "k": c.k} for c in configs), key=lambda d: d["lr"])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mnist_dir, tmp_path):
     spec = search_space(
         "random",
@@ -172,7 +164,7 @@ def test_random_search_draws_distinct_values_in_range_reproducibly(local_ray, mn
     assert {t["status"] for t in trials} == {"finished"} and {t["rank_metric"] for t in trials} == {"valid_ll"}
 
 
-def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnist_dir, tmp_path):
+def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(local_ray, mnist_dir, tmp_path):
     spec = search_space(
         "optuna",
         {"algorithm": "optuna", "samples": 5, "seed": 3, "max_concurrent": 2},
@@ -183,10 +175,8 @@ def test_an_optuna_search_trains_its_suggestions_and_resumes_the_same_study(mnis
     )
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     command = [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--data-dir", str(mnist_dir)]
-    whole = subprocess.run(
-        [*command, "--storage", str(tmp_path / "whole")], capture_output=True, text=True, timeout=900
-    )
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    _, _, failed = run_sweep(parse_space(spec, "<optuna>"), str(tmp_path / "whole"), str(mnist_dir))  # in-process
+    assert not failed
     driver = subprocess.Popen(
         [*command, "--storage", str(tmp_path / "killed")],
         stdout=subprocess.DEVNULL,
