@@ -363,7 +363,7 @@ def test_resuming_with_another_space_is_refused(finished_sweep, mnist_dir):
     sweep_dir, _, _ = finished_sweep
     other = parse_space({**TINY, "name": "tiny", "experiments": [{"objective": "iwae", "k": 7}]}, "other.yaml")
     with pytest.raises(
-        SpaceError, match=r"started from \S+/tiny\.yaml \(2 trials\); other.yaml defines other trials \(1 trials\)"
+        SpaceError, match=r"started from \S+/space\.yaml \(2 trials\); other.yaml defines other trials \(1 trials\)"
     ):
         run_sweep(other, str(sweep_dir.parent), str(mnist_dir), resume=True)
 
