@@ -3,6 +3,8 @@
     python -m sweep.evaluate SWEEP_DIR [--k 5000] [--images N] [--eval-gpus G] [--eval-actors A]
 
 Every selected checkpoint is evaluated anew; the new Parquet replaces the old one atomically.
+The sweep's trials are read from its JSON files and its checkpoints with weights only
+(sweep.saved_trials): nothing in the folder is unpickled, so a folder from anyone can be evaluated.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from .cluster import check_gpus, init_ray
 from .evaluation import evaluate_sweep
 from .folder import SweepFolderError, read_spec
 from .results import RESULTS_FILE
+from .saved_trials import load_grids
 from .storage import filesystem_and_path
 from .tables import print_results
-from .tune_state import load_grids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,6 @@ import ray
 import torch
 from pyarrow import fs as pafs
 from ray import tune
-from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -45,6 +44,7 @@ from .live import LiveView
 from .lock import driver_lock
 from .plan import drawn_trials, plan_sweep, render
 from .ray_private import RayScalarsOnly
+from .saved_trials import FINISHED, load_grids, read_trials
 from .space import (
     DEFAULT_SPACE,
     FOLDER_NAME_RULE,
@@ -60,7 +60,8 @@ from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
 from .trainable import train_trial
 from .trials import trial_config, trial_label
-from .tune_state import experiment_state_saved, load_grids, recover_deleted_checkpoints, restore_tuner, saved_results
+from .trust import check_state_signed, key_file, signed_storage, trust_folder
+from .tune_state import experiment_state_saved, recover_deleted_checkpoints, restore_tuner
 
 
 class SweepInterrupted(IWAEError, RuntimeError):
@@ -156,7 +157,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=stage.name,
             storage_path=storage_path,
-            storage_filesystem=filesystem,
+            storage_filesystem=signed_storage(filesystem),  # signs the state Tune unpickles on --resume
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=space.checkpoints.keep,
                 checkpoint_score_attribute=space.metric,
@@ -171,7 +172,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
     )
 
 
-def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
+def fit_stage(stage: Stage, options: StageOptions) -> list[tune.Result]:
     """Train (or resume) one stage's trials; raise SweepInterrupted unless every trial finished or
     failed for good."""
     filesystem, storage_path = filesystem_and_path(stage.storage)
@@ -197,26 +198,27 @@ def fit_stage(stage: Stage, options: StageOptions) -> tune.ResultGrid:
     grid = tuner.fit()
     check_space((result.error for result in grid), options.folder)  # trials that found the storage full
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
-    # terminated; the experiment state it saved on the way out still says which are not.
-    saved = saved_results(experiment, filesystem)
-    if len(saved) - saved.num_terminated - saved.num_errors:
+    # terminated; the experiment state it saved on the way out still says which are not. Read back
+    # as every read of a sweep is (sweep.saved_trials: no pickle), which also gives the checkpoints
+    # on the storage's own filesystem, not the signing one Tune was handed.
+    saved = read_trials(experiment, filesystem)
+    behind = [
+        f"{trial_label(t.result)} ({t.result.metrics.get('epoch', 0)}/{trial_config(t.result.config).passes} passes)"
+        for t in saved
+        if t.status not in FINISHED
+    ]
+    if behind:
         # Named by their status in that state too, not from this process's results, where
         # trials that finished after the last save had been counted but not named ("2 of 2
         # trial(s) did not finish: .").
-        trials = tune.ExperimentAnalysis(experiment, storage_filesystem=filesystem).trials
-        behind = [
-            f"{trial_label(t)} ({t.last_result.get('epoch', 0)}/{trial_config(t.config).passes} passes)"
-            for t in trials
-            if t.status not in (Trial.TERMINATED, Trial.ERROR)
-        ]
         raise SweepInterrupted(
-            f"{len(behind)} of {len(trials)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
+            f"{len(behind)} of {len(saved)} trial(s) did not finish: {', '.join(behind)}. Nothing is "
             f"lost: continue with the same command plus --resume"
         )
-    return grid
+    return [trial.result for trial in saved]
 
 
-def second_stage(space: SweepSpace, first: tune.ResultGrid) -> tuple[list[TrainConfig], dict[str, tune.Checkpoint]]:
+def second_stage(space: SweepSpace, first: list[tune.Result]) -> tuple[list[TrainConfig], dict[str, tune.Checkpoint]]:
     """The stage-2 trials whose parents finished, each with its parent's best checkpoint (by
     validation bound, as the evaluation picks it) recorded in init_from."""
     best = {
@@ -260,6 +262,7 @@ def run_sweep(
     wait_for_gpus: float = 0,
     callbacks: list[tune.Callback] | None = None,
     address: str | None = None,
+    trust: bool = False,
 ) -> tuple[str, list[dict], list[str]]:
     """Train (or resume) every trial -- the first stage, then a `continue` stage from its best
     checkpoints -- evaluating each finished one as it finishes (`best: each`) or the best when
@@ -270,7 +273,8 @@ def run_sweep(
     early (SweepSpace.with_asha). `callbacks`: extra Ray Tune callbacks (used when a stage
     starts, not on resume). On resume the trials, evaluation settings, ASHA and data folder are
     the ones the sweep was started with (its iwae_sweep.json); only `space.resources` is taken
-    anew, and the evaluations already made are kept."""
+    anew, and the evaluations already made are kept. A resume restores only Ray Tune state this
+    user's driver signed (sweep.trust); `trust` (--trust-folder) first signs the folder's as it is."""
     with driver_lock(storage, space.name):  # before the "already exists" check, for the driver's life
         space = space.with_asha() if asha else space
         filesystem, storage_path = filesystem_and_path(storage)
@@ -307,6 +311,15 @@ def run_sweep(
                     f"start a new sweep with --name"
                 )
             space = replace(started, resources=space.resources)
+            if trust:
+                signed = trust_folder(experiment, filesystem)
+                print(
+                    f"note: --trust-folder: {len(signed)} file(s) of Ray Tune's state in {experiment} signed as "
+                    f"they are with your key ({key_file()}); --resume unpickles them from now on",
+                    file=sys.stderr,
+                )
+            for stage in (experiment, f"{experiment}/{STAGE_2}"):  # before anything is unpickled or changed
+                check_state_signed(stage, filesystem)
             clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
         init_ray(address)
         marker = storage_marker(experiment, filesystem)
@@ -416,6 +429,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "their last checkpoint, failed ones are retried",
     )
     parser.add_argument(
+        "--trust-folder",
+        action="store_true",
+        help="with --resume: sign this sweep folder's Ray Tune state with your key, so that a sweep written by "
+        "another user, machine or key can be resumed; only for a folder you trust, since resuming unpickles "
+        "that state (see docs/files.md#what-to-trust)",
+    )
+    parser.add_argument(
         "--max-concurrent", type=int, default=0, help="at most N trials at once (default: as resources allow)"
     )
     parser.add_argument(
@@ -456,6 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_concurrent < 0 or args.max_failures < 0 or (args.wait_for_gpus or 0) < 0:
         parser.error("--max-concurrent, --max-failures and --wait-for-gpus must be >= 0")
+    if args.trust_folder and not args.resume:
+        parser.error("--trust-folder: only with --resume (it signs the state of a sweep to resume)")
     if args.wait_for_gpus is None:
         args.wait_for_gpus = 600 if args.address else 0
     return args
@@ -507,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.max_failures,
                 args.wait_for_gpus,
                 address=args.address,
+                trust=args.trust_folder,
             )
     except IWAEError as error:
         exit_with(error)

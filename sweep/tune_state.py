@@ -1,5 +1,7 @@
-"""Ray Tune's saved state of a sweep: restoring it with errors that name the folder, checking it is
-whole before Tune reads it, mending what a killed driver left, and the results grids it holds."""
+"""Ray Tune's saved state of a sweep: restoring it (only once its signature says this user's
+driver wrote it: sweep.trust) with errors that name the folder, checking it is whole before Tune
+reads it, and mending what a killed driver left. Reading a sweep's trials needs none of this:
+sweep.saved_trials reads them without unpickling anything."""
 
 from __future__ import annotations
 
@@ -13,52 +15,52 @@ from ray import tune
 
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
 
-from .folder import SPEC_FILE, STAGE_2, SweepFolderError, read_spec
+from .folder import SweepFolderError
 from .ray_private import kept_checkpoint_results
-from .storage import filesystem_and_path
 from .trainable import train_trial
 from .trials import trial_label
+from .trust import EXPERIMENT_STATE, STATE_FILES, UntrustedState, check_state_signed, signed_storage, unsigned
 
 
 def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
-    """Tuner.restore with an error that names the folder instead of Ray's traceback."""
+    """Tuner.restore, only of a state this user's driver signed, with errors that name the folder
+    instead of Ray's traceback. Tune gets a SignedStorage: it reads the signed files through it
+    (what was checked, not the file read again) and signs the state it saves from then on."""
     if not tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
         raise SweepFolderError(f"{experiment_path}: not a Ray Tune sweep folder (no experiment state there)")
-    _check_state_whole(experiment_path, filesystem)
+    check_state_whole(experiment_path, filesystem)
+    check_state_signed(experiment_path, filesystem)
     try:
-        return tune.Tuner.restore(experiment_path, trainable=trainable, storage_filesystem=filesystem, **options)
+        return tune.Tuner.restore(
+            experiment_path, trainable=trainable, storage_filesystem=signed_storage(filesystem), **options
+        )
+    except UntrustedState:
+        raise
     except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
-        raise _unreadable_state(experiment_path, error) from None
+        raise unreadable_state(experiment_path, error) from None
 
 
 def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.ResultGrid:
-    """The sweep's results as its saved experiment state has them (Tuner.restore starts no trials)."""
+    """The sweep's results as Ray Tune's saved (and signed) state has them: for what only that state
+    says, such as the checkpoint it names. Tuner.restore starts no trials."""
     tuner = restore_tuner(experiment_path, filesystem, train_trial)
     try:
         return tuner.get_results()
+    except UntrustedState:
+        raise
     except Exception as error:  # noqa: BLE001 -- as in restore_tuner
-        raise _unreadable_state(experiment_path, error) from None
+        raise unreadable_state(experiment_path, error) from None
 
 
-# Tune restores the newest of each (by name). The grid's generator, a searcher's wrapper, the
-# searcher and the callbacks each have their own file; all but the first are pickles.
-_STATE_FILES = {
-    "experiment_state-*.json": "json",
-    "basic-variant-state-*.json": "pickle",
-    "search_gen_state-*.json": "pickle",
-    "searcher-state-*.pkl": "pickle",
-    "callback-states-*.pkl": "pickle",
-}
-
-
-def _check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None:
+def check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None:
     """Raise SweepFolderError if Tune's newest experiment or searcher state is cut short: Tune
-    itself would log the failure and start the whole sweep again with an empty configuration."""
+    itself would log the failure and start the whole sweep again with an empty configuration.
+    Nothing is unpickled: a pickle's opcodes are read, never run."""
     names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(experiment_path))]
-    for pattern, kind in _STATE_FILES.items():
+    for pattern, kind in STATE_FILES.items():
         if not (matching := fnmatch.filter(names, pattern)):
             continue
-        path = f"{experiment_path}/{max(matching)}"
+        path = f"{experiment_path}/{max(matching)}"  # Tune restores the newest of each (by name)
         with filesystem.open_input_stream(path) as stream:
             data = stream.readall()
         try:
@@ -68,10 +70,10 @@ def _check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> Non
                 for _ in pickletools.genops(data):  # reads the opcodes, runs nothing
                     pass
         except ValueError as error:
-            raise _unreadable_state(path, error) from None
+            raise unreadable_state(path, error) from None
 
 
-def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
+def unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
     return SweepFolderError(
         f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
         f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
@@ -79,26 +81,11 @@ def _unreadable_state(experiment_path: str, error: Exception) -> SweepFolderErro
     )
 
 
-def load_grids(location: str) -> list[tune.ResultGrid]:
-    """A finished sweep's results, from a local path or a URI: the first stage's (another
-    sweep's, for one made with --init-from-sweep), then the `continue` stage's if it ran."""
-    filesystem, path = filesystem_and_path(location)
-    spec = filesystem.get_file_info(f"{path}/{SPEC_FILE}").type == pafs.FileType.File
-    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem) and spec:
-        space, _ = read_spec(path, filesystem)
-        grids = [load_grids(space.init_from_sweep)[0] if space.init_from_sweep else saved_results(path, filesystem)]
-    else:
-        grids = [saved_results(path, filesystem)]
-    if tune.Tuner.can_restore(f"{path}/{STAGE_2}", storage_filesystem=filesystem):
-        grids.append(saved_results(f"{path}/{STAGE_2}", filesystem))
-    return grids
-
-
 def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
     """Whether Ray Tune has saved this sweep's experiment state (it writes tuner.pkl at once,
     the state only at its first sync)."""
     listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
-    return any(info.base_name.startswith("experiment_state-") for info in listing)
+    return any(fnmatch.fnmatchcase(info.base_name, EXPERIMENT_STATE) for info in listing)
 
 
 def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) -> list[str]:
@@ -138,12 +125,17 @@ def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) ->
 
 def trial_result(trial: Any) -> tune.Result:
     """A Ray Tune trial (as a callback gets it) as the Result its ResultGrid will hold: Tune
-    builds those from the trial's checkpoint manager, which a Trial has no public accessor for."""
+    builds those from the trial's checkpoint manager, which a Trial has no public accessor for.
+    Its checkpoints are on the storage's own filesystem (a restored trial's carry the SignedStorage)."""
     kept = kept_checkpoint_results(trial)
     return tune.Result(
         metrics={**trial.last_result, "config": trial.config},
-        checkpoint=trial.checkpoint,
+        checkpoint=_on_storage(trial.checkpoint),
         error=None,
         path=trial.path,
-        best_checkpoints=[(kept_result.checkpoint, kept_result.metrics) for kept_result in kept],
+        best_checkpoints=[(_on_storage(kept_result.checkpoint), kept_result.metrics) for kept_result in kept],
     )
+
+
+def _on_storage(checkpoint: tune.Checkpoint | None) -> tune.Checkpoint | None:
+    return checkpoint and tune.Checkpoint(checkpoint.path, unsigned(checkpoint.filesystem))
