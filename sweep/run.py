@@ -195,6 +195,10 @@ def fit_stage(stage: Stage, options: StageOptions) -> list[tune.Result]:
                 file=sys.stderr,
             )
         tuner = build_tuner(stage, options)
+    # Tune saves its state after each checkpoint once `checkpoints.keep` are kept, and warns
+    # whenever two saves fall within 5 s: with short passes, every pass. Those saves are what keeps
+    # a kill from losing anything, and cost little (the state is about 12 KB per trial).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     grid = tuner.fit()
     check_space((result.error for result in grid), options.folder)  # trials that found the storage full
     # Ctrl+C makes fit() return normally, and in this process the stopped trials then count as
