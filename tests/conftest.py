@@ -35,6 +35,15 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0)):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> Path:
+    """The sweeps' signing key (sweep.trust) in the session's temp folder, not the user's home;
+    the CLIs the tests start inherit it."""
+    key = tmp_path_factory.mktemp("config") / "state.key"
+    os.environ["IWAE_SWEEP_KEY_FILE"] = str(key)
+    return key
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST files. CI sets IWAE_DATA_DIR; without it these tests cannot run, and in

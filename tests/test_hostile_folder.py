@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import ray
 from conftest import TINY_SPACE
 from pyarrow import fs as pafs
 
@@ -67,13 +66,6 @@ def own_key(tmp_path_factory):
         key = tmp_path_factory.mktemp("config") / "iwae-sweep" / "state.key"
         patch.setenv(KEY_FILE_VARIABLE, str(key))
         yield key
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -178,19 +170,7 @@ def test_the_key_is_made_private_and_refused_when_it_is_not(tmp_path, monkeypatc
         user_key()
 
 
-@pytest.fixture
-def bucket():
-    """A real S3 API (moto's server) on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"s3://testing:testing@iwae-bucket/sweeps?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-
-
-def test_more_signed_files_than_arrow_has_io_threads_upload_to_s3(own_key, bucket, tmp_path):
+def test_more_signed_files_than_arrow_has_io_threads_upload_to_s3(own_key, s3_storage, tmp_path):
     # Ray uploads a sweep with copy_files, whose copies call the signing handler on Arrow's IO
     # threads; S3's background writes then waited for a free one, and 12 failed trials' error.pkl
     # in one upload hung it for good.
@@ -198,7 +178,7 @@ def test_more_signed_files_than_arrow_has_io_threads_upload_to_s3(own_key, bucke
     for trial in trials:
         (tmp_path / "staging" / trial).mkdir(parents=True)
         (tmp_path / "staging" / trial / "error.pkl").write_bytes(trial.encode())
-    filesystem, path = filesystem_and_path(f"{bucket}&allow_bucket_creation=true")
+    filesystem, path = filesystem_and_path(s3_storage("sweeps"))
     filesystem.create_dir(path)
     storage = signed_storage(filesystem)
     pafs.copy_files(str(tmp_path / "staging"), f"{path}/sweep", destination_filesystem=storage)
