@@ -34,7 +34,7 @@ class NothingToEvaluate(IWAEError, RuntimeError):
 
 
 def evaluate_sweep(
-    grids: list[tune.ResultGrid],
+    grids: list[list[tune.Result]],
     folder: str,
     filesystem: pafs.FileSystem,
     space: SweepSpace,

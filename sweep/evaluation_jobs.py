@@ -24,7 +24,7 @@ def best_checkpoint(result: tune.Result, metric: str) -> tune.Checkpoint:
     return result.get_best_checkpoint(metric, "max") or result.checkpoint
 
 
-def select_checkpoints(grids: list[tune.ResultGrid], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
+def select_checkpoints(grids: list[list[tune.Result]], space: SweepSpace) -> list[tuple[str, tune.Checkpoint]]:
     """(trial id, checkpoint) pairs: the best checkpoint of every finished trial by the space's
     metric (`best: each`), or of the `top` trials best by it (`best: top`). Never a test figure."""
     evaluation, metric = space.evaluation, space.metric

@@ -31,7 +31,7 @@ def _value(value: Any) -> int | float | str | bool:
     return value if isinstance(value, (int, float, str, bool)) else str(value)
 
 
-def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tuple[dict, dict]]:
+def hparam_rows(grids: list[list[tune.Result]], rows: list[dict]) -> dict[str, tuple[dict, dict]]:
     """{trial label: (hparams, metrics)} of every trial that reported a pass."""
     results = [result for grid in grids for result in grid if result.metrics]
     configs = {id(result): trial_config(result.config).to_dict() for result in results}
@@ -59,7 +59,7 @@ def hparam_rows(grids: list[tune.ResultGrid], rows: list[dict]) -> dict[str, tup
     return sessions
 
 
-def write_hparams(folder: str, filesystem: pafs.FileSystem, grids: list[tune.ResultGrid], rows: list[dict]) -> None:
+def write_hparams(folder: str, filesystem: pafs.FileSystem, grids: list[list[tune.Result]], rows: list[dict]) -> None:
     """The sweep's HParams sessions into `<folder>/hparams` (replacing an earlier evaluation's);
     written locally, then copied through the storage filesystem (TensorBoard cannot write to S3)."""
     destination = f"{folder}/{HPARAMS_DIR}"

@@ -80,7 +80,7 @@ def score(result: tune.Result, metric: str) -> float | None:
     return max((m[metric] for _, m in result.best_checkpoints), default=result.metrics.get(metric))
 
 
-def trial_rows(grids: list[tune.ResultGrid], space: SweepSpace) -> list[dict[str, Any]]:
+def trial_rows(grids: list[list[tune.Result]], space: SweepSpace) -> list[dict[str, Any]]:
     """Every trial as a trials.parquet row (results.TRIALS_SCHEMA), evaluated or not."""
     return [trial_row(result, space) for grid in grids for result in grid]
 
