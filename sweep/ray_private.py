@@ -52,7 +52,7 @@ def quiet_default_token_notice() -> None:
 
 
 def _not_the_default_token_notice(record: logging.LogRecord) -> bool:
-    return "Token authentication is enabled" not in record.getMessage()
+    return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
 class RayScalarsOnly(TBXLoggerCallback):

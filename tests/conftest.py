@@ -1,6 +1,9 @@
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -199,6 +202,9 @@ def tiny_sweep(mnist_dir, tmp_path_factory) -> FinishedSweep:
     command = sweep_cli({**TINY_SPACE, "name": "tiny"}, where, mnist_dir)
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    printed = re.search(r"^Results: (\S+) \((\d+) rows\)$", done.stdout, re.MULTILINE)  # what the driver wrote
+    assert printed, done.stdout[-3000:]
     folder = where / "store" / "tiny"
-    results = folder / "results" / "results.parquet"
-    return FinishedSweep(folder, results, read_results(str(folder)).to_pylist(), done.stdout, done.stderr)
+    rows = read_results(str(folder)).to_pylist()
+    assert len(rows) == int(printed[2]), printed[0]
+    return FinishedSweep(folder, Path(printed[1]), rows, done.stdout, done.stderr)

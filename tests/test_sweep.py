@@ -114,6 +114,8 @@ def test_the_evaluated_rows_read_back_as_written_and_a_damaged_file_is_named(fin
     local = pafs.LocalFileSystem()
     evaluated = read_evaluated(str(sweep_dir), local)
     assert sorted(evaluated) == sorted(row["trial_id"] for row in rows)
+    # Every trial's, as its folder (<label>_<trial id>) names it.
+    assert sorted(evaluated) == sorted("_".join(p.name.split("_")[-2:]) for p in trial_dirs(sweep_dir))
     write_evaluated(str(tmp_path), local, evaluated)
     for name in (RESULTS_FILE, PER_IMAGE_FILE):
         assert pq.read_table(tmp_path / name).equals(pq.read_table(sweep_dir / name), check_metadata=True)
