@@ -322,8 +322,7 @@ def run_sweep(
                     f"they are with your key ({key_file()}); --resume unpickles them from now on",
                     file=sys.stderr,
                 )
-            for stage in (experiment, f"{experiment}/{STAGE_2}"):  # before anything is unpickled or changed
-                check_state_signed(stage, filesystem)
+            check_state_signed(experiment, filesystem)  # both stages and every trial's, before anything changes
             clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
         init_ray(address)
         marker = storage_marker(experiment, filesystem)

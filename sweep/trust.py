@@ -164,8 +164,8 @@ def _read(filesystem: pafs.FileSystem, path: str) -> bytes:
         return stream.readall()
 
 
-def _unpickled_files(folder: str, filesystem: pafs.FileSystem, recursive: bool) -> list[str]:
-    selector = pafs.FileSelector(folder, allow_not_found=True, recursive=recursive)
+def _unpickled_files(folder: str, filesystem: pafs.FileSystem) -> list[str]:
+    selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
     return sorted(
         info.path
         for info in filesystem.get_file_info(selector)
@@ -173,17 +173,18 @@ def _unpickled_files(folder: str, filesystem: pafs.FileSystem, recursive: bool) 
     )
 
 
-def check_state_signed(experiment: str, filesystem: pafs.FileSystem) -> None:
-    """Raise UntrustedState, naming the file, unless every file Ray Tune reads at the root of
-    experiment folder `experiment` to restore it is signed: before anything is unpickled."""
-    for path in _unpickled_files(experiment, filesystem, recursive=False):
+def check_state_signed(folder: str, filesystem: pafs.FileSystem) -> None:
+    """Raise UntrustedState, naming the file, unless every file Ray Tune unpickles anywhere in
+    sweep `folder` (its stages' state, the trials' error.pkl) is signed: before anything is
+    unpickled or changed."""
+    for path in _unpickled_files(folder, filesystem):
         check_signed(filesystem, path, _read(filesystem, path))
 
 
 def trust_folder(folder: str, filesystem: pafs.FileSystem) -> list[str]:
     """Sign, as they are now, the files Ray Tune unpickles anywhere in sweep `folder` (--trust-folder);
     returns their paths."""
-    signed = _unpickled_files(folder, filesystem, recursive=True)
+    signed = _unpickled_files(folder, filesystem)
     for path in signed:
         _sign(filesystem, path, [digest(path, _read(filesystem, path))])
     return signed

@@ -109,15 +109,24 @@ def test_reading_a_hostile_sweep_unpickles_nothing(finished, mnist_dir, tmp_path
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("planted", ["tuner.pkl", "experiment_state-"])
+def plant_in_a_trial(sweep_dir: Path, marker: Path) -> None:
+    """A trial's error.pkl, which Tune unpickles on restore, where no trial failed: unsigned."""
+    (sorted(sweep_dir.glob("iwae_*"))[0] / "error.pkl").write_bytes(pickle.dumps(Touch(marker)))
+
+
+PLANTS = {"tuner.pkl": plant_in_tuner, "experiment_state-": plant_in_experiment_state, "iwae_": plant_in_a_trial}
+
+
+@pytest.mark.parametrize("planted", PLANTS)
 def test_resume_refuses_state_its_user_did_not_sign(finished, mnist_dir, tmp_path, planted):
     hostile, marker = copy_of(finished, tmp_path), tmp_path / "marker"
-    (plant_in_tuner if planted == "tuner.pkl" else plant_in_experiment_state)(hostile, marker)
+    PLANTS[planted](hostile, marker)
     before = {path: path.stat().st_mtime_ns for path in hostile.rglob("*")}
     with pytest.raises(UntrustedState) as refused:
         run_sweep(TINY, str(hostile.parent), str(mnist_dir), resume=True)
     message = str(refused.value)
-    assert message.startswith(f"{hostile}/{planted}") and "does not match its signature" in message
+    why = "it has no signature" if planted == "iwae_" else "does not match its signature"
+    assert message.startswith(f"{hostile}/{planted}") and why in message
     assert "--trust-folder" in message and "sweep.evaluate" in message
     assert not marker.exists()
     assert {path: path.stat().st_mtime_ns for path in hostile.rglob("*")} == before  # refused before any change
