@@ -74,6 +74,17 @@ def key_file() -> Path:
 def user_key() -> bytes:
     """This user's signing key, made (mode 0600) the first time a driver needs it."""
     path = key_file()
+    try:
+        return _user_key(path)
+    except OSError as error:  # a folder one cannot write, a key one cannot read, no hard links
+        raise SigningKeyError(
+            f"{path}: the key that signs your sweeps' Ray Tune state cannot be made or read "
+            f"({error.strerror or error}); point {KEY_FILE_VARIABLE} at a file in a folder of yours on a "
+            f"local disk"
+        ) from None
+
+
+def _user_key(path: Path) -> bytes:
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=".state.key.")  # mode 0600

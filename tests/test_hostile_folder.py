@@ -177,6 +177,9 @@ def test_the_key_is_made_private_and_refused_when_it_is_not(tmp_path, monkeypatc
     key.write_text("not hex")
     with pytest.raises(SigningKeyError, match="damaged"):
         user_key()
+    monkeypatch.setenv(KEY_FILE_VARIABLE, str(key / "under a file" / "state.key"))  # cannot be made
+    with pytest.raises(SigningKeyError, match=r"cannot be made or read \(Not a directory\); point IWAE_SWEEP"):
+        user_key()
 
 
 def test_more_signed_files_than_arrow_has_io_threads_upload_to_s3(own_key, s3_storage, tmp_path):
