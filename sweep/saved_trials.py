@@ -76,6 +76,8 @@ def load_grids(location: str) -> list[list[tune.Result]]:
     """A finished sweep's results, from a local path or a URI: the first stage's (another
     sweep's, for one made with --init-from-sweep), then the `continue` stage's if it ran."""
     filesystem, path = filesystem_and_path(location)
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        raise SweepFolderError(f"{path}: not a Ray Tune sweep folder (a file; give the sweep's folder)")
     spec = filesystem.get_file_info(f"{path}/{SPEC_FILE}").type == pafs.FileType.File
     if not experiment_state_saved(path, filesystem) and spec:
         space, _ = read_spec(path, filesystem)

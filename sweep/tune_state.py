@@ -84,7 +84,9 @@ def unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError
 def experiment_state_saved(experiment: str, filesystem: pafs.FileSystem) -> bool:
     """Whether Ray Tune has saved this sweep's experiment state (it writes tuner.pkl at once,
     the state only at its first sync)."""
-    listing = filesystem.get_file_info(pafs.FileSelector(experiment, allow_not_found=True))
+    if filesystem.get_file_info(experiment).type != pafs.FileType.Directory:  # a file, or nothing
+        return False
+    listing = filesystem.get_file_info(pafs.FileSelector(experiment))
     return any(fnmatch.fnmatchcase(info.base_name, EXPERIMENT_STATE) for info in listing)
 
 
@@ -93,14 +95,17 @@ def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) ->
 
     Ray Tune deletes a trial's older checkpoint (checkpoints.keep) when a newer one arrives and
     saves its experiment state a moment later. A driver killed in between leaves a state that
-    names the deleted checkpoint, and restoring that trial fails for good. Its newest intact
-    checkpoint is put under the missing name: each checkpoint holds the run's whole history, so
-    the trial continues from its newest pass, with nothing lost and nothing run twice."""
+    names the deleted checkpoint (or one it was still copying into place), and restoring that
+    trial fails for good. Its newest intact checkpoint is put under the name: each checkpoint
+    holds the run's whole history, so the trial continues from its newest pass, with nothing lost
+    and nothing run twice."""
     mended = []
     for result in saved_results(experiment, filesystem):
         named = result.checkpoint
-        if named is None or filesystem.get_file_info(named.path).type != pafs.FileType.NotFound:
+        if named is None or _intact(named.path, filesystem):
             continue
+        if filesystem.get_file_info(named.path).type == pafs.FileType.Directory:
+            filesystem.delete_dir(named.path)  # the part the driver copied before it died
         trial_dir = named.path.rstrip("/").rsplit("/", 1)[0]
         survivors = sorted(
             (
@@ -111,16 +116,24 @@ def recover_deleted_checkpoints(experiment: str, filesystem: pafs.FileSystem) ->
             reverse=True,
         )
         for survivor in survivors:
-            try:
-                with tune.Checkpoint(survivor, filesystem).as_directory() as folder:
-                    load_checkpoint(folder)
-            except CheckpointError:  # half written when the driver died
+            if not _intact(survivor, filesystem):  # half written when the driver died
                 continue
             filesystem.create_dir(named.path, recursive=True)
             pafs.copy_files(survivor, named.path, source_filesystem=filesystem, destination_filesystem=filesystem)
             mended.append(f"{trial_label(result)} (from {survivor.rsplit('/', 1)[1]})")
             break
     return mended
+
+
+def _intact(checkpoint: str, filesystem: pafs.FileSystem) -> bool:
+    if filesystem.get_file_info(checkpoint).type != pafs.FileType.Directory:
+        return False
+    try:
+        with tune.Checkpoint(checkpoint, filesystem).as_directory() as folder:
+            load_checkpoint(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def trial_result(trial: Any) -> tune.Result:

@@ -56,6 +56,7 @@ def write_sweep(folder, results, per_image_id):
             "nll": np.full(3, 90.0 + i),
             "ess": np.ones(3),
             "pareto_k": np.zeros(3),
+            "ais_nll": np.full(3, np.nan),  # no AIS
         }
         for i in (1, 2)
     ]
