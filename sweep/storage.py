@@ -25,11 +25,61 @@ from iwae_model.files import PARTIAL_SUFFIX, WholeFile, WriteError
 TEMP_PREFIX = ".tmp-"  # results.write_whole's temp object on an object store: .tmp-<hex>-NAME
 
 
-class WholeFiles(pafs.FileSystemHandler):
+class PassThrough(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that hands every call to filesystem `base`: the part of a
+    wrapping filesystem that changes nothing (subclasses override the streams they change)."""
+
+    def __init__(self, base: pafs.FileSystem) -> None:
+        self.base = base
+
+    def normalize_path(self, path: str) -> str:
+        return self.base.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.base.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.base.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.base.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.base.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("iwae-sweep never deletes a filesystem's root folder")
+
+    def delete_file(self, path: str) -> None:
+        self.base.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.base.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.base.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self.base.open_input_stream(path, compression=None)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self.base.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self.base.open_output_stream(path, compression=None, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
+        return self.base.open_append_stream(path, compression=None, metadata=metadata)
+
+
+class WholeFiles(PassThrough):
     """pyarrow's LocalFileSystem whose output streams are whole files (see the module's doc)."""
 
     def __init__(self) -> None:
-        self._local = pafs.LocalFileSystem()
+        super().__init__(pafs.LocalFileSystem())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WholeFiles)
@@ -43,47 +93,8 @@ class WholeFiles(pafs.FileSystemHandler):
     def get_type_name(self) -> str:
         return "local-whole-files"
 
-    def normalize_path(self, path: str) -> str:
-        return self._local.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self._local.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self._local.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self._local.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self._local.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self._local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("iwae-sweep never deletes a filesystem's root folder")
-
-    def delete_file(self, path: str) -> None:
-        self._local.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self._local.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self._local.copy_file(src, dest)
-
-    def open_input_stream(self, path: str) -> pa.NativeFile:
-        return self._local.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> pa.NativeFile:
-        return self._local.open_input_file(path)
-
     def open_output_stream(self, path: str, metadata: dict | None) -> pa.PythonFile:
         return pa.PythonFile(WholeFile(path), mode="w")
-
-    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
-        return self._local.open_append_stream(path)
 
 
 def filesystem_and_path(location: str) -> tuple[pafs.FileSystem, str]:

@@ -37,6 +37,7 @@ from pyarrow import fs as pafs
 from iwae_model.errors import IWAEError
 
 from .folder import SweepFolderError
+from .storage import PassThrough
 
 KEY_FILE_VARIABLE = "IWAE_SWEEP_KEY_FILE"  # the key's path, if not the default (tests use their own)
 SIGNATURE = ".hmac"  # NAME.hmac beside each signed file: {"hmac_sha256": [hex digests]}
@@ -201,12 +202,12 @@ def trust_folder(folder: str, filesystem: pafs.FileSystem) -> list[str]:
     return signed
 
 
-class _Signer(pafs.FileSystemHandler):
+class _Signer(PassThrough):
     """`base` with the files Ray unpickles signed as they are written and checked as they are read;
     every other file passes through untouched."""
 
     def __init__(self, base: pafs.FileSystem) -> None:
-        self.base = base
+        super().__init__(base)
         self._writer = _writing_in_the_calling_thread(base)
         self._lock = threading.Lock()  # Ray uploads files from several threads
         self._landed: dict[str, str] = {}  # path: digest of what this process wrote there
@@ -244,53 +245,20 @@ class _Signer(pafs.FileSystemHandler):
     def get_type_name(self) -> str:
         return f"signed-{self.base.type_name}"
 
-    def normalize_path(self, path: str) -> str:
-        return self.base.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self.base.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self.base.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.base.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.base.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("iwae-sweep never deletes a filesystem's root folder")
-
-    def delete_file(self, path: str) -> None:
-        self.base.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.base.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.base.copy_file(src, dest)
-
     def open_input_stream(self, path: str) -> pa.NativeFile:
         if unpickled_by_ray(path):
             return pa.BufferReader(self.verified(path))
-        return self.base.open_input_stream(path, compression=None)
+        return super().open_input_stream(path)
 
     def open_input_file(self, path: str) -> pa.NativeFile:
         if unpickled_by_ray(path):
             return pa.BufferReader(self.verified(path))
-        return self.base.open_input_file(path)
+        return super().open_input_file(path)
 
     def open_output_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
         if unpickled_by_ray(path):
             return pa.PythonFile(_Landing(self, path, metadata), mode="w")
-        return self.base.open_output_stream(path, compression=None, metadata=metadata)
-
-    def open_append_stream(self, path: str, metadata: dict | None) -> pa.NativeFile:
-        return self.base.open_append_stream(path, compression=None, metadata=metadata)
+        return super().open_output_stream(path, metadata)
 
 
 def _writing_in_the_calling_thread(filesystem: pafs.FileSystem) -> pafs.FileSystem:
