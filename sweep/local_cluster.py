@@ -31,7 +31,7 @@ from iwae_model.errors import IWAEError, exit_with
 from .cluster import LOOPBACK_SWITCH
 from .ray_private import address_file
 
-CONFIG = Path(__file__).resolve().parent.parent / "cluster.local.yaml"
+CONFIG = Path(__file__).resolve().parent / "cluster.local.yaml"  # the checkout's, linked
 ADDRESS = "127.0.0.1:6379"  # the fake provider joins its nodes to port 6379 of this machine
 STATE_DIR = Path(tempfile.gettempdir()) / "iwae-sweep-local-cluster"
 START_TIMEOUT_S = 60

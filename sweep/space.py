@@ -92,7 +92,7 @@ from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.errors import IWAEError
 from iwae_model.likelihood import default_image_batch
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # the checkout's search_spaces/, linked
 DEFAULT_SPACE = "quick"
 
 

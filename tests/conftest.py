@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ try:
     import ray
 
     from sweep.cluster import keep_local_ray_on_loopback
+    from sweep.local_cluster import session_processes
     from sweep.results import read_results
     from sweep.space import SweepSpace, parse_space
     from sweep.trials import NODES_FILE
@@ -161,6 +163,36 @@ def sweep_cli(space: dict, folder: Path, mnist_dir: Path, *options: str) -> list
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
     run = [sys.executable, "-m", "sweep.run", "--space", str(folder / "space.yaml"), "--storage", str(folder / "store")]
     return [*run, "--data-dir", str(mnist_dir), *options]
+
+
+def kill_driver(driver: subprocess.Popen) -> None:
+    """SIGKILL a driver started with `start_new_session=True` and every process of its session
+    (the local Ray it started: Ray's workers are in other process groups), and wait until they are
+    gone, so that nothing writes into the sweep folder afterwards."""
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 60
+    while left := session_processes(driver.pid):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes of the killed driver's session still alive: {left}"
+        time.sleep(0.1)
+
+
+def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path, stage: str) -> tuple[list[str], Path]:
+    """Start `python -m sweep.run` on `space` and SIGKILL it (and the local Ray it started) once a
+    trial in `<sweep>/<stage>` has written its first checkpoint; return the command and the sweep folder."""
+    command = sweep_cli(space, tmp_path, mnist_dir)
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "store" / space["name"]
+    try:
+        wait_for_checkpoint(driver, sweep_dir / stage, "checkpoint_000001")
+    finally:
+        kill_driver(driver)
+    return command, sweep_dir
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,18 @@ what a resume makes of each: nothing lost, nothing run twice (real local Ray, re
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
 from conftest import (
     TINY_SPACE,
     assert_complete_history,
     assert_same_evaluations,
+    kill_driver,
+    kill_sweep_at_first_checkpoint,
     sweep_cli,
     tiny_space,
     trial_dirs,
@@ -34,8 +33,6 @@ from sweep.results import (
     read_results,
 )
 from sweep.run import run_sweep
-from sweep.trials import NODES_FILE
-from sweep.tune_state import saved_results
 
 
 def test_resuming_a_sweep_that_stopped_before_tune_wrote_anything(local_ray, mnist_dir, tmp_path, capfd):
@@ -71,100 +68,6 @@ def test_a_killed_trial_restarts_from_its_checkpoint(local_ray, mnist_dir, tmp_p
     assert "Failure # 1" in (trial / "error.txt").read_text()
     assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=5)
     assert {r["epochs"] for r in rows} == {5}
-
-
-def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path, stage: str) -> tuple[list[str], Path]:
-    """Start `python -m sweep.run` on `space` and SIGKILL it (and the local Ray it started) once a
-    trial in `<sweep>/<stage>` has written its first checkpoint; return the command and the sweep folder."""
-    command = sweep_cli(space, tmp_path, mnist_dir)
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sweep_dir = tmp_path / "store" / space["name"]
-    try:
-        wait_for_checkpoint(driver, sweep_dir / stage, "checkpoint_000001")
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    return command, sweep_dir
-
-
-def delete_checkpoints_the_state_names(sweep_dir: Path) -> None:
-    """The state a driver killed between Ray Tune deleting an old checkpoint and saving its
-    experiment state leaves: the saved state names a checkpoint that is gone, a newer one is there."""
-    for result in saved_results(str(sweep_dir), pafs.LocalFileSystem()):
-        if result.checkpoint is None:
-            continue
-        named = Path(result.checkpoint.path)
-        if not named.exists():  # the kill itself fell in that instant
-            continue
-        if sorted(named.parent.glob("checkpoint_*"))[-1] == named:  # the newer one Tune had just registered
-            number = int(named.name.split("_")[1]) + 1
-            shutil.copytree(named, named.parent / f"checkpoint_{number:06d}")
-        shutil.rmtree(named)
-
-
-def as_written_on_a_gpu(sweep_dir: Path) -> list[Path]:
-    """Every checkpoint of the sweep with its generator state in a CUDA generator's layout, as a
-    trial that ran on a GPU leaves it; returns the trials that have one."""
-    trials = []
-    for checkpoint in sweep_dir.glob("*/checkpoint_*/checkpoint.pt"):
-        state = torch.load(checkpoint, weights_only=True)
-        state["rng"] = {"generator": torch.arange(16, dtype=torch.uint8), "device": "cuda"}
-        torch.save(state, checkpoint)
-        trials.append(checkpoint.parent.parent)
-    return sorted(set(trials))
-
-
-@pytest.mark.parametrize("tune_state", ["saved", "not saved yet", "names a deleted checkpoint", "written on a GPU"])
-def test_a_killed_driver_is_resumed_with_nothing_lost(mnist_dir, tmp_path, tune_state):
-    # "not saved yet": Ray Tune writes tuner.pkl at once but its experiment state only at its
-    # first sync; a driver killed before that left a folder whose
-    # restore made a trial with an empty config, and the resumed sweep crashed.
-    # "names a deleted checkpoint": killed between Tune deleting a checkpoint (checkpoints.keep)
-    # and saving its state: restoring failed for good.
-    space = {**TINY_SPACE, "name": "driver", "training": {**TINY_SPACE["training"], "passes": 8, "train_images": 2000}}
-    command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, mnist_dir, "")  # mid-sweep, with work to lose
-    assert not (sweep_dir / "results").exists()
-    if tune_state == "not saved yet":
-        for path in [*sweep_dir.glob("basic-variant-state-*.json"), *sweep_dir.glob("experiment_state-*.json")]:
-            path.unlink()
-    if tune_state == "names a deleted checkpoint":
-        delete_checkpoints_the_state_names(sweep_dir)
-    moved = as_written_on_a_gpu(sweep_dir) if tune_state == "written on a GPU" else []
-    # Resumed from those checkpoints: the trials whose checkpoint Tune's saved state names (the
-    # kill can land after a trial's first checkpoint is written, before Tune saves its state:
-    # that trial starts again from scratch, on the CPU, and nothing is reseeded).
-    if moved:
-        named = {
-            Path(r.checkpoint.path).parent
-            for r in saved_results(str(sweep_dir), pafs.LocalFileSystem())
-            if r.checkpoint is not None
-        }
-        moved = [trial for trial in moved if trial in named]
-    begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("stopped before Ray Tune first saved its state" in resumed.stderr) == bool(begun)
-    if tune_state == "names a deleted checkpoint":  # (a kill can also land in that instant by itself)
-        assert "continue from their newest checkpoint" in resumed.stderr
-    assert "| layers | M | K | VAE | IWAE |" in resumed.stdout
-    table = read_results(str(sweep_dir))
-    assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
-    assert table.column("epochs").to_pylist() == [8, 8]
-    for trial in set(trial_dirs(sweep_dir)) - set(begun):
-        assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=8)
-    # Resumed on the CPU from a GPU's checkpoint: same weights and position, a reseeded generator,
-    # and the node record, Parquet and the trial's log say from which pass it is not bit-identical.
-    reseeded_at = dict(zip(table.column("trial_name").to_pylist(), table.column("generator_reseeded_at").to_pylist()))
-    assert bool(moved) == (tune_state == "written on a GPU")
-    for trial in moved:
-        last = sorted(trial.glob("checkpoint_*"))[-1]
-        runs = json.loads((last / NODES_FILE).read_text())
-        assert [run["generator_reseeded"] for run in runs] == [False, True]
-        label = TrainConfig.from_dict(load_checkpoint(last)["config"]).label()
-        assert reseeded_at[label] == runs[1]["first_epoch"]
-    assert resumed.stderr.count("resumed on cpu from a checkpoint written on cuda") == len(moved)
-    if tune_state != "written on a GPU":
-        assert set(reseeded_at.values()) == {None}
 
 
 # Burda's Table 2 in small: each first-stage trial continues under the other objective.
@@ -315,8 +218,7 @@ def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps
             [sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True, timeout=120
         )
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+        kill_driver(driver)
     assert [row["trial_name"] for row in before] == ["vae_L1_M1_K1_s0"] and before[0]["epochs"] == 1
     assert passes_done < 40, "the IWAE trial had finished before the VAE's evaluation appeared"
     assert query.returncode == 0 and f"{before[0]['test_nll']:.2f}" in query.stdout, query.stderr
