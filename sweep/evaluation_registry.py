@@ -118,13 +118,13 @@ def write_evaluation_events(
     """The evaluation's figures in the trial's TensorBoard: scalars (evaluation/test_nll, ess_mean,
     pareto_k_above_0_7, ais_minus_is, ...) and histograms of the per-image NLL, ESS, Pareto k̂
     and AIS NLL (results.EVALUATION_SCALARS, PER_IMAGE_HISTOGRAMS), at the checkpoint's pass, in
-    `tb_evaluation/<evaluation id>` beside the trial's checkpoints, if the trial is in sweep
+    the trial's folder (its run, replacing an earlier evaluation's), if the trial is in sweep
     `folder` (not another sweep's, --init-from-sweep). Written locally, then copied through the
     storage filesystem (`events_written_to`)."""
     if not checkpoint.path.startswith(f"{folder}/"):
         return
     trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    with events_written_to(f"{trial_dir}/tb_evaluation/{row['evaluation_id']}", checkpoint.filesystem) as writer:
+    with events_written_to(trial_dir, checkpoint.filesystem, "evaluation") as writer:
         for name in EVALUATION_SCALARS:
             if row[name] is not None and math.isfinite(row[name]):
                 writer.add_scalar(f"evaluation/{name}", row[name], row["epochs"])

@@ -5,6 +5,7 @@ before a user's sweep does."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,25 @@ def _not_the_default_token_notice(record: logging.LogRecord) -> bool:
     return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
 
 
-class RayScalarsOnly(TBXLoggerCallback):
-    """Ray Tune's TensorBoard logger (the training curves) without its HParams rows: the sweep
-    writes its own, one row per trial with its evaluated figures (`sweep.hparams`)."""
+class TrialCurves(TBXLoggerCallback):
+    """Ray Tune's TensorBoard logger (a writer per trial, in the trial's folder, synced as Tune
+    syncs it) writing only the curves `tags` picks from each result, at its pass: not every key of
+    the result under `ray/tune/` (Ray's bookkeeping among them: done, should_checkpoint, ...), and
+    none of Ray's HParams rows (the sweep writes its own, `sweep.hparams`)."""
 
-    def _try_log_hparams(self, trial: Any, result: dict) -> None:
-        pass
+    def __init__(self, tags: Callable[[dict], dict[str, float]]):
+        super().__init__()
+        self._tags = tags
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        if trial not in self._trial_writer:
+            self.log_trial_start(trial)
+        writer = self._trial_writer[trial]
+        for tag, value in self._tags(result).items():
+            writer.add_scalar(tag, value, global_step=result["epoch"])
+        writer.flush()
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if trial in self._trial_writer:
+            self._trial_writer.pop(trial).close()
+            self._trial_result.pop(trial, None)

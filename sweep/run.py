@@ -4,9 +4,9 @@ results are written as Parquet.
 
     python -m sweep.run [--space quick] [--storage ./sweeps] [--name NAME] [--resume] ...
 
-The sweep folder `<storage>/<name>` holds one folder per trial (checkpoints, Ray's
-TensorBoard scalars, `tb/` with sample and reconstruction images), `iwae_sweep.json` and
-`results/results.parquet`. Look at it with `tensorboard --logdir <storage>/<name>` and
+The sweep folder `<storage>/<name>` holds one folder per trial (checkpoints; TensorBoard's
+curves, sample and reconstruction images, evaluated figures and HParams session, one run per
+trial), `iwae_sweep.json` and `results/results.parquet`. Look at it with `tensorboard --logdir <storage>/<name>` and
 `python -m sweep.query <storage>/<name>`.
 """
 
@@ -43,7 +43,7 @@ from .folder import SPEC_FILE, STAGE_2, read_spec, stage_storage, write_spec
 from .live import LiveView
 from .lock import driver_lock
 from .plan import drawn_trials, plan_sweep, render
-from .ray_private import RayScalarsOnly
+from .ray_private import TrialCurves
 from .saved_trials import FINISHED, load_grids, read_trials
 from .space import (
     DEFAULT_SPACE,
@@ -58,7 +58,7 @@ from .space import (
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
-from .trainable import train_trial
+from .trainable import curves, train_trial
 from .trials import trial_config, trial_label
 from .trust import check_state_signed, key_file, signed_storage, trust_folder
 from .tune_state import experiment_state_saved, recover_deleted_checkpoints, restore_tuner
@@ -164,7 +164,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
                 checkpoint_score_order="max",
             ),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[view, RayScalarsOnly(), *evaluate, *(options.callbacks or [])],
+            callbacks=[view, TrialCurves(curves), *evaluate, *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True),

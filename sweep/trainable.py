@@ -33,7 +33,7 @@ from .trials import NODES_FILE, read_nodes, trial_config
 
 IMAGE_GRID = 8  # 8 x 8 samples and 8 x 8 reconstructions (left: data, right: reconstruction)
 IMAGE_SNAPSHOTS = 10  # image grids per trial, spread evenly over its passes
-TENSORBOARD_DIR = "tb"  # relative to the trial's working dir; Ray syncs it with each checkpoint
+TENSORBOARD_DIR = "."  # the trial's working dir, uploaded into its folder with each checkpoint: one run
 CHECKPOINT_FOLDER = "iwae_checkpoint_"  # in the temp dir: a checkpoint written there before Ray copies it
 
 
@@ -46,6 +46,30 @@ def trial_metrics(row: dict) -> dict[str, float | int]:
     metrics["active_units"] = sum(row["active_units"])
     metrics.update({f"snr_{name}": value for name, value in (row.get("snr") or {}).items()})
     return metrics
+
+
+# The per-pass figures TensorBoard shows, by tag: a few groups a reader scans (TrialCurves).
+CURVE_TAGS = {
+    "train_bound": "bound/train",
+    "valid_bound": "bound/valid",
+    "test_bound": "bound/test",
+    "valid_ll": "likelihood/valid_ll",
+    "test_nll": "likelihood/test_nll",
+    "active_units": "active_units/all",
+    "lr": "optimizer/lr",
+    "images_per_s": "speed/images_per_s",
+}
+
+
+def curves(result: dict) -> dict[str, float]:
+    """The curves in a trial's reported result (`trial_metrics`), by TensorBoard tag."""
+    tags = {CURVE_TAGS[key]: value for key, value in result.items() if key in CURVE_TAGS}
+    for key, value in result.items():
+        if key.startswith("active_units_L"):
+            tags[f"active_units/{key.removeprefix('active_units_')}"] = value
+        elif key.startswith("snr_"):
+            tags[f"snr/{key.removeprefix('snr_')}"] = value
+    return tags
 
 
 def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
@@ -139,10 +163,8 @@ def node_text(here: dict[str, Any]) -> str:
 
 def report(run: TrainingRun, row: dict, nodes: list[dict], writer: SummaryWriter, checkpoint_every: int) -> None:
     """The pass to Ray (with a checkpoint every `checkpoint_every` passes and at the last) and to
-    the trial's TensorBoard (SNR scalars, image grids spread over the run)."""
+    the trial's TensorBoard (image grids spread over the run; the curves are the driver's)."""
     epoch, last = run.epoch, run.done
-    for name, value in (row.get("snr") or {}).items():  # snr/encoder_mean, ... beside Ray's own scalars
-        writer.add_scalar(f"snr/{name}", value, epoch)
     if epoch % max(1, run.config.passes // IMAGE_SNAPSHOTS) == 0 or last:
         write_images(writer, run.model, run.data, epoch)
     if epoch % checkpoint_every and not last:

@@ -6,7 +6,6 @@ import importlib.util
 import logging
 
 from ray.tune.experiment import Trial
-from ray.tune.logger import TBXLoggerCallback
 
 from iwae_model import torch_private
 from sweep import ray_private
@@ -19,7 +18,8 @@ def test_ray_s_private_apis_are_as_checked():
     assert isinstance(ray_private.address_from_environment("127.0.0.1:6379"), str)
     assert ray_private.address_file().name  # a path, wherever Ray keeps it
     assert ray_private.kept_checkpoint_results(Trial("__fake", stub=True)) == []
-    assert callable(TBXLoggerCallback._try_log_hparams)  # the method RayScalarsOnly silences
+    curves = ray_private.TrialCurves(dict)  # the base's per-trial state, which TrialCurves uses
+    assert curves._trial_writer == {} and curves._trial_result == {} and callable(curves.log_trial_start)
     assert importlib.util.find_spec("ray.train._internal.storage") is not None
     ray_private.quiet_checkpoint_logging()
     assert logging.getLogger("ray.train._internal.storage").level == logging.WARNING

@@ -25,7 +25,7 @@ from conftest import (
 from google.protobuf import json_format
 from pyarrow import fs as pafs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from test_live_view import assert_each_trial_and_no_noise
 
@@ -149,50 +149,57 @@ def test_byte_flips_in_the_results_footer_get_the_usual_error_never_a_traceback(
         read_results(str(damaged))
 
 
-def test_tensorboard_curves_and_images_read_back(finished_sweep):
+CURVE_GROUPS = ("bound", "likelihood", "active_units", "optimizer", "speed", "snr", "evaluation")
+
+
+def test_tensorboard_has_one_run_per_trial_with_its_curves_images_and_evaluation(finished_sweep):
+    # The sweep folder as `tensorboard --logdir` reads it: a run per trial, named by it, nothing else.
     sweep_dir, _, _ = finished_sweep
+    runs = EventMultiplexer(size_guidance={"images": 0, "scalars": 0})
+    runs.AddRunsFromDirectory(str(sweep_dir))
+    runs.Reload()
+    assert sorted(runs.Runs()) == [trial.name for trial in trial_dirs(sweep_dir)]
     for trial in trial_dirs(sweep_dir):
-        scalars = EventAccumulator(str(trial))
-        scalars.Reload()
-        for tag in ("train_bound", "test_bound", "valid_bound", "lr", "active_units", "active_units_L1"):
-            values = scalars.Scalars(f"ray/tune/{tag}")
-            assert [v.step for v in values] == list(range(1, PASSES + 1)), tag
-        images = EventAccumulator(str(trial / "tb"), size_guidance={"images": 0})
-        images.Reload()
+        tags = runs.Runs()[trial.name]["scalars"]
+        assert {tag.split("/")[0] for tag in tags} <= set(CURVE_GROUPS), tags  # none of Ray's bookkeeping
+        for tag in ("bound/train", "bound/test", "bound/valid", "optimizer/lr", "active_units/all", "active_units/L1"):
+            assert [v.step for v in runs.Scalars(trial.name, tag)] == list(range(1, PASSES + 1)), tag
         for tag in ("samples", "reconstructions"):
-            shots = images.Images(tag)
+            shots = runs.Images(trial.name, tag)
             # Ten grids per trial at most; a 3-pass trial gets one every pass.
             assert [shot.step for shot in shots] == list(range(1, PASSES + 1)), tag
             assert shots[-1].width == shots[-1].height == 8 * 28
 
 
-def hparams_sessions(folder: Path) -> dict[str, dict]:
+def hparams_sessions(folder: Path) -> dict[str, tuple[dict, list[str]]]:
     """The HParams plugin's sessions under `folder`, read from the event files as TensorBoard's
-    plugin reads them (its data: the `hparams` plugin's summaries), by run."""
+    plugin reads them (its data: the `hparams` plugin's summaries), by run: (the session's
+    settings, the experiment's settings marked as varying)."""
     runs = EventMultiplexer()
     runs.AddRunsFromDirectory(str(folder))
     runs.Reload()
     sessions = {}
     for run, tags in runs.PluginRunToTagToContent("hparams").items():
-        for content in tags.values():
-            data = HParamsPluginData.FromString(content)
-            if data.HasField("session_start_info"):
-                hparams = data.session_start_info.hparams
-                sessions[run] = {key: json_format.MessageToDict(value) for key, value in hparams.items()}
+        data = {tag: HParamsPluginData.FromString(content) for tag, content in tags.items()}
+        hparams = data["_hparams_/session_start_info"].session_start_info.hparams
+        varying = [info.name for info in data["_hparams_/experiment"].experiment.hparam_infos if info.differs]
+        sessions[run] = ({key: json_format.MessageToDict(value) for key, value in hparams.items()}, varying)
     return sessions
 
 
-def test_tensorboard_hparams_has_one_row_per_trial_with_its_final_figures(finished_sweep):
+def test_tensorboard_hparams_has_one_row_per_trial_in_its_run_with_its_evaluated_figures(finished_sweep):
     sweep_dir, _, rows = finished_sweep
     sessions = hparams_sessions(sweep_dir)
-    assert sorted(sessions) == sorted(f"hparams/{row['trial_name']}" for row in rows)  # Ray's own rows left out
+    runs = {row["trial_name"]: f"{row['trial_name']}_{row['trial_id']}" for row in rows}
+    assert sorted(sessions) == sorted(runs.values())  # in the trials' own runs; Ray's rows left out
     for row in rows:
-        session = sessions[f"hparams/{row['trial_name']}"]
+        session, varying = sessions[runs[row["trial_name"]]]
         assert session["objective"] == row["objective"] and session["k"] == row["k"] and "lr" in session
-        scalars = EventAccumulator(str(sweep_dir / "hparams" / row["trial_name"]))
+        assert sorted(varying) == ["k", "objective"]  # what TensorBoard shows first
+        scalars = EventAccumulator(str(sweep_dir / runs[row["trial_name"]]))
         scalars.Reload()
-        assert scalars.Scalars("final/test_nll")[0].value == pytest.approx(row["test_nll"], rel=1e-6)
-        assert math.isfinite(scalars.Scalars("final/valid_bound")[0].value)
+        assert scalars.Scalars("evaluation/test_nll")[-1].value == pytest.approx(row["test_nll"], rel=1e-6)
+        assert math.isfinite(scalars.Scalars("bound/valid")[-1].value)
 
 
 def query(capsys, *args: str) -> tuple[int, str, str]:
@@ -246,19 +253,15 @@ def test_importance_sampling_health_and_snr_reach_parquet_and_tensorboard(finish
         assert record["snr_epoch"] == PASSES and record["snr_encoder_mean"] > 0 and record["snr_decoder_median"] > 0
         assert json.loads(record["snr"])["encoder_mean"] == record["snr_encoder_mean"]
     for trial in trial_dirs(sweep_dir):
-        scalars = EventAccumulator(str(trial / "tb"))
+        scalars = EventAccumulator(str(trial), size_guidance={"histograms": 0})
         scalars.Reload()
         for tag in ("snr/encoder_mean", "snr/encoder_median", "snr/decoder_mean", "snr/decoder_median"):
             assert [v.step for v in scalars.Scalars(tag)] == [PASSES], tag
         record = next(r for r in records if trial.name.endswith(r["trial_id"]))
-        evaluation = EventAccumulator(
-            str(trial / "tb_evaluation" / record["evaluation_id"]), size_guidance={"histograms": 0}
-        )
-        evaluation.Reload()
         for name in ("test_nll", "ess_mean", "pareto_k_above_0_7"):
-            (event,) = evaluation.Scalars(f"evaluation/{name}")
+            (event,) = scalars.Scalars(f"evaluation/{name}")
             assert event.step == record["epochs"] and event.value == pytest.approx(record[name], rel=1e-6), name
-        (histogram,) = evaluation.Histograms("evaluation/ess_per_image")
+        (histogram,) = scalars.Histograms("evaluation/ess_per_image")
         assert histogram.histogram_value.num == 40 and histogram.histogram_value.max <= 50
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     TINY_SPACE,
     assert_complete_history,
@@ -22,6 +23,7 @@ from conftest import (
 )
 from pyarrow import fs as pafs
 from ray import tune
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
@@ -91,12 +93,12 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
 ):
     command, sweep_dir = kill_sweep_at_first_checkpoint(TWO_STAGE, tmp_path, mnist_dir, "stage2")  # stage 2 midway
 
-    def training_files() -> dict[Path, int]:  # the evaluation adds tb_evaluation/ beside them
+    def training_files() -> dict[Path, int]:  # the evaluation adds its events and HParams beside them
         return {
             path: path.stat().st_mtime_ns
             for trial in trial_dirs(sweep_dir)
             for path in trial.rglob("*")
-            if "tb_evaluation" not in path.parts
+            if not path.name.endswith((".evaluation", ".hparams"))
         }
 
     first_stage = training_files()
@@ -160,8 +162,12 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     s3, root = pafs.FileSystem.from_uri(s3_storage("sweeps/on_s3"))
     names = [info.path for info in s3.get_file_info(pafs.FileSelector(root, recursive=True))]
     assert sum(name.endswith("/checkpoint.pt") for name in names) >= 2
-    assert any("/tb/events.out.tfevents" in name for name in names)
-    assert sum("/tb_evaluation/" in name and "tfevents" in name for name in names) == 2  # one file per trial
+    events = [name for name in names if "/events.out.tfevents." in name]  # each trial's run, in its folder
+    assert (
+        sum(name.endswith(".evaluation") for name in events) == 2
+        and sum(name.endswith(".hparams") for name in events) == 2
+    )
+    assert len(events) > 4  # the curves and images too
     table = read_results(s3_storage("sweeps/on_s3"))
     assert table.num_rows == 2 and table.schema.equals(SCHEMA)
 
@@ -230,7 +236,10 @@ def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps
     assert sorted(rows) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"] and rows["iwae_L1_M1_K3_s0"]["epochs"] == 40
     kept = rows["vae_L1_M1_K1_s0"]
     assert (kept["evaluation_id"], kept["test_nll"]) == (before[0]["evaluation_id"], before[0]["test_nll"])
-    assert [p.name for p in (sweep_dir.glob("vae_*/tb_evaluation/*"))] == [kept["evaluation_id"]]
+    (evaluation,) = sweep_dir.glob("vae_*/events.out.tfevents.*.evaluation")
+    events = EventAccumulator(str(evaluation))
+    events.Reload()
+    assert [event.value for event in events.Scalars("evaluation/test_nll")] == [pytest.approx(kept["test_nll"])]
     per_image = read_per_image(str(sweep_dir)).to_pandas()
     assert per_image.groupby("trial_name")["evaluation_id"].unique().map(list).to_dict() == {
         name: [row["evaluation_id"]] for name, row in rows.items()
