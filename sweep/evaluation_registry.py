@@ -16,6 +16,7 @@ from .evaluation_task import result_of, submit
 from .results import EVALUATION_SCALARS, PER_IMAGE_HISTOGRAMS, Evaluated, read_evaluated, write_evaluated
 from .space import SweepSpace
 from .tensorboard_files import events_written_to
+from .trackers import log_evaluation
 
 
 def headline(row: dict[str, Any]) -> str:
@@ -61,6 +62,7 @@ class Evaluations:
                 failure = failure or error
                 continue
             self.done[row["trial_id"]] = (row, per_image)
+            log_evaluation(row, checkpoint, self.folder, self.filesystem)  # to its trial's run, if tracked
             self.unwritten.append((row, per_image, checkpoint))
             self.files_behind = True
             rows.append(row)

@@ -54,10 +54,12 @@ from .space import (
     check_memory,
     is_folder_name,
     load_space,
+    parse_tracker,
     shipped_spaces,
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
+from .trackers import check_tracker, tracker_callbacks, tracking_uri
 from .trainable import curves, train_trial
 from .trials import trial_config, trial_label
 from .trust import check_state_signed, key_file, signed_storage, trust_folder
@@ -127,6 +129,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
     max_concurrent = options.max_concurrent or (search.max_concurrent if search else None) or None
     view = LiveView()
     evaluate = [EvaluateAsTrialsFinish(options.folder, filesystem, view)] if space.evaluation.best == "each" else []
+    tracking = tracker_callbacks(space, options.folder)  # MLflow (--tracker), logged from this driver
     return tune.Tuner(
         trainable(space),
         param_space={
@@ -164,7 +167,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
                 checkpoint_score_order="max",
             ),
             failure_config=tune.FailureConfig(max_failures=options.max_failures),
-            callbacks=[view, TrialCurves(curves), *evaluate, *(options.callbacks or [])],
+            callbacks=[view, TrialCurves(curves), *evaluate, *tracking, *(options.callbacks or [])],
             verbose=0,  # LiveView replaces Tune's table
             # The trainable's own TensorBoard images live in its working dir: upload them with each checkpoint.
             sync_config=tune.SyncConfig(sync_artifacts=True),
@@ -314,6 +317,12 @@ def run_sweep(
                     f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
                     f"start a new sweep with --name"
                 )
+            if space.tracker and space.tracker != started.tracker:
+                raise SpaceError(
+                    f"--tracker {space.tracker}: the sweep in {experiment} was started with "
+                    f"{started.tracker or 'no tracker'}, and its tracker is fixed when it starts; resume without "
+                    f"--tracker (and tracker: in the space file), or start a new sweep with --name"
+                )
             space = replace(started, resources=space.resources)
             if trust:
                 signed = trust_folder(experiment, filesystem)
@@ -324,6 +333,7 @@ def run_sweep(
                 )
             check_state_signed(experiment, filesystem)  # both stages and every trial's, before anything changes
             clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
+        check_tracker(space.tracker, storage)
         init_ray(address)
         marker = storage_marker(experiment, filesystem)
         check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
@@ -476,6 +486,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "wait this long before giving up (default: 600 with --address, where GPU workers start "
         "on demand; 0 on a local Ray)",
     )
+    parser.add_argument(
+        "--tracker",
+        metavar="mlflow[=URI]",
+        help="also log the trials to MLflow (needs the mlflow extra): one run per trial, its evaluation "
+        "included; mlflow alone keeps the store in the sweep folder, mlflow=URI logs to that tracking server "
+        "(overrides the space file's tracker:; docs/trackers.md)",
+    )
     args = parser.parse_args(argv)
     if args.max_concurrent < 0 or args.max_failures < 0 or (args.wait_for_gpus or 0) < 0:
         parser.error("--max-concurrent, --max-failures and --wait-for-gpus must be >= 0")
@@ -501,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.name is not None and not is_folder_name(args.name):
             raise SpaceError(f"--name {args.name!r}: {FOLDER_NAME_RULE}: the sweep's folder, right under --storage")
         space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        if args.tracker is not None:
+            space = replace(space, tracker=parse_tracker(args.tracker, "--tracker"))
         if overrides:
             check_memory(space)  # again, on the devices the resources now give
         if args.init_from_sweep:
@@ -540,6 +559,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Sweep wall time: {time.perf_counter() - start:.0f} s")
     print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
+    if space.tracker:
+        uri = tracking_uri(space.tracker, f"{storage.rstrip('/')}/{space.name}")
+        print(
+            f"MLflow:      mlflow ui --backend-store-uri {uri}" if "=" not in space.tracker else f"MLflow:      {uri}"
+        )
     if failed:
         exit_with(
             f"{len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "

@@ -32,6 +32,9 @@ Format (every section but `experiments` is optional; defaults below):
       eval_actors: 1              # evaluations at once after training, sharing the cores (with
                                   # best: each, each trial's starts when it finishes, if resources
                                   # are free and no trial waits for them)
+    tracker: mlflow               # optional (absent: none): each trial an MLflow run, as sweep.run
+                                  # --tracker; mlflow=URI logs to that tracking server, mlflow alone
+                                  # to a store in the sweep folder (docs/trackers.md)
     checkpoints:
       keep: 2                     # Ray keeps the best `keep` by the ranking metric, plus the latest
       every: 1                    # passes between checkpoints (the last pass always has one)
@@ -121,7 +124,18 @@ SECTIONS = {
 AIS_SECTION = {"steps": int, "images": (int, type(None)), "chains": int, "start": str}
 AIS_IMAGES = 100  # evaluation.ais.images unless given (or evaluation.images if fewer), as evaluate's --ais-images
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
-TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search", *SECTIONS}
+TOP_LEVEL = {
+    "name",
+    "description",
+    "experiments",
+    "mk_product",
+    "seeds",
+    "training",
+    "continue",
+    "search",
+    "tracker",
+    *SECTIONS,
+}
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
 DISTRIBUTIONS = (*RANGES, "choice")
@@ -131,6 +145,7 @@ RANKED_BY_LIKELIHOOD = ("objective", "k", "m", "beta")  # beta: CIWAE's bound mi
 FAIR_K = 1000
 STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
 BEST_MODES = ("each", "top")
+TRACKERS = ("mlflow",)  # sweep.trackers
 
 
 class SpaceError(IWAEError, ValueError):
@@ -252,6 +267,8 @@ class SweepSpace:
     search: Search | None = None
     # sweep.run --asha on a grid (a search says it in its `search` section).
     asha: bool = False
+    # "mlflow" or "mlflow=URI" (sweep.trackers); fixed when the sweep starts.
+    tracker: str | None = None
 
     @property
     def early_stopped(self) -> bool:
@@ -302,6 +319,7 @@ class SweepSpace:
             "checkpoints": dataclasses.asdict(self.checkpoints),
             "search": self.search.to_dict() if self.search else None,
             "asha": self.asha,
+            "tracker": self.tracker,
         }
 
     @classmethod
@@ -318,6 +336,7 @@ class SweepSpace:
             init_from_sweep=d.get("init_from_sweep"),
             search=Search.from_dict(d["search"]) if d.get("search") else None,
             asha=d.get("asha", False),
+            tracker=d.get("tracker"),
         )
 
 
@@ -346,6 +365,17 @@ def load_space(space: str | Path = DEFAULT_SPACE) -> SweepSpace:
     except (yaml.YAMLError, RecursionError) as error:
         raise SpaceError(f"{path}: not valid YAML: {error}") from None
     return parse_space(raw, str(path))
+
+
+def parse_tracker(value: Any, where: str) -> str:
+    """A tracker setting, `mlflow` or `mlflow=TRACKING_URI`, as given; `where` names it in the error."""
+    kind, equals, uri = value.partition("=") if isinstance(value, str) else ("", "", "")
+    if kind not in TRACKERS or (equals and not uri.strip()):
+        raise SpaceError(
+            f"{where}: {value!r}: expected {' or '.join(TRACKERS)} (a store in the sweep folder) or "
+            f"mlflow=TRACKING_URI (e.g. mlflow=http://mlflow.internal:5000)"
+        )
+    return value
 
 
 def parse_space(raw: Any, source: str) -> SweepSpace:
@@ -442,6 +472,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         description=str(raw.get("description", "")).strip(),
         continued=continued,
         search=search,
+        tracker=None if raw.get("tracker") is None else parse_tracker(raw["tracker"], f"{source}: tracker"),
     ).measuring_rank()
     _check_ais_images(space)
     check_memory(space)

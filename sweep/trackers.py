@@ -1,0 +1,170 @@
+"""Experiment trackers (`sweep.run --tracker mlflow[=URI]`, `tracker:` in a space file): a sweep's
+trials as runs in MLflow, through Ray Tune's own `MLflowLoggerCallback`.
+
+One MLflow experiment per sweep (named as the sweep), one run per trial (named by its label,
+tagged with Ray's trial id and the sweep folder), its settings as parameters, its per-pass
+metrics as Ray Tune reports them (sweep.mlflow_callback), and its k-sample evaluation (test
+NLL, its SE, the ranking metric) and image grids logged to the same run once the evaluation is
+collected (`log_evaluation`). Everything is
+logged by the driver: the trials never talk to MLflow. Without a URI the store is embedded in the
+sweep folder (`mlflow/mlflow.db`, SQLite, and `mlflow/artifacts`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pyarrow import fs as pafs
+from ray import tune
+
+from iwae_model.errors import IWAEError
+
+from .folder import SweepFolderError, read_spec
+from .results import EVALUATION_SCALARS
+from .space import SweepSpace
+from .storage import is_local
+from .tensorboard_files import EVENTS_PREFIX
+from .trials import trial_config
+
+EMBEDDED_DIR = "mlflow"  # in the sweep folder: the embedded store's database and artifacts
+TRIAL_ID_TAG = "ray_trial_id"
+FOLDER_TAG = "iwae_sweep.folder"
+# The evaluation's figures on the trial's run, at the evaluated checkpoint's pass (results columns).
+EVALUATION_METRICS = ("test_nll_se", "rank_metric_value", *EVALUATION_SCALARS)
+IMAGE_TAGS = ("samples", "reconstructions")  # the trainable's TensorBoard image grids
+
+
+class TrackerError(IWAEError, RuntimeError):
+    pass
+
+
+def tracking_uri(tracker: str, folder: str) -> str:
+    """The tracking URI of `tracker` ("mlflow" or "mlflow=URI") for sweep `folder` (a local path
+    when the store is embedded)."""
+    _, _, uri = tracker.partition("=")
+    return uri or f"sqlite:///{Path(folder, EMBEDDED_DIR, 'mlflow.db')}"
+
+
+def check_tracker(tracker: str | None, storage: str) -> None:
+    """Refuse, before anything runs, a tracker that is not installed, or an embedded store for a
+    sweep on an object store (SQLite needs a local file)."""
+    if not tracker:
+        return
+    try:
+        import mlflow  # noqa: F401 -- only whether it is installed
+    except ImportError:
+        raise TrackerError(
+            f'--tracker {tracker}: MLflow is not installed; install the extra: pip install -e ".[mlflow]" '
+            f"(or pip install mlflow)"
+        ) from None
+    if "=" not in tracker and "://" in storage:
+        raise TrackerError(
+            f"--tracker mlflow: the sweep is stored at {storage}, and MLflow's embedded store (a SQLite file "
+            f"in the sweep folder) must be a local file; pass --tracker mlflow=URI with a tracking server "
+            f"(e.g. mlflow=http://mlflow.internal:5000), or store the sweep in a local or shared folder"
+        )
+
+
+def tracker_callbacks(space: SweepSpace, folder: str) -> list[tune.Callback]:
+    """The Ray Tune callbacks that log sweep `folder`'s trials to `space.tracker` (none without)."""
+    if not space.tracker:
+        return []
+    from .mlflow_callback import SweepMLflowCallback  # here: Ray's module imports MLflow, a second's start-up
+
+    return [SweepMLflowCallback(space, folder)]
+
+
+def run_params(space: SweepSpace, config: dict[str, Any]) -> dict[str, str]:
+    """A trial's MLflow parameters: its whole training configuration (what it varies in and the
+    protocol's settings, drawn values included) and the sweep's evaluation protocol."""
+    train = trial_config(config).to_dict()
+    evaluation = space.evaluation
+    return {
+        **{key: str(value) for key, value in train.items()},
+        "sweep": space.name,
+        "rank_metric": space.metric,
+        "eval_k": str(evaluation.k),
+        "eval_images": str(evaluation.images or "all"),
+        "eval_best": evaluation.best,
+    }
+
+
+def find_run(client: Any, experiment_id: str, trial_id: str, folder: str) -> Any | None:
+    """The run of Ray trial `trial_id` of sweep `folder`, if one was started (a resumed driver's)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{TRIAL_ID_TAG} = '{trial_id}'")
+    # The folder is compared here, not in the filter: a path may hold quotes.
+    return next((run for run in runs if run.data.tags.get(FOLDER_TAG) == folder), None)
+
+
+def log_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, folder: str, filesystem: pafs.FileSystem) -> None:
+    """Log an evaluation `row` (results.parquet's) to its trial's run, if sweep `folder` has a tracker:
+    its figures as metrics at the checkpoint's pass, what it evaluated as tags, the trial's image
+    grids as artifacts. A tracker that fails is noted, never raised: the results files hold the row."""
+    try:
+        space, _ = read_spec(folder, filesystem)
+    except SweepFolderError:  # not a sweep.run folder: nothing tracks it
+        return
+    if not space.tracker:
+        return
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(space.tracker, folder))
+        experiment = client.get_experiment_by_name(space.name)
+        run = experiment and find_run(client, experiment.experiment_id, row["trial_id"], folder)
+        if run is None:  # another sweep's trial (--init-from-sweep), or one this sweep never tracked
+            return
+        step, now = row["epochs"], int(row["timestamp"].timestamp() * 1000)
+        client.log_batch(
+            run.info.run_id,
+            metrics=[
+                Metric(name, float(row[name]), now, step)
+                for name in EVALUATION_METRICS
+                if row.get(name) is not None and math.isfinite(row[name])
+            ],
+        )
+        for tag in ("rank_metric", "eval_k", "eval_images", "checkpoint_uri", "evaluation_id"):
+            client.set_tag(run.info.run_id, f"evaluation.{tag}", str(row[tag]))
+        log_image_grids(client, run.info.run_id, checkpoint)
+    except Exception as error:  # noqa: BLE001 -- MLflow raises many types; the results are safe anyway
+        print(
+            f"note: MLflow: {row['trial_name']}'s evaluation was not logged to its run ({type(error).__name__}: "
+            f"{str(error).strip()[:300]}); it is in the results files",
+            file=sys.stderr,
+        )
+
+
+def log_image_grids(client: Any, run_id: str, checkpoint: tune.Checkpoint) -> None:
+    """The trial's sample and reconstruction grids (from the TensorBoard files of its run, the
+    folder of its checkpoints) as PNG artifacts `images/<tag>_pass<N>.png`."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    filesystem = checkpoint.filesystem
+    with tempfile.TemporaryDirectory() as local:
+        events = trial_dir
+        if not is_local(filesystem):  # TensorBoard's reader takes local files: the event files only
+            events = f"{local}/events"
+            Path(events).mkdir()
+            for info in filesystem.get_file_info(pafs.FileSelector(trial_dir)):
+                if info.base_name.startswith(EVENTS_PREFIX):
+                    pafs.copy_files(
+                        info.path,
+                        f"{events}/{info.base_name}",
+                        source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem(),
+                    )
+        accumulator = EventAccumulator(events, size_guidance={IMAGES: 0})  # 0: every image, not a sample
+        accumulator.Reload()
+        images = Path(local, "images")
+        images.mkdir()
+        for tag in set(IMAGE_TAGS) & set(accumulator.Tags()[IMAGES]):
+            for event in accumulator.Images(tag):
+                (images / f"{tag}_pass{event.step:05d}.png").write_bytes(event.encoded_image_string)
+        if any(images.iterdir()):
+            client.log_artifacts(run_id, str(images), "images")
