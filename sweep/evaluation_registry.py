@@ -17,6 +17,7 @@ from .results import EVALUATION_SCALARS, PER_IMAGE_HISTOGRAMS, Evaluated, read_e
 from .space import SweepSpace
 from .tensorboard_files import events_written_to
 from .trackers import log_evaluation
+from .trials import trial_folder
 
 
 def headline(row: dict[str, Any]) -> str:
@@ -62,10 +63,10 @@ class Evaluations:
                 failure = failure or error
                 continue
             self.done[row["trial_id"]] = (row, per_image)
-            log_evaluation(row, checkpoint, self.folder, self.filesystem)  # to its trial's run, if tracked
             self.unwritten.append((row, per_image, checkpoint))
             self.files_behind = True
             rows.append(row)
+            log_evaluation(row, checkpoint, self.folder, self.filesystem)  # to its trial's run, if tracked
         if write:
             self.write()
         if failure is not None:
@@ -125,8 +126,7 @@ def write_evaluation_events(
     storage filesystem (`events_written_to`)."""
     if not checkpoint.path.startswith(f"{folder}/"):
         return
-    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-    with events_written_to(trial_dir, checkpoint.filesystem, "evaluation") as writer:
+    with events_written_to(trial_folder(checkpoint), checkpoint.filesystem, "evaluation") as writer:
         for name in EVALUATION_SCALARS:
             if row[name] is not None and math.isfinite(row[name]):
                 writer.add_scalar(f"evaluation/{name}", row[name], row["epochs"])

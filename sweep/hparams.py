@@ -24,16 +24,14 @@ from torch.utils.tensorboard.summary import hparams
 from iwae_model import TrainConfig
 
 from .tensorboard_files import events_written_to
+from .trainable import CURVE_TAGS
 from .trials import trial_config, trial_label
 
 # The session's figures: tags of the trial's run (the curves TrialCurves writes, the evaluation's).
 METRICS = (
-    "bound/valid",
-    "likelihood/valid_ll",
-    "evaluation/test_nll",
-    "evaluation/pareto_k_above_0_7",
-    "evaluation/ais_nll",
-    "evaluation/ais_minus_is",
+    CURVE_TAGS["valid_bound"],
+    CURVE_TAGS["valid_ll"],
+    *(f"evaluation/{name}" for name in ("test_nll", "pareto_k_above_0_7", "ais_nll", "ais_minus_is")),
 )
 ALWAYS_SHOWN = ("dataset", "objective", "layers", "m", "k", "estimator", "lr", "passes", "batch_size", "seed")
 
@@ -77,7 +75,7 @@ def write_hparams(
     sessions, varying = hparam_rows(grids)
     absent = set()
     if not any(trial_config(result.config).valid_ll_k for grid in grids for result in grid):
-        absent.add("likelihood/valid_ll")
+        absent.add(CURVE_TAGS["valid_ll"])
     if all(row["ais_nll"] is None for row in rows):
         absent.update({"evaluation/ais_nll", "evaluation/ais_minus_is"})
     metrics = dict.fromkeys((name for name in METRICS if name not in absent), 0.0)

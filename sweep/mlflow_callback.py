@@ -4,6 +4,7 @@ Ray's imports MLflow, which costs every command a second of start-up when no tra
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,16 @@ from .space import SweepSpace
 from .trackers import EMBEDDED_DIR, FOLDER_TAG, TRIAL_ID_TAG, find_run, run_params, tracking_uri
 from .trials import trial_label
 
-# Per-pass metrics are Ray's result minus its copy of the config (already the run's parameters).
-NOT_METRICS = ("config",)
-
 
 class SweepMLflowCallback(MLflowLoggerCallback):
     """Ray Tune's MLflow logger, with the sweep's experiment (its artifacts in the sweep folder when
     the store is embedded), a trial's parameters as `run_params`, its metrics in one batch per
     pass, and a resumed trial continuing its run: found by its Ray trial id, each pass logged once.
 
-    Tune pickles its callbacks with the sweep and a resumed sweep runs that copy, so it keeps only
-    settings; `setup` makes the rest anew."""
+    MLflow failing (a server down) is noted, never raised: Ray Tune would end the sweep on a
+    callback's exception, and the sweep's own files hold every figure. Tune pickles its callbacks
+    with the sweep and a resumed sweep runs that copy, so it keeps only settings; `setup` makes the
+    rest anew."""
 
     def __init__(self, space: SweepSpace, folder: str) -> None:
         super().__init__(tracking_uri(space.tracker, folder), experiment_name=space.name)
@@ -32,6 +32,35 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         self.embedded = "=" not in space.tracker
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
+        self._logged: dict[Any, int] = {}  # trial: the last step its run has
+        self._failed: Exception | None = None  # MLflow could not be set up: nothing is logged
+        self._guarded("the sweep's experiment", self._setup, *args, **kwargs)
+
+    def log_trial_start(self, trial: Any) -> None:
+        self._guarded(f"{trial_label(trial)}'s run", self._start, trial)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        self._guarded(f"{trial_label(trial)}'s pass", self._result, trial, result)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if trial in self._trial_runs:
+            self._guarded(f"{trial_label(trial)}'s end", super().log_trial_end, trial, failed)
+
+    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        if self._failed is not None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- MLflow raises many types; see the class's docstring
+            self._failed = error
+            print(
+                f"note: MLflow at {self.tracking_uri}: {what} was not logged ({type(error).__name__}: "
+                f"{str(error).strip()[:300]}); nothing more is logged to it in this run of the sweep, whose "
+                f"own files hold every figure (a --resume logs again)",
+                file=sys.stderr,
+            )
+
+    def _setup(self, *args: Any, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
@@ -42,36 +71,37 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             if client.get_experiment_by_name(self.experiment_name) is None:
                 client.create_experiment(self.experiment_name, artifact_location=(store / "artifacts").as_uri())
         super().setup(*args, **kwargs)
-        self._logged: dict[Any, int] = {}  # trial: the last step its run has
 
-    def log_trial_start(self, trial: Any) -> None:
+    def _start(self, trial: Any) -> None:
         from mlflow.entities import Param, RunStatus
 
         client = self.mlflow_util._get_client()
-        if trial not in self._trial_runs:
-            run = find_run(client, self.mlflow_util.experiment_id, trial.trial_id, self.folder)
-            if run is None:
-                tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id, FOLDER_TAG: self.folder}
-                run = client.create_run(self.mlflow_util.experiment_id, tags=tags, run_name=trial_label(trial))
-            else:  # a resumed sweep: the same run goes on, from the step after its last
-                client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-                history = client.get_metric_history(run.info.run_id, TRAINING_ITERATION)
-                self._logged[trial] = max((metric.step for metric in history), default=0)
-            self._trial_runs[trial] = run.info.run_id
-            params = run_params(self.space, trial.config)
-            # Logged once per run: MLflow refuses a parameter logged again (a retried trial's).
-            known = client.get_run(run.info.run_id).data.params
-            client.log_batch(
-                run.info.run_id, params=[Param(key, value) for key, value in params.items() if key not in known]
-            )
+        if trial in self._trial_runs:  # retried after a failure, which ended its run FAILED
+            client.update_run(self._trial_runs[trial], status=RunStatus.to_string(RunStatus.RUNNING))
+            return
+        run = find_run(client, self.mlflow_util.experiment_id, trial.trial_id, self.folder)
+        if run is None:
+            tags = {**self.tags, TRIAL_ID_TAG: trial.trial_id, FOLDER_TAG: self.folder}
+            run = client.create_run(self.mlflow_util.experiment_id, tags=tags, run_name=trial_label(trial))
+        else:  # a resumed sweep: the same run goes on, from the step after its last
+            client.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            history = client.get_metric_history(run.info.run_id, TRAINING_ITERATION)
+            self._logged[trial] = max((metric.step for metric in history), default=0)
+        self._trial_runs[trial] = run.info.run_id
+        params = run_params(self.space, trial.config)
+        # Logged once per run: MLflow refuses a parameter logged again (a resumed trial's).
+        known = client.get_run(run.info.run_id).data.params
+        client.log_batch(
+            run.info.run_id, params=[Param(key, value) for key, value in params.items() if key not in known]
+        )
 
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+    def _result(self, trial: Any, result: dict) -> None:
         from mlflow.entities import Metric
 
         step = result[TRAINING_ITERATION]
         if step <= self._logged.get(trial, 0):  # a pass a killed driver had logged, trained again
             return
-        metrics = self.mlflow_util._parse_dict({k: v for k, v in result.items() if k not in NOT_METRICS})
+        metrics = self.mlflow_util._parse_dict(result)  # numbers only: Ray's copy of the config is left out
         now = int(result.get("timestamp", 0) * 1000)
         self.mlflow_util._get_client().log_batch(
             self._trial_runs[trial],

@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
             print(dry_run(space, args.address, args.max_concurrent, args.asha))
             return
         storage = storage_location(args.storage)
+        check_tracker(space.tracker, storage)  # before the lock and the data (run_sweep checks it for callers too)
         with driver_lock(storage, space.name):  # a second driver is refused before anything runs
             data_dir = str(default_data_dir(args.data_dir))  # absolute: trials run in their own working dirs
             for dataset in sorted({trial.dataset for trial in space.trials + space.continued}):

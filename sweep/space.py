@@ -336,7 +336,7 @@ class SweepSpace:
             init_from_sweep=d.get("init_from_sweep"),
             search=Search.from_dict(d["search"]) if d.get("search") else None,
             asha=d.get("asha", False),
-            tracker=d.get("tracker"),
+            tracker=parse_tracker(d["tracker"], "tracker") if d.get("tracker") is not None else None,
         )
 
 

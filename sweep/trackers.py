@@ -23,12 +23,12 @@ from ray import tune
 
 from iwae_model.errors import IWAEError
 
-from .folder import SweepFolderError, read_spec
+from .folder import read_spec
 from .results import EVALUATION_SCALARS
 from .space import SweepSpace
 from .storage import is_local
 from .tensorboard_files import EVENTS_PREFIX
-from .trials import trial_config
+from .trials import trial_config, trial_folder
 
 EMBEDDED_DIR = "mlflow"  # in the sweep folder: the embedded store's database and artifacts
 TRIAL_ID_TAG = "ray_trial_id"
@@ -106,11 +106,8 @@ def log_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, folder: str
     grids as artifacts. A tracker that fails is noted, never raised: the results files hold the row."""
     try:
         space, _ = read_spec(folder, filesystem)
-    except SweepFolderError:  # not a sweep.run folder: nothing tracks it
-        return
-    if not space.tracker:
-        return
-    try:
+        if not space.tracker:
+            return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
@@ -144,7 +141,7 @@ def log_image_grids(client: Any, run_id: str, checkpoint: tune.Checkpoint) -> No
     folder of its checkpoints) as PNG artifacts `images/<tag>_pass<N>.png`."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    trial_dir = trial_folder(checkpoint)
     filesystem = checkpoint.filesystem
     with tempfile.TemporaryDirectory() as local:
         events = trial_dir

@@ -53,6 +53,12 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def trial_folder(checkpoint: Any) -> str:
+    """The folder of the trial a Ray Tune checkpoint belongs to (its TensorBoard run), on the
+    checkpoint's filesystem."""
+    return checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+
+
 def trial_label(trial: Any) -> str:
     """`trial_name` of a Ray trial or result (anything with the trial config)."""
     trial_id = getattr(trial, "trial_id", None) or (getattr(trial, "metrics", None) or {}).get("trial_id")

@@ -76,8 +76,9 @@ def check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None
 def unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:
     return SweepFolderError(
         f"{experiment_path}: Ray Tune cannot read this sweep's experiment state ({type(error).__name__}: "
-        f"{str(error).strip()[:300]}); it was written by another Ray version or damaged. The trials' "
-        f"checkpoints are intact; restore the folder from a copy, or start a new sweep with --name"
+        f"{str(error).strip()[:300]}); it was written by another Ray or iwae-sweep version, or damaged. The "
+        f"trials' checkpoints are intact; resume with the versions that started it, restore the folder from a "
+        f"copy, or start a new sweep with --name"
     )
 
 

@@ -39,6 +39,28 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0)):
     # pytest-xdist's workers share the machine's cores: torch in each takes its share, not all.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
+# The files whose tests take longest (the --durations of a full run), handed out first: with
+# `--dist loadfile` a worker takes a whole file, and a long one started last would run alone at
+# the end while the other workers sit idle.
+LONGEST_FIRST = (
+    "test_sweep_interrupted.py",
+    "test_search.py",
+    "test_cluster.py",
+    "test_sweep.py",
+    "test_killed_driver.py",
+    "test_hostile_folder.py",
+    "test_trackers.py",
+    "test_datasets.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def signing_key(tmp_path_factory) -> Path:
@@ -169,7 +191,10 @@ def kill_driver(driver: subprocess.Popen) -> None:
     """SIGKILL a driver started with `start_new_session=True` and every process of its session
     (the local Ray it started: Ray's workers are in other process groups), and wait until they are
     gone, so that nothing writes into the sweep folder afterwards."""
-    os.killpg(driver.pid, signal.SIGKILL)
+    try:
+        os.killpg(driver.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had ended by itself: its Ray may still be stopping
+        pass
     driver.wait()
     deadline = time.monotonic() + 60
     while left := session_processes(driver.pid):

@@ -152,7 +152,7 @@ def test_rehearsal_scales_gpu_workers_from_zero_runs_the_sweep_on_them_and_goes_
             # are read on the node): Tune keeps that pickle in the trial folder.
             assert (trial / "params.pkl").stat().st_size < 20_000
             # The node is in the trial's TensorBoard run too.
-            events = EventAccumulator(str(trial / "tb"), size_guidance={"tensors": 0}).Reload()
+            events = EventAccumulator(str(trial), size_guidance={"tensors": 0}).Reload()
             text = events.Tensors("run/node/text_summary")[0].tensor_proto.string_val[0].decode()
             assert "device cpu" in text and "Ray node fffff" in text
         assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
