@@ -12,7 +12,7 @@ from ray.air.constants import TRAINING_ITERATION
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from .space import SweepSpace
-from .trackers import EMBEDDED_DIR, FOLDER_TAG, TRIAL_ID_TAG, find_run, run_params, tracking_uri
+from .trackers import EMBEDDED_DIR, FOLDER_TAG, TRIAL_ID_TAG, embedded, find_run, run_params, tracking_uri
 from .trials import trial_label
 
 
@@ -29,7 +29,7 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     def __init__(self, space: SweepSpace, folder: str) -> None:
         super().__init__(tracking_uri(space.tracker, folder), experiment_name=space.name)
         self.space, self.folder = space, folder
-        self.embedded = "=" not in space.tracker
+        self.embedded = embedded(space.tracker)
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         self._logged: dict[Any, int] = {}  # trial: the last step its run has

@@ -6,8 +6,8 @@ results are written as Parquet.
 
 The sweep folder `<storage>/<name>` holds one folder per trial (checkpoints; TensorBoard's
 curves, sample and reconstruction images, evaluated figures and HParams session, one run per
-trial), `iwae_sweep.json` and `results/results.parquet`. Look at it with `tensorboard --logdir <storage>/<name>` and
-`python -m sweep.query <storage>/<name>`.
+trial), `iwae_sweep.json` and `results/results.parquet`. Look at it with
+`tensorboard --logdir <storage>/<name>` and `python -m sweep.query <storage>/<name>`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from .space import (
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
-from .trackers import check_tracker, tracker_callbacks, tracking_uri
+from .trackers import check_tracker, embedded, tracker_callbacks, tracking_uri
 from .trainable import curves, train_trial
 from .trials import trial_config, trial_label
 from .trust import check_state_signed, key_file, signed_storage, trust_folder
@@ -562,9 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
     if space.tracker:
         uri = tracking_uri(space.tracker, f"{storage.rstrip('/')}/{space.name}")
-        print(
-            f"MLflow:      mlflow ui --backend-store-uri {uri}" if "=" not in space.tracker else f"MLflow:      {uri}"
-        )
+        print(f"MLflow:      mlflow ui --backend-store-uri {uri}" if embedded(space.tracker) else f"MLflow:      {uri}")
     if failed:
         exit_with(
             f"{len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "

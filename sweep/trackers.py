@@ -49,6 +49,11 @@ def tracking_uri(tracker: str, folder: str) -> str:
     return uri or f"sqlite:///{Path(folder, EMBEDDED_DIR, 'mlflow.db')}"
 
 
+def embedded(tracker: str) -> bool:
+    """Whether `tracker` ("mlflow" or "mlflow=URI") keeps its store in the sweep folder."""
+    return "=" not in tracker
+
+
 def check_tracker(tracker: str | None, storage: str) -> None:
     """Refuse, before anything runs, a tracker that is not installed, or an embedded store for a
     sweep on an object store (SQLite needs a local file)."""
@@ -61,7 +66,7 @@ def check_tracker(tracker: str | None, storage: str) -> None:
             f'--tracker {tracker}: MLflow is not installed; install the extra: pip install -e ".[mlflow]" '
             f"(or pip install mlflow)"
         ) from None
-    if "=" not in tracker and "://" in storage:
+    if embedded(tracker) and "://" in storage:
         raise TrackerError(
             f"--tracker mlflow: the sweep is stored at {storage}, and MLflow's embedded store (a SQLite file "
             f"in the sweep folder) must be a local file; pass --tracker mlflow=URI with a tracking server "

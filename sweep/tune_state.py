@@ -19,7 +19,15 @@ from .folder import SweepFolderError
 from .ray_private import kept_checkpoint_results
 from .trainable import train_trial
 from .trials import trial_label
-from .trust import EXPERIMENT_STATE, STATE_FILES, UntrustedState, check_state_signed, signed_storage, unsigned
+from .trust import (
+    EXPERIMENT_STATE,
+    STATE_FILES,
+    SigningKeyError,
+    UntrustedState,
+    check_state_signed,
+    signed_storage,
+    unsigned,
+)
 
 
 def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: Any, **options: Any) -> tune.Tuner:
@@ -34,7 +42,7 @@ def restore_tuner(experiment_path: str, filesystem: pafs.FileSystem, trainable: 
         return tune.Tuner.restore(
             experiment_path, trainable=trainable, storage_filesystem=signed_storage(filesystem), **options
         )
-    except UntrustedState:
+    except (UntrustedState, SigningKeyError):  # already named, with the fix
         raise
     except Exception as error:  # noqa: BLE001 -- Ray raises many types for a damaged experiment state
         raise unreadable_state(experiment_path, error) from None
@@ -46,7 +54,7 @@ def saved_results(experiment_path: str, filesystem: pafs.FileSystem) -> tune.Res
     tuner = restore_tuner(experiment_path, filesystem, train_trial)
     try:
         return tuner.get_results()
-    except UntrustedState:
+    except (UntrustedState, SigningKeyError):  # already named, with the fix
         raise
     except Exception as error:  # noqa: BLE001 -- as in restore_tuner
         raise unreadable_state(experiment_path, error) from None
