@@ -59,7 +59,7 @@ from .space import (
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
 from .tables import print_results
-from .trackers import check_tracker, embedded, tracker_callbacks, tracking_uri
+from .trackers import check_tracker, tracker_callbacks, tracker_line
 from .trainable import curves, train_trial
 from .trials import trial_config, trial_label
 from .trust import check_state_signed, key_file, signed_storage, trust_folder
@@ -488,10 +488,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tracker",
-        metavar="mlflow[=URI]",
-        help="also log the trials to MLflow (needs the mlflow extra): one run per trial, its evaluation "
-        "included; mlflow alone keeps the store in the sweep folder, mlflow=URI logs to that tracking server "
-        "(overrides the space file's tracker:; docs/trackers.md)",
+        metavar="mlflow[=URI]|wandb",
+        help="also log the trials to MLflow or Weights & Biases (needs the mlflow or wandb extra): one run per "
+        "trial, its evaluation included; mlflow alone keeps the store in the sweep folder, mlflow=URI logs to "
+        "that tracking server; wandb logs to your W&B account, or with WANDB_MODE=offline to files in the sweep "
+        "folder for wandb sync (overrides the space file's tracker:; docs/trackers.md)",
     )
     args = parser.parse_args(argv)
     if args.max_concurrent < 0 or args.max_failures < 0 or (args.wait_for_gpus or 0) < 0:
@@ -561,8 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"TensorBoard: tensorboard --logdir {storage.rstrip('/')}/{space.name}")
     print(f"Query:       python -m sweep.query {storage.rstrip('/')}/{space.name}")
     if space.tracker:
-        uri = tracking_uri(space.tracker, f"{storage.rstrip('/')}/{space.name}")
-        print(f"MLflow:      mlflow ui --backend-store-uri {uri}" if embedded(space.tracker) else f"MLflow:      {uri}")
+        print(tracker_line(space.tracker, f"{storage.rstrip('/')}/{space.name}"))
     if failed:
         exit_with(
             f"{len(failed)} trial(s) failed for good and are not in the results: {', '.join(failed)} "

@@ -32,9 +32,10 @@ Format (every section but `experiments` is optional; defaults below):
       eval_actors: 1              # evaluations at once after training, sharing the cores (with
                                   # best: each, each trial's starts when it finishes, if resources
                                   # are free and no trial waits for them)
-    tracker: mlflow               # optional (absent: none): each trial an MLflow run, as sweep.run
-                                  # --tracker; mlflow=URI logs to that tracking server, mlflow alone
-                                  # to a store in the sweep folder (docs/trackers.md)
+    tracker: mlflow               # optional (absent: none): each trial an MLflow or W&B run, as
+                                  # sweep.run --tracker; mlflow=URI logs to that tracking server,
+                                  # mlflow alone to a store in the sweep folder; wandb to Weights &
+                                  # Biases (WANDB_MODE=offline: files in the sweep folder) (docs/trackers.md)
     checkpoints:
       keep: 2                     # Ray keeps the best `keep` by the ranking metric, plus the latest
       every: 1                    # passes between checkpoints (the last pass always has one)
@@ -145,7 +146,7 @@ RANKED_BY_LIKELIHOOD = ("objective", "k", "m", "beta")  # beta: CIWAE's bound mi
 FAIR_K = 1000
 STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
 BEST_MODES = ("each", "top")
-TRACKERS = ("mlflow",)  # sweep.trackers
+TRACKERS = ("mlflow", "wandb")  # sweep.trackers
 
 
 class SpaceError(IWAEError, ValueError):
@@ -368,12 +369,12 @@ def load_space(space: str | Path = DEFAULT_SPACE) -> SweepSpace:
 
 
 def parse_tracker(value: Any, where: str) -> str:
-    """A tracker setting, `mlflow` or `mlflow=TRACKING_URI`, as given; `where` names it in the error."""
+    """A tracker setting, `mlflow`, `mlflow=TRACKING_URI` or `wandb`, as given; `where` names it in the error."""
     kind, equals, uri = value.partition("=") if isinstance(value, str) else ("", "", "")
-    if kind not in TRACKERS or (equals and not uri.strip()):
+    if kind not in TRACKERS or (equals and (kind != "mlflow" or not uri.strip())):
         raise SpaceError(
-            f"{where}: {value!r}: expected {' or '.join(TRACKERS)} (a store in the sweep folder) or "
-            f"mlflow=TRACKING_URI (e.g. mlflow=http://mlflow.internal:5000)"
+            f"{where}: {value!r}: expected mlflow (a store in the sweep folder), "
+            f"mlflow=TRACKING_URI (e.g. mlflow=http://mlflow.internal:5000) or wandb (Weights & Biases)"
         )
     return value
 

@@ -1,10 +1,14 @@
-"""--tracker mlflow: each trial an MLflow run, read back through MLflow's own client from the store
-embedded in the sweep folder (real MLflow, real local Ray, real MNIST)."""
+"""--tracker mlflow and --tracker wandb: each trial a run, read back through MLflow's own client from
+the store embedded in the sweep folder, and from W&B's offline run files with W&B's own record
+schema (real MLflow and W&B, real local Ray, real MNIST)."""
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -38,10 +42,12 @@ def runs_by_name(client: MlflowClient, name: str) -> dict:
     return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
 
 
+def tracked_space(name: str, tracker: str):
+    return tiny_space(name, tracker=tracker, training={**TINY_SPACE["training"], "passes": PASSES, "snr_every": PASSES})
+
+
 def test_each_trial_is_one_mlflow_run_with_its_passes_and_evaluation_across_a_resume(local_ray, mnist_dir, tmp_path):
-    space = tiny_space(
-        "tracked", tracker="mlflow", training={**TINY_SPACE["training"], "passes": PASSES, "snr_every": PASSES}
-    )
+    space = tracked_space("tracked", "mlflow")
     folder = tmp_path / "tracked"
     with pytest.raises(SweepInterrupted):
         run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[CtrlCOnce(tmp_path / "stopped")])
@@ -77,9 +83,97 @@ def test_each_trial_is_one_mlflow_run_with_its_passes_and_evaluation_across_a_re
         assert f"samples_pass{PASSES:05d}.png" in images and f"reconstructions_pass{PASSES:05d}.png" in images
 
 
-def test_tracker_mistakes_are_named_before_anything_runs(tmp_path):
-    with pytest.raises(SpaceError, match=r"<bad>: tracker: 'wandb': expected mlflow .* mlflow=TRACKING_URI"):
-        parse_space({**TINY_SPACE, "name": "bad", "tracker": "wandb"}, "<bad>")
+def wandb_records(run_file: Path):
+    """The records of a W&B run file (`run-<id>.wandb`), parsed with W&B's own schema: W&B has no
+    reader of its own for them since its Go core took over; the framing is LevelDB's log format
+    (32 KiB blocks of chunks, each with a 7-byte header: CRC, length, type) after a 7-byte W&B header."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, position, pending = run_file.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B", run_file
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if left < 7 or (kind == 0 and length == 0):  # a block's padding
+            position += left
+            continue
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or a record's last chunk
+            record = Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_runs(folder: Path) -> dict:
+    """Sweep `folder`'s W&B offline runs by run id: their run records, history rows, summary, files."""
+    runs = defaultdict(lambda: {"run": [], "history": {}, "summary": {}, "files": set()})
+    for run_dir in sorted((folder / "wandb").glob("offline-run-*")):
+        (run_file,) = run_dir.glob("run-*.wandb")
+        run_id = run_file.stem.removeprefix("run-")
+        runs[run_id]["files"] |= {str(p.relative_to(run_dir / "files")) for p in (run_dir / "files").rglob("*.png")}
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                runs[run_id]["run"].append(record.run)
+            elif kind == "history":
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
+                runs[run_id]["history"].setdefault(row["_step"], row)  # a pass logged again after a kill: W&B's first
+            elif kind == "summary":
+                runs[run_id]["summary"] |= {
+                    item.key: json.loads(item.value_json) for item in record.summary.update if item.key
+                }
+    return runs
+
+
+def test_each_trial_is_one_wandb_run_with_its_passes_and_evaluation_across_a_resume(
+    local_ray, mnist_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # not the user's W&B settings
+    space = tracked_space("wandb_tracked", "wandb")
+    folder = tmp_path / "wandb_tracked"
+    with pytest.raises(SweepInterrupted):
+        run_sweep(space, str(tmp_path), str(mnist_dir), callbacks=[CtrlCOnce(tmp_path / "stopped")])
+    before = wandb_runs(folder)
+    assert any(run["history"] for run in before.values()), "no run had logged its first pass when the sweep stopped"
+
+    _, rows, failed = run_sweep(space, str(tmp_path), str(mnist_dir), resume=True)
+    assert not failed and len(rows) == 2
+    runs = wandb_runs(folder)
+    assert sorted(runs) == sorted(row["trial_id"] for row in rows)  # one run id per trial, continued on resume
+    for row in rows:
+        run = runs[row["trial_id"]]
+        training = [record for record in run["run"] if record.display_name]  # the evaluation's names it too
+        assert {(r.display_name, r.run_group, r.project) for r in run["run"]} == {
+            (row["trial_name"], "wandb_tracked", "wandb_tracked")
+        }
+        config = {item.key: json.loads(item.value_json) for item in training[0].config.update}
+        assert (config["objective"], config["k"], config["passes"]) == (row["objective"], str(row["k"]), str(PASSES))
+        assert (config["eval_k"], config["rank_metric"]) == ("50", row["rank_metric"])
+        history = [run["history"][step] for step in sorted(run["history"]) if "epoch" in run["history"][step]]
+        assert [h["training_iteration"] for h in history] == list(range(1, PASSES + 1))  # each pass, at its step
+        assert [h["epoch"] for h in history] == [1, 2] and all("train_bound" in h for h in history)
+        assert not {"time_this_iter_s", "pid", "hostname"} & set().union(*history)  # Ray's bookkeeping left out
+        # The k-sample evaluation, in the trial's own run's summary, with its image grids as the run's files.
+        for name in ("test_nll", "test_nll_se", "rank_metric_value"):
+            assert run["summary"][name] == pytest.approx(row[name]), name
+        assert run["summary"]["evaluation.checkpoint_uri"] == row["checkpoint_uri"]
+        assert f"images/samples_pass{PASSES:05d}.png" in run["files"], run["files"]
+
+
+def test_tracker_mistakes_are_named_before_anything_runs(tmp_path, monkeypatch):
+    with pytest.raises(SpaceError, match=r"<bad>: tracker: 'wandb=x': expected mlflow .* mlflow=TRACKING_URI"):
+        parse_space({**TINY_SPACE, "name": "bad", "tracker": "wandb=x"}, "<bad>")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no_login"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    with pytest.raises(TrackerError, match=r"wandb login.*WANDB_MODE=offline"):
+        check_tracker("wandb", str(tmp_path))
     with pytest.raises(TrackerError, match=r"--tracker mlflow=URI"):
         check_tracker("mlflow", "s3://bucket/sweeps")
     # MLflow not installed: the command says which extra to install, without a traceback.
