@@ -1,88 +1,13 @@
-"""The sweep's results as Parquet, in two files with versioned schemas: `results.parquet`, one
-row per evaluated checkpoint, and `per_image.parquet`, one row per checkpoint and test image.
+"""The sweep's results as Parquet, in three files with versioned schemas: `results.parquet`, one
+row per evaluated checkpoint, `per_image.parquet`, one row per checkpoint and test image, and
+`trials.parquet`, one row per trial.
 
 Load them without this package:
 
     import pyarrow.parquet as pq
     table = pq.read_table("SWEEP_DIR/results/results.parquet")   # or .to_pandas()
 
-results.parquet, schema version 6 (`iwae_sweep.schema_version` in the file's metadata):
-  sweep, trial_id, trial_name        the sweep's name; Ray's trial id; the configuration label
-  dataset, objective, m, k, beta, layers, estimator, seed, passes, schedule, train_images
-                                     the trial's configuration (train_images null: the whole training set)
-  binarization                       of the data evaluated on: dynamic, static, threshold, or fixed
-                                     (binarized_mnist: the files' bits)
-  data_files                         the files the evaluation read, as JSON {file name: SHA-256}
-  eval_k, eval_images                importance samples and test images of the NLL estimate
-  comparable_to_papers               the dataset's binarization, full training set and schedule, k >= 5000, the
-                                     whole test set
-  test_nll, test_nll_se              -mean log p(x) over the test images (nats) and its standard error
-  test_bound, test_bound_name        the training objective's bound on the same images, e.g. IWAE(K=5)
-  train_bound, valid_bound           at the evaluated checkpoint's last pass
-  active_units                       per stochastic layer (Burda: var of posterior mean > 0.01)
-  epochs, train_seconds              passes trained and wall-clock training seconds at the checkpoint
-  eval_seconds, device               the evaluation's wall clock and device
-  checkpoint_uri                     where the evaluated checkpoint lies
-  project_version, timestamp         iwae-sweep version; UTC time of the evaluation
-  config                             the trial's whole iwae_model.TrainConfig as JSON (lr, schedule, ...)
-  ess_mean, ess_median               effective sample size of the k importance weights, over test images
-  pareto_k_above_0_7, pareto_k_max   share of test images whose PSIS k̂ > 0.7 (NLL estimate unreliable); max k̂
-  noise                              the q-noise stream: rows with equal values saw the same noise per image
-  evaluation_id                      this checkpoint's evaluation; its per-image rows carry the same id
-  snr_epoch                          the pass of the last gradient-SNR measurement (null: none was made)
-  snr_encoder_mean, snr_encoder_median, snr_decoder_mean, snr_decoder_median
-                                     gradient SNR |mean| / std over parameter components (Rainforth et al.)
-  snr                                every SNR figure of that pass as JSON (per stochastic layer for 2 layers)
-  sweep_stage                        1, or 2 for a trial of the space's `continue` stage (Burda's Table 2)
-  parent_trial_name, parent_checkpoint_uri   a stage-2 trial's parent and the checkpoint it started from
-  train_device, train_node_id, train_node_ip, train_hostname
-                                     where the evaluated checkpoint was trained: its last run's device (cpu
-                                     also where Ray gave a rehearsal node's advertised GPU) and Ray node
-  train_nodes                        every run of the trial up to that checkpoint as JSON: node, device, float32,
-                                     gpu_name, gpu_capability, Ray GPU ids, gpus_advertised_only, started_at (Unix
-                                     time), first_epoch (a restart after a crash or node loss adds one),
-                                     generator_reseeded (that run resumed on another device type)
-  eval_node_id, eval_node_ip, eval_hostname   the Ray node that ran the evaluation
-  eval_float32, train_float32        float32 precision of matmuls and convolutions there: ieee (no TF32)
-  eval_gpu_name, eval_gpu_capability, train_gpu_name, train_gpu_capability
-                                     on CUDA, the GPU's name and compute capability (null on CPU)
-  generator_reseeded_at              the first pass trained after a resume on another device type (its
-                                     generator seeded from (seed, step)): from it on the run is not
-                                     bit-identical to one that never moved; null: never
-
-  rank_metric, rank_metric_k, rank_metric_value
-                                     what ranked the trials and checkpoints (never a test figure):
-                                     valid_ll, an importance-sampled log-likelihood on the validation
-                                     images with k = rank_metric_k, where trials differ in objective,
-                                     K or M and are ranked against each other; else valid_bound; its
-                                     value at the evaluated checkpoint
-  searched                           a search's drawn values as JSON {key: value} (null: a grid)
-
-  AIS, with the space's `evaluation.ais` (docs/ais.md); every ais_ column null where it is off:
-  ais_steps, ais_chains, ais_start, ais_leapfrog   annealing distributions, chains per image, where chains
-                                     start (encoder or prior), leapfrog steps per HMC transition
-  ais_images                         the first test images AIS ran on (at most eval_images)
-  ais_nll, ais_nll_se                -mean AIS log p(x) over those images (nats) and its standard error
-  ais_is_nll, ais_is_nll_se          the IS estimate (test_nll's) on the same images and its standard error
-  ais_minus_is, ais_minus_is_se      paired AIS - IS in log p(x) on those images, mean and SE over images
-                                     (> 0: the IS estimate falls at least about this far below log p(x))
-  ais_acceptance                     mean HMC acceptance probability (about 0.65 once step sizes adapted)
-  ais_log_weight_sd_median           median over images of the chains' log-weight SD (nats)
-  ais_seconds                        AIS's wall clock (eval_seconds is the IS evaluation's)
-
-trials.parquet, schema version 1 (`iwae_sweep.trials_schema_version`): one row per trial, evaluated
-or not (a search's analyses need every trial, `best: top` evaluates a few)
-  trial_id, trial_name, status       status: finished, not finished (stopped early by ASHA), failed, or
-                                     while the sweep runs, running, waiting (to resume) or paused
-  epochs                             passes trained
-  searched                           the values a search drew, as JSON (null: a grid)
-  rank_metric, rank_metric_k, rank_metric_value   as above; the value is the trial's best kept checkpoint's
-
-per_image.parquet, schema version 2 (`iwae_sweep.per_image_schema_version`):
-  evaluation_id, trial_id, trial_name, checkpoint_uri   which evaluation of which checkpoint
-  image                              index into the fixed-binarised test set
-  nll, ess, pareto_k                 -log p(x) estimate (nats), effective sample size, PSIS k̂ (NaN for k < 25)
-  ais_nll                            -log p(x) by AIS (nats); null beyond the first ais_images images, or AIS off
+Their columns, each with its type and what it holds: sweep/columns.py and docs/columns.md.
 """
 
 from __future__ import annotations
@@ -106,129 +31,15 @@ from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation
 from iwae_model.files import write_atomically
 
+from . import columns
 from .storage import TEMP_PREFIX, filesystem_and_path, is_local
 
-SCHEMA_VERSION = 6
-RESULTS_FILE = "results/results.parquet"
-PER_IMAGE_FILE = "results/per_image.parquet"
-PER_IMAGE_SCHEMA_VERSION = 2
-TRIALS_FILE = "results/trials.parquet"
-TRIALS_SCHEMA_VERSION = 1
-
-SCHEMA = pa.schema(
-    [
-        ("sweep", pa.string()),
-        ("trial_id", pa.string()),
-        ("trial_name", pa.string()),
-        ("objective", pa.string()),
-        ("m", pa.int64()),
-        ("k", pa.int64()),
-        ("beta", pa.float64()),
-        ("layers", pa.int64()),
-        ("estimator", pa.string()),
-        ("seed", pa.int64()),
-        ("passes", pa.int64()),
-        ("schedule", pa.string()),
-        ("dataset", pa.string()),
-        ("binarization", pa.string()),
-        ("train_images", pa.int64()),
-        ("data_files", pa.string()),
-        ("eval_k", pa.int64()),
-        ("eval_images", pa.int64()),
-        ("comparable_to_papers", pa.bool_()),
-        ("test_nll", pa.float64()),
-        ("test_nll_se", pa.float64()),
-        ("test_bound", pa.float64()),
-        ("test_bound_name", pa.string()),
-        ("train_bound", pa.float64()),
-        ("valid_bound", pa.float64()),
-        ("active_units", pa.list_(pa.field("element", pa.int64()))),
-        ("epochs", pa.int64()),
-        ("train_seconds", pa.float64()),
-        ("eval_seconds", pa.float64()),
-        ("device", pa.string()),
-        ("checkpoint_uri", pa.string()),
-        ("project_version", pa.string()),
-        ("timestamp", pa.timestamp("ms", tz="UTC")),
-        ("config", pa.string()),
-        ("ess_mean", pa.float64()),
-        ("ess_median", pa.float64()),
-        ("pareto_k_above_0_7", pa.float64()),
-        ("pareto_k_max", pa.float64()),
-        ("noise", pa.string()),
-        ("evaluation_id", pa.string()),
-        ("snr_epoch", pa.int64()),
-        ("snr_encoder_mean", pa.float64()),
-        ("snr_encoder_median", pa.float64()),
-        ("snr_decoder_mean", pa.float64()),
-        ("snr_decoder_median", pa.float64()),
-        ("snr", pa.string()),
-        ("sweep_stage", pa.int64()),
-        ("parent_trial_name", pa.string()),
-        ("parent_checkpoint_uri", pa.string()),
-        ("train_device", pa.string()),
-        ("train_node_id", pa.string()),
-        ("train_node_ip", pa.string()),
-        ("train_hostname", pa.string()),
-        ("train_nodes", pa.string()),
-        ("eval_node_id", pa.string()),
-        ("eval_node_ip", pa.string()),
-        ("eval_hostname", pa.string()),
-        ("eval_float32", pa.string()),
-        ("eval_gpu_name", pa.string()),
-        ("eval_gpu_capability", pa.string()),
-        ("train_float32", pa.string()),
-        ("train_gpu_name", pa.string()),
-        ("train_gpu_capability", pa.string()),
-        ("generator_reseeded_at", pa.int64()),
-        ("rank_metric", pa.string()),
-        ("rank_metric_k", pa.int64()),
-        ("rank_metric_value", pa.float64()),
-        ("searched", pa.string()),
-        ("ais_steps", pa.int64()),
-        ("ais_chains", pa.int64()),
-        ("ais_start", pa.string()),
-        ("ais_leapfrog", pa.int64()),
-        ("ais_images", pa.int64()),
-        ("ais_nll", pa.float64()),
-        ("ais_nll_se", pa.float64()),
-        ("ais_is_nll", pa.float64()),
-        ("ais_is_nll_se", pa.float64()),
-        ("ais_minus_is", pa.float64()),
-        ("ais_minus_is_se", pa.float64()),
-        ("ais_acceptance", pa.float64()),
-        ("ais_log_weight_sd_median", pa.float64()),
-        ("ais_seconds", pa.float64()),
-    ],
-    metadata={"iwae_sweep.schema_version": str(SCHEMA_VERSION)},
-)
-TRIALS_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("trial_name", pa.string()),
-        ("status", pa.string()),
-        ("epochs", pa.int64()),
-        ("searched", pa.string()),
-        ("rank_metric", pa.string()),
-        ("rank_metric_k", pa.int64()),
-        ("rank_metric_value", pa.float64()),
-    ],
-    metadata={"iwae_sweep.trials_schema_version": str(TRIALS_SCHEMA_VERSION)},
-)
-PER_IMAGE_SCHEMA = pa.schema(
-    [
-        ("evaluation_id", pa.string()),
-        ("trial_id", pa.string()),
-        ("trial_name", pa.string()),
-        ("checkpoint_uri", pa.string()),
-        ("image", pa.int64()),
-        ("nll", pa.float64()),
-        ("ess", pa.float64()),
-        ("pareto_k", pa.float64()),
-        ("ais_nll", pa.float64()),
-    ],
-    metadata={"iwae_sweep.per_image_schema_version": str(PER_IMAGE_SCHEMA_VERSION)},
-)
+RESULTS_FILE = columns.RESULTS.file
+PER_IMAGE_FILE = columns.PER_IMAGE.file
+TRIALS_FILE = columns.TRIALS.file
+SCHEMA = columns.RESULTS.arrow()
+TRIALS_SCHEMA = columns.TRIALS.arrow()
+PER_IMAGE_SCHEMA = columns.PER_IMAGE.arrow()
 
 
 @dataclass
@@ -396,13 +207,11 @@ def read_evaluated(folder: str, filesystem: pafs.FileSystem) -> Evaluated:
             f"{folder}/results: {_first_line(error)}; delete {' and '.join(paths)} to evaluate "
             f"the sweep's checkpoints again"
         ) from None
-    if (_version(rows, "iwae_sweep.schema_version"), _version(per_image, "iwae_sweep.per_image_schema_version")) != (
-        str(SCHEMA_VERSION),
-        str(PER_IMAGE_SCHEMA_VERSION),
-    ):
+    files = ((paths[0], rows, columns.RESULTS), (paths[1], per_image, columns.PER_IMAGE))
+    if any(_version(table, schema.version_key) != str(schema.version) for _, table, schema in files):
         return {}
-    _require_columns(paths[0], rows, SCHEMA.names, SCHEMA_VERSION)
-    _require_columns(paths[1], per_image, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
+    for path, table, schema in files:
+        _require_columns(path, table, schema)
     images = per_image.to_pandas().groupby(["trial_id", "evaluation_id"])
     evaluated = {}
     for row in rows.to_pylist():
@@ -504,35 +313,31 @@ def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem)
 
 def read_results(location: str) -> pa.Table:
     """A sweep folder's results, or a Parquet file, local or on object storage."""
-    table = _read_versioned(location, RESULTS_FILE, "iwae_sweep.schema_version", SCHEMA_VERSION)
-    _require_columns(location, table, SCHEMA.names, SCHEMA_VERSION)
-    return table
+    return read_file(location, columns.RESULTS)
 
 
 def read_trials(location: str) -> pa.Table:
     """A sweep folder's table of trials (or that Parquet file), local or on object storage."""
-    table = _read_versioned(location, TRIALS_FILE, "iwae_sweep.trials_schema_version", TRIALS_SCHEMA_VERSION)
-    _require_columns(location, table, TRIALS_SCHEMA.names, TRIALS_SCHEMA_VERSION)
-    return table
+    return read_file(location, columns.TRIALS)
 
 
 def read_per_image(location: str) -> pa.Table:
     """A sweep folder's per-image results (or that Parquet file), local or on object storage."""
-    table = _read_versioned(location, PER_IMAGE_FILE, "iwae_sweep.per_image_schema_version", PER_IMAGE_SCHEMA_VERSION)
-    _require_columns(location, table, PER_IMAGE_SCHEMA.names, PER_IMAGE_SCHEMA_VERSION)
-    return table
+    return read_file(location, columns.PER_IMAGE)
 
 
-def _read_versioned(location: str, default_file: str, key: str, version: int) -> pa.Table:
+def read_file(location: str, schema: columns.Schema) -> pa.Table:
+    """`schema`'s file in sweep folder `location`, or the Parquet file `location`, checked to be it:
+    readable, of this schema version, with its columns; a ResultsError naming the fix if not."""
     filesystem, path = filesystem_and_path(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.Directory:
-        path = f"{path.rstrip('/')}/{default_file}"
+        path = f"{path.rstrip('/')}/{schema.file}"
         info = filesystem.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise ResultsError(
             f"{location}: no results there (expected a Parquet file or a sweep folder "
-            f"holding {default_file}; run python -m sweep.evaluate on the sweep first)"
+            f"holding {schema.file}; run python -m sweep.evaluate on the sweep first)"
         )
     try:
         table = pq.read_table(path, filesystem=filesystem)
@@ -542,18 +347,19 @@ def _read_versioned(location: str, default_file: str, key: str, version: int) ->
             f"{location}: not a readable Parquet file ({_first_line(error)}); re-create it with "
             f"python -m sweep.evaluate SWEEP_DIR"
         ) from None
-    found = _version(table, key)
+    found = _version(table, schema.version_key)
     if found is None:
         raise ResultsError(
-            f"{location}: a Parquet file, but not iwae-sweep {default_file} (no {key} "
-            f"in its metadata); pass SWEEP_DIR/{default_file} or the sweep folder"
+            f"{location}: a Parquet file, but not iwae-sweep {schema.file} (no {schema.version_key} "
+            f"in its metadata); pass SWEEP_DIR/{schema.file} or the sweep folder"
         )
-    if found != str(version):
+    if found != str(schema.version):
         raise ResultsError(
             f"{location}: results schema version {found}, this version "
-            f"reads {version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
+            f"reads {schema.version}: re-create them with python -m sweep.evaluate SWEEP_DIR, or read them "
             f"with the iwae-sweep version that wrote them"
         )
+    _require_columns(location, table, schema)
     return table
 
 
@@ -567,11 +373,11 @@ def _check_readable(table: pa.Table) -> None:
                 json.loads(config)
 
 
-def _require_columns(location: str, table: pa.Table, names: list[str], version: int) -> None:
-    missing = [name for name in names if name not in table.schema.names]
+def _require_columns(location: str, table: pa.Table, schema: columns.Schema) -> None:
+    missing = [c.name for c in schema.columns if c.name not in table.schema.names]
     if missing:
         raise ResultsError(
-            f"{location}: schema version {version} but columns {missing} are missing; the file "
+            f"{location}: schema version {schema.version} but columns {missing} are missing; the file "
             f"was edited or damaged: re-create it with python -m sweep.evaluate SWEEP_DIR"
         )
 

@@ -3,11 +3,13 @@ and the fix, from the library and from the CLIs, never a traceback."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sweep import columns
 from sweep.results import SCHEMA, ResultsError, read_results, write_results
 
 
@@ -62,3 +64,12 @@ def test_sweep_evaluate_on_a_file_or_a_plain_folder_says_what_it_needs(tmp_path)
         cli = subprocess.run([sys.executable, "-m", "sweep.evaluate", str(location)], capture_output=True, text=True)
         assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
         assert f"{location}: not a Ray Tune sweep folder" in cli.stderr
+
+
+def test_the_column_documentation_is_made_from_the_schemas():
+    assert (Path(__file__).resolve().parents[1] / "docs" / "columns.md").read_text() == columns.markdown(), (
+        "docs/columns.md is stale: python -m sweep.columns > docs/columns.md"
+    )
+    for schema in columns.SCHEMAS:
+        names = [column.name for column in schema.columns]
+        assert len(set(names)) == len(names) and all(column.description for column in schema.columns)
