@@ -24,7 +24,7 @@ from .checkpoint import load_model
 from .datasets import load_dataset
 from .device import resolve_device
 from .errors import IWAEError, exit_with
-from .evaluation import Evaluation, evaluate_model
+from .evaluation import Evaluation, comparable_to_papers, evaluate_model
 from .importance import PARETO_K_THRESHOLD
 from .models import IWAEModel
 
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ais_images is not None:
         check_ais_images(parser, args.ais_images, len(data.test), evaluated)
     result = evaluate_model(model, data, config.build_objective(), args.k, args.images, progress=True)
-    # The papers' numbers also need the papers' training: all 59,600 images, all 3,280 passes.
-    result = replace(result, comparable_to_papers=result.comparable_to_papers and config.comparable_to_papers)
+    result = replace(result, comparable_to_papers=comparable_to_papers(result, config))
     extra = {}
     if args.ais is not None:
         # IS noise is drawn per image (likelihood.evaluation_noise): the first N images' IS estimates

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from .config import TrainConfig
 from .data import Dataset
 from .device import device_record, pin_float32
 from .importance import PARETO_K_THRESHOLD
@@ -46,6 +47,13 @@ class Evaluation:
     def summary(self) -> dict:
         """Every figure but the per-image arrays, JSON-ready."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_image"}
+
+
+def comparable_to_papers(result: Evaluation, config: TrainConfig) -> bool:
+    """Whether an evaluation of a model trained with `config` compares with the papers' tables:
+    the papers' evaluation (the result's) of the papers' training (the config's: all 59,600
+    images, all 3,280 passes)."""
+    return result.comparable_to_papers and config.comparable_to_papers
 
 
 def evaluate_model(

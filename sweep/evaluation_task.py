@@ -58,7 +58,7 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
         config,
         state,
         nodes,
-        {f"eval_{key}": value for key, value in this_node().items()},
+        this_node(),
         job.metric,
         list(job.searched),
     )

@@ -28,7 +28,7 @@ import iwae_model
 from iwae_model import TrainConfig
 from iwae_model.ais import AISComparison
 from iwae_model.errors import IWAEError
-from iwae_model.evaluation import Evaluation
+from iwae_model.evaluation import Evaluation, comparable_to_papers
 from iwae_model.files import write_atomically
 
 from . import columns
@@ -54,7 +54,7 @@ class EvaluationRecord:
     config: TrainConfig
     state: dict[str, Any]  # the checkpoint's
     nodes: list[dict]  # the trial's node record (the trainable's nodes.json)
-    eval_node: dict[str, Any]  # eval_node_id, eval_node_ip, eval_hostname
+    eval_node: dict[str, Any]  # the Ray node of the evaluation (cluster.this_node: node_id, node_ip, hostname)
     metric: str  # what ranked the trials and checkpoints: valid_ll or valid_bound
     searched: list[str]  # the keys a search drew ([] for a grid)
 
@@ -84,7 +84,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
         "data_files": json.dumps(result.data_files, sort_keys=True),
         "eval_k": result.k,
         "eval_images": result.images,
-        "comparable_to_papers": result.comparable_to_papers and config.comparable_to_papers,
+        "comparable_to_papers": comparable_to_papers(result, config),
         "test_nll": result.nll,
         "test_nll_se": result.nll_se,
         "test_bound": result.test_bound,
@@ -126,7 +126,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
         "generator_reseeded_at": next(
             (row["epoch"] for row in state["history"] if row.get("generator_reseeded")), None
         ),
-        **record.eval_node,
+        **{f"eval_{key}": value for key, value in record.eval_node.items()},
         **search_columns(config, record.metric, record.searched),
         "rank_metric_value": last[record.metric],
         **ais_columns(ais),
