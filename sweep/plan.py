@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from iwae_model import TrainConfig
@@ -31,6 +33,7 @@ from iwae_model.timing import (
     training_step_seconds,
 )
 
+from .cluster import ClusterError, init_ray
 from .space import Distribution, SweepSpace
 from .trials import trial_name
 
@@ -299,3 +302,36 @@ def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -
         f"uploads are not counted.",
     ]
     return "\n".join(lines)
+
+
+def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: bool = False) -> str:
+    """The plan of `space` as text: trials, evaluation work and estimated times."""
+    resources = space.resources
+    if address:
+        init_ray(address)
+        available = ray.cluster_resources()
+        cpus, gpus = available.get("CPU", 0), available.get("GPU", 0)
+        where = f"the cluster at {address} as it is now: {cpus:g} CPUs, {gpus:g} GPUs"
+    else:
+        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        where = f"a local Ray: {cpus:g} CPUs, {gpus:g} GPUs"
+    concurrent = int(cpus // resources.cpus_per_trial)
+    if resources.gpus_per_trial and gpus:
+        concurrent = min(concurrent, int(gpus // resources.gpus_per_trial))
+    elif resources.gpus_per_trial:
+        where += (
+            f"; the trials ask for {resources.gpus_per_trial:g} GPU each and there is none now (an autoscaling "
+            f"cluster adds them on demand; --gpus-per-trial 0 runs on CPU): estimated as if they ran on CPU"
+        )
+    if concurrent < 1:
+        raise ClusterError(
+            f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
+            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial"
+        )
+    space = space.with_asha() if asha else space
+    limit = max_concurrent or (space.search.max_concurrent if space.search else None) or concurrent
+    concurrent = min(concurrent, limit, len(drawn_trials(space)))
+    use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
+    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)

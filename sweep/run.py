@@ -20,8 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
 from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -34,7 +32,7 @@ from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError, exit_with
 from iwae_model.files import WriteError
 
-from .cluster import ClusterError, check_gpus, check_storage_shared, init_ray, storage_marker
+from .cluster import check_gpus, check_storage_shared, init_ray, storage_marker
 from .evaluation import evaluate_sweep
 from .evaluation_callback import EvaluateAsTrialsFinish
 from .evaluation_jobs import best_checkpoint, checkpoint_uri
@@ -42,7 +40,7 @@ from .evaluation_registry import IN_THIS_DRIVER
 from .folder import SPEC_FILE, STAGE_2, read_spec, stage_storage, write_spec
 from .live import LiveView
 from .lock import driver_lock
-from .plan import drawn_trials, plan_sweep, render
+from .plan import dry_run
 from .ray_private import TrialCurves
 from .saved_trials import FINISHED, load_grids, read_trials
 from .space import (
@@ -258,6 +256,48 @@ def count(space: SweepSpace) -> str:
     return f"{len(space.trials)} trials" + (f" and {len(space.continued)} continued" if space.continued else "")
 
 
+def resumed_space(
+    space: SweepSpace, asha: bool, experiment: str, filesystem: pafs.FileSystem, trust: bool
+) -> tuple[SweepSpace, str]:
+    """The sweep in folder `experiment` as it was started (its spec file) with `space`'s resources,
+    and its data folder; refused where `space` asks for other trials, ASHA or tracker, or where
+    Ray Tune's state is not signed by this user (`trust`: sign it as it is first)."""
+    started, data_dir = read_spec(experiment, filesystem)
+    if asha and not started.early_stopped:
+        raise SpaceError(
+            f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
+            f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
+            f"start a new sweep with --name"
+        )
+    space = space.with_asha() if started.asha else space
+    if (started.trials, started.continued, started.init_from_sweep) != (
+        space.trials,
+        space.continued,
+        space.init_from_sweep,
+    ):
+        raise SpaceError(
+            f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
+            f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
+            f"start a new sweep with --name"
+        )
+    if space.tracker and space.tracker != started.tracker:
+        raise SpaceError(
+            f"--tracker {space.tracker}: the sweep in {experiment} was started with "
+            f"{started.tracker or 'no tracker'}, and its tracker is fixed when it starts; resume without "
+            f"--tracker (and tracker: in the space file), or start a new sweep with --name"
+        )
+    if trust:
+        signed = trust_folder(experiment, filesystem)
+        print(
+            f"note: --trust-folder: {len(signed)} file(s) of Ray Tune's state in {experiment} signed as "
+            f"they are with your key ({key_file()}); --resume unpickles them from now on",
+            file=sys.stderr,
+        )
+    check_state_signed(experiment, filesystem)  # both stages and every trial's, before anything changes
+    clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
+    return replace(started, resources=space.resources), data_dir
+
+
 def run_sweep(
     space: SweepSpace,
     storage: str,
@@ -299,40 +339,7 @@ def run_sweep(
         if resume and not (exists or begun):
             raise SpaceError(f"--resume: no sweep named {space.name!r} in {storage} to resume")
         if resume:
-            started, data_dir = read_spec(experiment, filesystem)
-            if asha and not started.early_stopped:
-                raise SpaceError(
-                    f"--asha: the sweep in {experiment} was started without it (or by a version that did not "
-                    f"record it), and a sweep's scheduler is fixed when it starts; resume without --asha, or "
-                    f"start a new sweep with --name"
-                )
-            space = space.with_asha() if started.asha else space
-            if (started.trials, started.continued, started.init_from_sweep) != (
-                space.trials,
-                space.continued,
-                space.init_from_sweep,
-            ):
-                raise SpaceError(
-                    f"--resume: the sweep in {experiment} was started from {started.source} ({count(started)}); "
-                    f"{space.source} defines other trials ({count(space)}). Resume with --space {started.source}, or "
-                    f"start a new sweep with --name"
-                )
-            if space.tracker and space.tracker != started.tracker:
-                raise SpaceError(
-                    f"--tracker {space.tracker}: the sweep in {experiment} was started with "
-                    f"{started.tracker or 'no tracker'}, and its tracker is fixed when it starts; resume without "
-                    f"--tracker (and tracker: in the space file), or start a new sweep with --name"
-                )
-            space = replace(started, resources=space.resources)
-            if trust:
-                signed = trust_folder(experiment, filesystem)
-                print(
-                    f"note: --trust-folder: {len(signed)} file(s) of Ray Tune's state in {experiment} signed as "
-                    f"they are with your key ({key_file()}); --resume unpickles them from now on",
-                    file=sys.stderr,
-                )
-            check_state_signed(experiment, filesystem)  # both stages and every trial's, before anything changes
-            clean_partial_files(experiment, filesystem)  # the temp files of writes a kill or a full disk cut short
+            space, data_dir = resumed_space(space, asha, experiment, filesystem, trust)
         check_tracker(space.tracker, storage)
         init_ray(address)
         marker = storage_marker(experiment, filesystem)
@@ -360,39 +367,6 @@ def run_sweep(
             check_space([error], experiment)
             raise
         return path, rows, [Path(result.path).name for result in failed]
-
-
-def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: bool = False) -> str:
-    """The plan of `space` as text: trials, evaluation work and estimated times."""
-    resources = space.resources
-    if address:
-        init_ray(address)
-        available = ray.cluster_resources()
-        cpus, gpus = available.get("CPU", 0), available.get("GPU", 0)
-        where = f"the cluster at {address} as it is now: {cpus:g} CPUs, {gpus:g} GPUs"
-    else:
-        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-        where = f"a local Ray: {cpus:g} CPUs, {gpus:g} GPUs"
-    concurrent = int(cpus // resources.cpus_per_trial)
-    if resources.gpus_per_trial and gpus:
-        concurrent = min(concurrent, int(gpus // resources.gpus_per_trial))
-    elif resources.gpus_per_trial:
-        where += (
-            f"; the trials ask for {resources.gpus_per_trial:g} GPU each and there is none now (an autoscaling "
-            f"cluster adds them on demand; --gpus-per-trial 0 runs on CPU): estimated as if they ran on CPU"
-        )
-    if concurrent < 1:
-        raise ClusterError(
-            f"no trial fits ({where}; each asks for {resources.cpus_per_trial:g} CPU and "
-            f"{resources.gpus_per_trial:g} GPU): lower --cpus-per-trial or --gpus-per-trial"
-        )
-    space = space.with_asha() if asha else space
-    limit = max_concurrent or (space.search.max_concurrent if space.search else None) or concurrent
-    concurrent = min(concurrent, limit, len(drawn_trials(space)))
-    use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
-    eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
-    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)
 
 
 def storage_location(storage: str) -> str:

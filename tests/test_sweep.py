@@ -31,7 +31,7 @@ from test_live_view import assert_each_trial_and_no_noise
 
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
-from sweep.plan import drawn_trials, plan_sweep
+from sweep.plan import drawn_trials, dry_run, plan_sweep
 from sweep.query import main as query_main
 from sweep.results import (
     PER_IMAGE_FILE,
@@ -44,8 +44,8 @@ from sweep.results import (
     read_results,
     write_evaluated,
 )
-from sweep.run import dry_run, run_sweep
 from sweep.run import main as run_main
+from sweep.run import run_sweep
 from sweep.space import SpaceError, load_space, parse_space
 
 PASSES = TINY_PASSES
