@@ -195,7 +195,7 @@ class Dataset:
             return binarize(batch, generator)
         return batch  # binary already: binarized once at load time, or in the files
 
-    def fixed(self, split: Literal["train", "valid", "test"]) -> torch.Tensor:
+    def binarized_once(self, split: Literal["train", "valid", "test"]) -> torch.Tensor:
         """A split binarized once with Burda's evaluation seed (123): the same bits on every
         device and every call, so evaluations of different models see the same test set."""
         images = getattr(self, split)

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         # are those the evaluation above made, whatever its --images.
         n = args.ais_images or min(AIS_IMAGES, evaluated)
         is_ll = result.per_image["log_likelihood"][:n]
-        extra["ais"] = ais_figures(model, data.fixed("test")[:n], is_ll, args)
+        extra["ais"] = ais_figures(model, data.binarized_once("test")[:n], is_ll, args)
     if args.bdmc is not None:
         extra["bdmc"] = bdmc_figures(model, args.bdmc_images or AIS_IMAGES, args)
     if args.json:

@@ -68,7 +68,7 @@ def evaluate_model(
     test set is the file's bits)."""
     pin_float32()
     start = time.perf_counter()
-    x = data.fixed("test")[:images]
+    x = data.binarized_once("test")[:images]
     device = x.device
     estimate = importance_sampling(model, x, k, progress=progress)
     ll, ess, pareto_k = (t.cpu().numpy() for t in (estimate.log_likelihood, estimate.ess, estimate.pareto_k))

@@ -170,7 +170,7 @@ class TrainingRun:
     def __init__(self, config: TrainConfig, data: Dataset, device: torch.device):
         self.config, self.data, self.device = config, data, torch.device(device)
         self.train_x = data.train[: config.train_images]
-        self.valid_x, self.test_x = data.fixed("valid"), data.fixed("test")[: config.test_images]
+        self.valid_x, self.test_x = data.binarized_once("valid"), data.binarized_once("test")[: config.test_images]
         # The SNR's fixed minibatch, binarized once (its own generator, like the SNR's draws).
         self.snr_x = (
             data.training_batch(

@@ -48,7 +48,7 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
         # IS noise is drawn per image, so its first n estimates are those of an n-image evaluation.
         n = job.ais.images_of(result.images)
         is_ll = result.per_image["log_likelihood"][:n]
-        ais = ais_beside_is(model, data.fixed("test")[:n], is_ll, job.ais.steps, job.ais.chains, job.ais.start)
+        ais = ais_beside_is(model, data.binarized_once("test")[:n], is_ll, job.ais.steps, job.ais.chains, job.ais.start)
     record = EvaluationRecord(
         job.sweep,
         job.trial_id,

@@ -250,7 +250,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def render(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -> str:
+def plan_text(space: SweepSpace, plan: SweepPlan, where: str, asha: bool = False) -> str:
     width = max(len(t.label) for t in plan.trials)
     lines = [
         f"Sweep {space.name!r} from {space.source}: {len(plan.trials)} trial(s). Nothing is trained "
@@ -334,4 +334,4 @@ def dry_run(space: SweepSpace, address: str | None, max_concurrent: int, asha: b
     use_gpu = resources.gpus_per_trial > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
     eval_threads = 1 if resources.eval_gpus else int(max(1, cpus // resources.eval_actors))
-    return render(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)
+    return plan_text(space, plan_sweep(space, device, concurrent, eval_threads), where, space.early_stopped)

@@ -24,7 +24,7 @@ from .results import TRIALS_FILE, ResultsError, read_results, read_trials
 from .space import Distribution
 from .storage import filesystem_and_path
 from .study import importance_text, save_plots, search_table, searched
-from .tables import plot, render, snr_plot, summarise
+from .tables import plot, snr_plot, summarise, table_text
 
 
 def search_distributions(location: str) -> dict[str, Distribution]:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             (load_per_image(args.location), select_one(frame, args.baseline, "--baseline")) if args.baseline else None
         )
         summary = summarise(frame, baseline)
-        sys.stdout.write(render(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")
+        sys.stdout.write(table_text(frame, summary, args.format, args.baseline).rstrip("\n") + "\n")
         if args.plot:
             if summary.empty:
                 raise ResultsError("--plot draws first-stage trials, and none of these rows is one")

@@ -350,7 +350,7 @@ def tables(frame: pd.DataFrame, summary: pd.DataFrame, baseline: str | None = No
     return "\n\n".join([*parts, table2(frame)]).strip("\n")
 
 
-def render(frame: pd.DataFrame, summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
+def table_text(frame: pd.DataFrame, summary: pd.DataFrame, fmt: str, baseline: str | None = None) -> str:
     if fmt == "markdown":
         return tables(frame, summary, baseline)
     if fmt == "csv":

@@ -82,7 +82,7 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 def write_images(writer: SummaryWriter, model: IWAEModel, data: Dataset, epoch: int) -> None:
     generator = torch.Generator(device=data.test.device).manual_seed(0)
     samples = model.sample(IMAGE_GRID * IMAGE_GRID, generator)
-    x = data.fixed("test")[: IMAGE_GRID * IMAGE_GRID // 2]
+    x = data.binarized_once("test")[: IMAGE_GRID * IMAGE_GRID // 2]
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).reshape(-1, x.shape[1])
     writer.add_image("samples", image_grid(samples.cpu(), IMAGE_GRID), epoch)
     writer.add_image("reconstructions", image_grid(pairs.cpu(), IMAGE_GRID), epoch)

@@ -51,7 +51,7 @@ def flat_run(mnist, tmp_path_factory):
     )
     train(config, run_dir, data, progress=False)
     model, _, _ = load_model(run_dir)
-    x = data.fixed("test")[:8]
+    x = data.binarized_once("test")[:8]
     exact = exact_log_px_one_layer(copy.deepcopy(model).double(), x, half_width=6.0, points=121)
     return run_dir, model, x, exact
 
@@ -64,7 +64,7 @@ def few_pass_model(mnist, tmp_path_factory):
     data = small_mnist(mnist, train=2000, test=100)
     train(TrainConfig(k=5, passes=8, train_images=2000, test_images=100, seed=0), run_dir, data, progress=False)
     model, _, _ = load_model(run_dir)
-    return model, data.fixed("test")[:32]
+    return model, data.binarized_once("test")[:32]
 
 
 def test_sigmoid_schedule_runs_from_0_to_1_densest_at_the_ends():
@@ -238,7 +238,7 @@ def test_cli_ais_and_bdmc_json(flat_run, mnist, mnist_dir):
     figures, sandwich = row["ais"], row["bdmc"]
     assert (figures["steps"], figures["chains"], figures["images"], figures["start"]) == (5, 4, 6, "encoder")
     # IS on the same first 6 test images as AIS, at the CLI's --k: as computed here.
-    is_ll = log_likelihood(model, mnist.fixed("test")[:6], k=200)
+    is_ll = log_likelihood(model, mnist.binarized_once("test")[:6], k=200)
     assert figures["is_nll"] == pytest.approx(-is_ll.mean().item(), rel=1e-6)
     assert figures["ais_minus_is"] == pytest.approx(figures["is_nll"] - figures["nll"], rel=1e-6, abs=1e-9)
     assert figures["nll_se"] > 0 and figures["ais_minus_is_se"] > 0 and 0 < figures["acceptance"] <= 1

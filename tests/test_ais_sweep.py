@@ -71,7 +71,7 @@ def test_ais_reaches_parquet_beside_is_on_the_same_images(ais_sweep, mnist_dir):
     # The same estimates as AIS run here on the checkpoint's model and the first 8 test images
     # (up to float32 rounding: the task's thread count splits the matrix products otherwise).
     model, config, _ = load_model(f"{row['checkpoint_uri']}/{CHECKPOINT_NAME}", torch.device("cpu"))
-    x = load_dataset(config.dataset, mnist_dir, "cpu", config.binarization, download=False).fixed("test")[:8]
+    x = load_dataset(config.dataset, mnist_dir, "cpu", config.binarization, download=False).binarized_once("test")[:8]
     here = -ais_log_likelihood(model, x, steps=4, chains=3).numpy()
     np.testing.assert_allclose(ais_nll[:8], here, rtol=1e-4)
 

@@ -127,7 +127,7 @@ def test_dynamic_binarization_is_bernoulli_of_the_grey_levels():
 
 
 def test_test_set_binarization_is_fixed_and_device_independent(mnist):
-    first, second = mnist.fixed("test"), mnist.fixed("test")
+    first, second = mnist.binarized_once("test"), mnist.binarized_once("test")
     assert torch.equal(first, second)
     assert abs(first.mean().item() - mnist.test.mean().item()) < 0.002
 

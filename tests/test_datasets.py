@@ -99,7 +99,7 @@ def test_omniglot_rows_order_permutation_and_split_are_the_authors(data_dir, acc
     generator = torch.Generator().manual_seed(0)
     first, second = data.training_batch(data.train, generator), data.training_batch(data.train, generator)
     assert not torch.equal(first, second) and set(first.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(data.fixed("test"), binarize_once(data.test, 123))
+    assert torch.equal(data.binarized_once("test"), binarize_once(data.test, 123))
     assert data.files == {"chardata.mat": hashlib.sha256((data_dir / "chardata.mat").read_bytes()).hexdigest()}
 
 
@@ -137,7 +137,7 @@ def test_binarized_mnist_split_is_the_authors_and_nothing_is_binarized(data_dir)
     assert torch.equal(data.test, torch.from_numpy(test))
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(data.training_batch(data.train[:100], generator), data.train[:100])
-    assert torch.equal(data.fixed("test"), data.test) and torch.equal(data.fixed("valid"), data.valid)
+    assert torch.equal(data.binarized_once("test"), data.test) and torch.equal(data.binarized_once("valid"), data.valid)
     assert data.files == {name: hashlib.sha256((data_dir / name).read_bytes()).hexdigest() for name in ROWS}
     assert data.binarization == "fixed" and data.as_in_papers
 
