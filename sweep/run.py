@@ -47,6 +47,7 @@ from .space import (
     DEFAULT_SPACE,
     FOLDER_NAME_RULE,
     Distribution,
+    SettingError,
     SpaceError,
     SweepSpace,
     check_memory,
@@ -492,7 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         if args.name is not None and not is_folder_name(args.name):
             raise SpaceError(f"--name {args.name!r}: {FOLDER_NAME_RULE}: the sweep's folder, right under --storage")
-        space = replace(space, name=args.name or space.name, resources=replace(space.resources, **overrides))
+        try:
+            resources = replace(space.resources, **overrides)
+        except SettingError as error:
+            flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in overrides.items())
+            raise SpaceError(f"{flags}: {error}") from None
+        space = replace(space, name=args.name or space.name, resources=resources)
         if args.tracker is not None:
             space = replace(space, tracker=parse_tracker(args.tracker, "--tracker"))
         if overrides:

@@ -83,7 +83,7 @@ import dataclasses
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +112,6 @@ TRAINING_KEYS = tuple(
     for f in dataclasses.fields(TrainConfig)
     if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_")
 )
-SECTIONS = {
-    "evaluation": {"k": int, "images": (int, type(None)), "best": str, "top": int, "ais": (dict, type(None))},
-    "resources": {
-        "cpus_per_trial": (int, float),
-        "gpus_per_trial": (int, float),
-        "eval_gpus": (int, float),
-        "eval_actors": int,
-    },
-    "checkpoints": {"keep": int, "every": int},
-}
 AIS_SECTION = {"steps": int, "images": (int, type(None)), "chains": int, "start": str}
 AIS_IMAGES = 100  # evaluation.ais.images unless given (or evaluation.images if fewer), as evaluate's --ais-images
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
@@ -135,7 +125,9 @@ TOP_LEVEL = {
     "continue",
     "search",
     "tracker",
-    *SECTIONS,
+    "evaluation",
+    "resources",
+    "checkpoints",
 }
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
@@ -151,6 +143,19 @@ TRACKERS = ("mlflow", "wandb")  # sweep.trackers
 
 class SpaceError(IWAEError, ValueError):
     """A search-space file that cannot be run; the message names the file, key and fix."""
+
+
+class SettingError(SpaceError):
+    """A sweep setting's bad value, raised by the setting itself: `key` as a space file spells it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def yaml_key(default: Any, types: type | tuple[type, ...]) -> Any:
+    """A field of a space file's section: its default and the YAML types it takes (SECTIONS)."""
+    return field(default=default, metadata={"types": types})
 
 
 FOLDER_NAME_RULE = "must be a folder name of letters, digits, '_', '-' and '.'"
@@ -180,11 +185,17 @@ class AISSettings:
 
 @dataclass(frozen=True)
 class EvaluationSettings:
-    k: int = 5000
-    images: int | None = None
-    best: str = "each"
-    top: int = 5
-    ais: AISSettings | None = None  # off
+    k: int = yaml_key(5000, int)
+    images: int | None = yaml_key(None, (int, type(None)))
+    best: str = yaml_key("each", str)
+    top: int = yaml_key(5, int)
+    ais: AISSettings | None = yaml_key(None, (dict, type(None)))  # None: off; a dict in the file
+
+    def __post_init__(self) -> None:
+        if self.best not in BEST_MODES:
+            raise SettingError("evaluation.best", f"{self.best!r}: choose one of {', '.join(BEST_MODES)}")
+        if self.k < 1 or self.top < 1 or (self.images is not None and self.images < 1):
+            raise SettingError("evaluation", "k, top and images must be positive")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvaluationSettings:
@@ -194,16 +205,37 @@ class EvaluationSettings:
 
 @dataclass(frozen=True)
 class Resources:
-    cpus_per_trial: float = 1
-    gpus_per_trial: float = 0
-    eval_gpus: float = 0
-    eval_actors: int = 1
+    cpus_per_trial: float = yaml_key(1, (int, float))
+    gpus_per_trial: float = yaml_key(0, (int, float))
+    eval_gpus: float = yaml_key(0, (int, float))
+    eval_actors: int = yaml_key(1, int)
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_trial <= 0:
+            raise SettingError(
+                "resources.cpus_per_trial", f"{self.cpus_per_trial}: must be > 0 (Ray refuses an empty bundle)"
+            )
+        if self.gpus_per_trial < 0 or self.eval_gpus < 0 or self.eval_actors < 1:
+            raise SettingError("resources", "GPU counts must be >= 0 and eval_actors >= 1")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise SettingError("resources.gpus_per_trial", f"{self.gpus_per_trial}: above 1, ask for whole GPUs")
 
 
 @dataclass(frozen=True)
 class Checkpoints:
-    keep: int = 2
-    every: int = 1
+    keep: int = yaml_key(2, int)
+    every: int = yaml_key(1, int)
+
+    def __post_init__(self) -> None:
+        if self.keep < 1 or self.every < 1:
+            raise SettingError("checkpoints", "keep and every must be positive")
+
+
+# A space file's settings sections: their keys and the YAML types each takes, from the fields.
+SECTIONS = {
+    name: {f.name: f.metadata["types"] for f in fields(cls)}
+    for name, cls in (("evaluation", EvaluationSettings), ("resources", Resources), ("checkpoints", Checkpoints))
+}
 
 
 @dataclass(frozen=True)
@@ -406,23 +438,14 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
             if isinstance(value, float) and not math.isfinite(value):
                 raise fail(f"{section}.{key}", f"{value!r}: must be a finite number")
         sections[section] = values
-    ais = sections["evaluation"].get("ais")
-    evaluation = EvaluationSettings(**{**sections["evaluation"], "ais": None})
-    if evaluation.best not in BEST_MODES:
-        raise fail("evaluation.best", f"{evaluation.best!r}: choose one of {', '.join(BEST_MODES)}")
-    if evaluation.k < 1 or evaluation.top < 1 or (evaluation.images is not None and evaluation.images < 1):
-        raise fail("evaluation", "k, top and images must be positive")
-    evaluation = dataclasses.replace(evaluation, ais=_ais(ais, evaluation.images, fail))
-    resources = Resources(**sections["resources"])
-    if resources.cpus_per_trial <= 0:
-        raise fail("resources.cpus_per_trial", f"{resources.cpus_per_trial}: must be > 0 (Ray refuses an empty bundle)")
-    if resources.gpus_per_trial < 0 or resources.eval_gpus < 0 or resources.eval_actors < 1:
-        raise fail("resources", "GPU counts must be >= 0 and eval_actors >= 1")
-    if resources.gpus_per_trial > 1 and resources.gpus_per_trial != int(resources.gpus_per_trial):
-        raise fail("resources.gpus_per_trial", f"{resources.gpus_per_trial}: above 1, ask for whole GPUs")
-    checkpoints = Checkpoints(**sections["checkpoints"])
-    if checkpoints.keep < 1 or checkpoints.every < 1:
-        raise fail("checkpoints", "keep and every must be positive")
+    try:
+        ais = sections["evaluation"].get("ais")
+        evaluation = EvaluationSettings(**{**sections["evaluation"], "ais": None})
+        evaluation = dataclasses.replace(evaluation, ais=_ais(ais, evaluation.images, fail))
+        resources = Resources(**sections["resources"])
+        checkpoints = Checkpoints(**sections["checkpoints"])
+    except SettingError as error:
+        raise fail(error.key, error.message) from None
 
     training = raw.get("training")
     training = {} if training is None else training

@@ -108,3 +108,12 @@ def test_a_20000_trial_dry_run_prints_its_plan(tmp_path, capsys):
     plan = capsys.readouterr().out
     assert plan.startswith(f"Sweep 'large' from {path}: 20000 trial(s).") and "Estimated wall time:" in plan
     assert plan.count("iwae_L1_M1_K1_s99 ") == 200
+
+
+def test_a_resource_override_is_checked_as_the_space_file_s_key_is(tmp_path):
+    message = refusal(tmp_path, "--cpus-per-trial", "0")
+    assert (
+        message == "error: --cpus-per-trial 0: resources.cpus_per_trial: 0.0: must be > 0 (Ray refuses an empty bundle)"
+    )
+    with pytest.raises(SpaceError, match=r"^<r>: resources.gpus_per_trial: 1.5: above 1, ask for whole GPUs$"):
+        parse_space({**TINY_SPACE, "name": "r", "resources": {"gpus_per_trial": 1.5}}, "<r>")
