@@ -4,7 +4,6 @@ Ray's imports MLflow, which costs every command a second of start-up when no tra
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +11,33 @@ from ray.air.constants import TRAINING_ITERATION
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from .space import SweepSpace
-from .trackers import EMBEDDED_DIR, FOLDER_TAG, TRIAL_ID_TAG, embedded, find_run, run_params, tracking_uri
+from .trackers import (
+    EMBEDDED_DIR,
+    FOLDER_TAG,
+    TRIAL_ID_TAG,
+    NotedFailures,
+    embedded,
+    find_run,
+    run_params,
+    tracking_uri,
+)
 from .trials import trial_label
 
 
-class SweepMLflowCallback(MLflowLoggerCallback):
+class SweepMLflowCallback(NotedFailures, MLflowLoggerCallback):
     """Ray Tune's MLflow logger, with the sweep's experiment (its artifacts in the sweep folder when
     the store is embedded), a trial's parameters as `run_params`, its metrics in one batch per
     pass, and a resumed trial continuing its run: found by its Ray trial id, each pass logged once.
 
-    MLflow failing (a server down) is noted, never raised: Ray Tune would end the sweep on a
-    callback's exception, and the sweep's own files hold every figure. Tune pickles its callbacks
-    with the sweep and a resumed sweep runs that copy, so it keeps only settings; `setup` makes the
-    rest anew."""
+    MLflow failing (a server down) is noted, never raised (NotedFailures). Tune pickles its
+    callbacks with the sweep and a resumed sweep runs that copy, so it keeps only settings; `setup`
+    makes the rest anew."""
 
     def __init__(self, space: SweepSpace, folder: str) -> None:
         super().__init__(tracking_uri(space.tracker, folder), experiment_name=space.name)
         self.space, self.folder = space, folder
         self.embedded = embedded(space.tracker)
+        self.where = f"MLflow at {self.tracking_uri}"
 
     def setup(self, *args: Any, **kwargs: Any) -> None:
         self._logged: dict[Any, int] = {}  # trial: the last step its run has
@@ -45,20 +53,6 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         if trial in self._trial_runs:
             self._guarded(f"{trial_label(trial)}'s end", super().log_trial_end, trial, failed)
-
-    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
-        if self._failed is not None:
-            return
-        try:
-            call(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 -- MLflow raises many types; see the class's docstring
-            self._failed = error
-            print(
-                f"note: MLflow at {self.tracking_uri}: {what} was not logged ({type(error).__name__}: "
-                f"{str(error).strip()[:300]}); nothing more is logged to it in this run of the sweep, whose "
-                f"own files hold every figure (a --resume logs again)",
-                file=sys.stderr,
-            )
 
     def _setup(self, *args: Any, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient

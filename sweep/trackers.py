@@ -82,30 +82,64 @@ def check_tracker(tracker: str | None, storage: str) -> None:
             f"in the sweep folder) must be a local file; pass --tracker mlflow=URI with a tracking server "
             f"(e.g. mlflow=http://mlflow.internal:5000), or store the sweep in a local or shared folder"
         )
-    if kind == "wandb" and not wandb_offline():
-        import wandb
+    if kind == "wandb":
+        check_wandb_login(f"--tracker {tracker}")
 
-        if not wandb.login(prompt=False, verify=False):
-            raise TrackerError(
-                "--tracker wandb: no W&B account is set up here; run `wandb login` (or set WANDB_API_KEY), or "
-                "set WANDB_MODE=offline to keep the runs in the sweep folder and upload them later with wandb sync"
-            )
+
+def check_wandb_login(where: str) -> None:
+    """Refuse W&B online without an account here (wandb.init would ask for one at a prompt)."""
+    import wandb
+
+    if not wandb_offline() and not wandb.login(prompt=False, verify=False):
+        raise TrackerError(
+            f"{where}: no W&B account is set up here; run `wandb login` (or set WANDB_API_KEY), or set "
+            f"WANDB_MODE=offline to keep the runs in files and upload them later with wandb sync"
+        )
 
 
 def wandb_offline() -> bool:
-    """Whether W&B runs stay on this machine (WANDB_MODE=offline or disabled, W&B's own switch)."""
-    return os.environ.get("WANDB_MODE") in ("offline", "disabled")
+    """Whether W&B runs stay on this machine (WANDB_MODE, W&B's own switch: offline, dryrun or disabled)."""
+    return os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled")
+
+
+def wandb_dir(folder: str) -> str:
+    """Where W&B keeps sweep `folder`'s run files (its wandb/ folder): the sweep folder when local,
+    else the folder `sweep.run` was started in (W&B writes local files)."""
+    return folder if "://" not in folder else str(Path.cwd())
 
 
 def tracker_line(tracker: str, folder: str) -> str:
     """The closing line of a tracked sweep: how to see its runs."""
     if tracker_kind(tracker) == "wandb":
-        offline = wandb_offline() and "://" not in folder
-        if offline:
-            return f"W&B:         wandb sync {folder}/wandb/offline-run-*"
+        if os.environ.get("WANDB_MODE") == "disabled":
+            return "W&B:         nothing logged (WANDB_MODE=disabled)"
+        if wandb_offline():
+            return f"W&B:         wandb sync {wandb_dir(folder)}/wandb/offline-run-*"
         return f"W&B:         project {folder.rstrip('/').rsplit('/', 1)[-1]} in your W&B account"
     uri = tracking_uri(tracker, folder)
     return f"MLflow:      mlflow ui --backend-store-uri {uri}" if embedded(tracker) else f"MLflow:      {uri}"
+
+
+class NotedFailures:
+    """A tracker's callback whose failure (a server down, a revoked key) is noted once and stops
+    its logging, never raised: Ray Tune would end the sweep on a callback's exception, and the
+    sweep's own files hold every figure."""
+
+    where = "a tracker"  # named in the note
+
+    def _guarded(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "_failed", None) is not None:
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- trackers raise many types; see the class's docstring
+            self._failed = error
+            print(
+                f"note: {self.where}: {what} was not logged ({type(error).__name__}: {str(error).strip()[:300]}); "
+                f"nothing more is logged to it in this run of the sweep, whose own files hold every figure "
+                f"(a --resume logs again)",
+                file=sys.stderr,
+            )
 
 
 def tracker_callbacks(space: SweepSpace, folder: str) -> list[tune.Callback]:
@@ -147,14 +181,15 @@ def find_run(client: Any, experiment_id: str, trial_id: str, folder: str) -> Any
 def log_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, folder: str, filesystem: pafs.FileSystem) -> None:
     """Log an evaluation `row` (results.parquet's) to its trial's run, if sweep `folder` has a tracker:
     its figures as metrics at the checkpoint's pass, what it evaluated as tags, the trial's image
-    grids as artifacts. A tracker that fails is noted, never raised: the results files hold the row."""
+    grids as artifacts (in W&B: the run's summary and files). A tracker that fails is noted, never
+    raised: the results files hold the row."""
     tracker = "a tracker"
     try:
         space, _ = read_spec(folder, filesystem)
         if not space.tracker:
             return
         tracker = NAMES[tracker_kind(space.tracker)]
-        if tracker == "W&B":
+        if tracker_kind(space.tracker) == "wandb":
             from .wandb_callback import log_wandb_evaluation
 
             log_wandb_evaluation(space, folder, row, checkpoint)
@@ -175,15 +210,16 @@ def evaluation_figures(row: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def evaluation_tags(row: dict[str, Any]) -> dict[str, str]:
+def evaluation_tags(row: dict[str, Any]) -> dict[str, Any]:
     """What an evaluation row evaluated, as the run's tags."""
     return {
-        f"evaluation.{tag}": str(row[tag])
+        f"evaluation.{tag}": row[tag]
         for tag in ("rank_metric", "eval_k", "eval_images", "checkpoint_uri", "evaluation_id")
     }
 
 
 def log_mlflow_evaluation(space: SweepSpace, folder: str, row: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+    """An evaluation `row` on its trial's MLflow run: figures at the checkpoint's pass, tags, image grids."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -196,7 +232,7 @@ def log_mlflow_evaluation(space: SweepSpace, folder: str, row: dict[str, Any], c
     figures = evaluation_figures(row)
     client.log_batch(run.info.run_id, metrics=[Metric(name, value, now, step) for name, value in figures.items()])
     for tag, value in evaluation_tags(row).items():
-        client.set_tag(run.info.run_id, tag, value)
+        client.set_tag(run.info.run_id, tag, str(value))
     with tempfile.TemporaryDirectory() as images:
         if write_image_grids(checkpoint, Path(images)):
             client.log_artifacts(run.info.run_id, images, "images")

@@ -15,7 +15,16 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .space import SweepSpace
-from .trackers import evaluation_figures, evaluation_tags, run_params, write_image_grids
+from .trackers import (
+    FOLDER_TAG,
+    NotedFailures,
+    check_wandb_login,
+    evaluation_figures,
+    evaluation_tags,
+    run_params,
+    wandb_dir,
+    write_image_grids,
+)
 from .trials import trial_label
 
 # Ray's bookkeeping (timings, host, pid, ...) kept out of the run, which shows what the trial reports.
@@ -24,49 +33,74 @@ RAY_BOOKKEEPING = sorted({*AUTO_RESULT_KEYS, *WandbLoggerCallback.AUTO_CONFIG_KE
 
 def init_settings(space: SweepSpace, folder: str) -> dict[str, Any]:
     """`wandb.init` keywords every run of sweep `folder` shares: its project and group (the sweep's
-    name), its files in the sweep folder when that is local, and W&B's mode as this driver has it
-    (the logging processes are Ray workers, which do not see a variable set after Ray started)."""
+    name), where its files go, and W&B's variables as this driver has them (the logging processes
+    are Ray workers, which see only the environment Ray started with, and only WANDB_API_KEY of it)."""
+    env = os.environ.get
     return {
         "project": space.name,
         "group": space.name,
-        **({"dir": folder} if "://" not in folder else {}),
-        **({"mode": os.environ["WANDB_MODE"]} if os.environ.get("WANDB_MODE") else {}),
-        "settings": {"silent": True},  # the live table, not W&B's banner per trial
+        "dir": wandb_dir(folder),
+        **({"mode": env("WANDB_MODE")} if env("WANDB_MODE") else {}),
+        **({"entity": env("WANDB_ENTITY")} if env("WANDB_ENTITY") else {}),
+        # Silent: the live table, not W&B's banner per trial; no console capture of the driver.
+        "settings": {
+            "silent": True,
+            "console": "off",
+            **({"base_url": env("WANDB_BASE_URL")} if env("WANDB_BASE_URL") else {}),
+        },
     }
 
 
-class SweepWandbCallback(WandbLoggerCallback):
+class SweepWandbCallback(NotedFailures, WandbLoggerCallback):
     """Ray Tune's W&B logger, each trial a W&B run whose id is its Ray trial id (so a resumed sweep
     continues it), named by its label, its parameters as `run_params`, its metrics as the trial
-    reports them without Ray's bookkeeping, at step `training_iteration`."""
+    reports them without Ray's bookkeeping, at step `training_iteration`. W&B failing is noted,
+    never raised (NotedFailures). Tune pickles its callbacks with the sweep and a resumed sweep runs
+    that copy: W&B's settings are read again in `setup`, as the resuming driver has them."""
 
     def __init__(self, space: SweepSpace, folder: str) -> None:
         self.space, self.folder = space, folder
-        self.shared = init_settings(space, folder)
-        super().__init__(excludes=RAY_BOOKKEEPING, **self.shared)
+        self.where = "W&B"
+        super().__init__(excludes=RAY_BOOKKEEPING, **init_settings(space, folder))
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self._failed = None
+        self.shared = init_settings(self.space, self.folder)
+        self._guarded("the sweep's project", super().setup, *args, **kwargs)
 
     def log_trial_start(self, trial: Any) -> None:
         # Ray passes `self.kwargs` to wandb.init last, over its own per-trial choices.
         self.kwargs = {
             **self.shared,
             "name": trial_label(trial),
-            "config": run_params(self.space, trial.config),
+            "config": {**run_params(self.space, trial.config), FOLDER_TAG: self.folder},
             "resume": "allow",
             "reinit": "finish_previous",  # Ray's `True` is deprecated; one run per logging process anyway
         }
-        super().log_trial_start(trial)
+        self._guarded(f"{trial_label(trial)}'s run", super().log_trial_start, trial)
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        # Without Ray's copy of the trial's config, which Ray's logging process would add to the
+        # run's config at every pass (its `excludes` leave out metrics only).
+        result = {key: value for key, value in result.items() if key != "config"}
+        self._guarded(f"{trial_label(trial)}'s pass", super().log_trial_result, iteration, trial, result)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        if trial in self._trial_queues:
+            self._guarded(f"{trial_label(trial)}'s end", super().log_trial_end, trial, failed)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         # A stopped sweep's running trials never ended, and Ray would wait for their logging
         # processes until its upload timeout (30 min): tell them to finish first.
         for trial in list(self._trial_logging_futures):
             self._signal_logging_actor_stop(trial)
-        super().on_experiment_end(trials, **info)
+        self._guarded("the sweep's end", super().on_experiment_end, trials, **info)
 
 
 def log_wandb_evaluation(space: SweepSpace, folder: str, row: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
     """An evaluation `row` on its trial's W&B run: its figures and what it evaluated in the run's
     summary (W&B's runs table), the trial's image grids as the run's files `images/*.png`."""
+    check_wandb_login("W&B")
     run = wandb.init(
         id=row["trial_id"], name=row["trial_name"], resume="allow", reinit="create_new", **init_settings(space, folder)
     )

@@ -39,3 +39,12 @@ def test_torch_s_private_apis_are_as_checked():
         assert torch._inductor.config.deterministic is True
     finally:
         torch._inductor.config.deterministic = before
+
+
+def test_ray_s_wandb_callback_is_as_checked():
+    """sweep.wandb_callback ends a stopped sweep's logging processes through these."""
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    callback = WandbLoggerCallback(project="checked")
+    assert callback._trial_logging_futures == {} and callback._trial_queues == {}
+    assert callable(callback._signal_logging_actor_stop)

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from sweep.run import SweepInterrupted, run_sweep
-from sweep.space import SpaceError, parse_space
+from sweep.space import SpaceError, SweepSpace, parse_space
 from sweep.trackers import TrackerError, check_tracker
 
 PASSES = 2
@@ -42,7 +43,7 @@ def runs_by_name(client: MlflowClient, name: str) -> dict:
     return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
 
 
-def tracked_space(name: str, tracker: str):
+def tracked_space(name: str, tracker: str) -> SweepSpace:
     return tiny_space(name, tracker=tracker, training={**TINY_SPACE["training"], "passes": PASSES, "snr_every": PASSES})
 
 
@@ -83,7 +84,7 @@ def test_each_trial_is_one_mlflow_run_with_its_passes_and_evaluation_across_a_re
         assert f"samples_pass{PASSES:05d}.png" in images and f"reconstructions_pass{PASSES:05d}.png" in images
 
 
-def wandb_records(run_file: Path):
+def wandb_records(run_file: Path) -> Iterator:
     """The records of a W&B run file (`run-<id>.wandb`), parsed with W&B's own schema: W&B has no
     reader of its own for them since its Go core took over; the framing is LevelDB's log format
     (32 KiB blocks of chunks, each with a 7-byte header: CRC, length, type) after a 7-byte W&B header."""
@@ -108,7 +109,7 @@ def wandb_records(run_file: Path):
 
 def wandb_runs(folder: Path) -> dict:
     """Sweep `folder`'s W&B offline runs by run id: their run records, history rows, summary, files."""
-    runs = defaultdict(lambda: {"run": [], "history": {}, "summary": {}, "files": set()})
+    runs = defaultdict(lambda: {"run": [], "config": {}, "history": {}, "summary": {}, "files": set()})
     for run_dir in sorted((folder / "wandb").glob("offline-run-*")):
         (run_file,) = run_dir.glob("run-*.wandb")
         run_id = run_file.stem.removeprefix("run-")
@@ -117,6 +118,9 @@ def wandb_runs(folder: Path) -> dict:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 runs[run_id]["run"].append(record.run)
+                runs[run_id]["config"] |= {item.key: json.loads(item.value_json) for item in record.run.config.update}
+            elif kind == "config":  # a change to the run's config after it started
+                runs[run_id]["config"] |= {item.key: json.loads(item.value_json) for item in record.config.update}
             elif kind == "history":
                 row = {
                     item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
@@ -147,13 +151,13 @@ def test_each_trial_is_one_wandb_run_with_its_passes_and_evaluation_across_a_res
     assert sorted(runs) == sorted(row["trial_id"] for row in rows)  # one run id per trial, continued on resume
     for row in rows:
         run = runs[row["trial_id"]]
-        training = [record for record in run["run"] if record.display_name]  # the evaluation's names it too
         assert {(r.display_name, r.run_group, r.project) for r in run["run"]} == {
             (row["trial_name"], "wandb_tracked", "wandb_tracked")
         }
-        config = {item.key: json.loads(item.value_json) for item in training[0].config.update}
+        config = run["config"]
         assert (config["objective"], config["k"], config["passes"]) == (row["objective"], str(row["k"]), str(PASSES))
         assert (config["eval_k"], config["rank_metric"]) == ("50", row["rank_metric"])
+        assert config["iwae_sweep.folder"] == str(folder) and not {"train", "data_dir"} & set(config)  # not Ray's
         history = [run["history"][step] for step in sorted(run["history"]) if "epoch" in run["history"][step]]
         assert [h["training_iteration"] for h in history] == list(range(1, PASSES + 1))  # each pass, at its step
         assert [h["epoch"] for h in history] == [1, 2] and all("train_bound" in h for h in history)
@@ -165,15 +169,25 @@ def test_each_trial_is_one_wandb_run_with_its_passes_and_evaluation_across_a_res
         assert f"images/samples_pass{PASSES:05d}.png" in run["files"], run["files"]
 
 
-def test_tracker_mistakes_are_named_before_anything_runs(tmp_path, monkeypatch):
+def test_tracker_mistakes_are_named_before_anything_runs(tmp_path):
     with pytest.raises(SpaceError, match=r"<bad>: tracker: 'wandb=x': expected mlflow .* mlflow=TRACKING_URI"):
         parse_space({**TINY_SPACE, "name": "bad", "tracker": "wandb=x"}, "<bad>")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no_login"))
-    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
-    with pytest.raises(TrackerError, match=r"wandb login.*WANDB_MODE=offline"):
-        check_tracker("wandb", str(tmp_path))
+    # No W&B login (a fresh W&B settings folder, no key, no .netrc), in its own process: W&B keeps
+    # what this one's offline sweep set.
+    no_login = {
+        **{key: value for key, value in os.environ.items() if not key.startswith("WANDB_")},
+        "WANDB_CONFIG_DIR": str(tmp_path / "no_login"),
+        "NETRC": str(tmp_path / "no_netrc"),
+    }
+    checked = subprocess.run(
+        [sys.executable, "-c", f"from sweep.trackers import check_tracker; check_tracker('wandb', {str(tmp_path)!r})"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=no_login,
+    )
+    assert checked.returncode == 1 and "TrackerError: --tracker wandb: no W&B account" in checked.stderr, checked.stderr
+    assert "wandb login" in checked.stderr and "WANDB_MODE=offline" in checked.stderr
     with pytest.raises(TrackerError, match=r"--tracker mlflow=URI"):
         check_tracker("mlflow", "s3://bucket/sweeps")
     # MLflow not installed: the command says which extra to install, without a traceback.
