@@ -51,8 +51,8 @@ class Evaluation:
 
 def comparable_to_papers(result: Evaluation, config: TrainConfig) -> bool:
     """Whether an evaluation of a model trained with `config` compares with the papers' tables:
-    the papers' evaluation (the result's) of the papers' training (the config's: all 59,600
-    images, all 3,280 passes)."""
+    the papers' evaluation (the result's) of the papers' training (the config's: the dataset's
+    binarization, the whole training set, all 3,280 passes)."""
     return result.comparable_to_papers and config.comparable_to_papers
 
 

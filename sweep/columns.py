@@ -96,7 +96,11 @@ RESULTS = Schema(
         ("noise", STRING, "the q-noise stream: rows with equal values saw the same noise per image"),
         ("evaluation_id", STRING, "this checkpoint's evaluation; its per-image rows carry the same id"),
         ("snr_epoch", INT, "the pass of the last gradient-SNR measurement (null: none was made)"),
-        ("snr_encoder_mean", FLOAT, "encoder gradient SNR |mean| / std, mean over parameter components"),
+        (
+            "snr_encoder_mean",
+            FLOAT,
+            "encoder gradient SNR |mean| / std (Rainforth et al.), mean over parameter components",
+        ),
         ("snr_encoder_median", FLOAT, "encoder gradient SNR, median over parameter components"),
         ("snr_decoder_mean", FLOAT, "decoder gradient SNR, mean over parameter components"),
         ("snr_decoder_median", FLOAT, "decoder gradient SNR, median over parameter components"),
@@ -109,7 +113,7 @@ RESULTS = Schema(
             STRING,
             "the evaluated checkpoint's last run's device (cpu also where Ray gave a rehearsal node's advertised GPU)",
         ),
-        ("train_node_id", STRING, "the Ray node that trained the evaluated checkpoint"),
+        ("train_node_id", STRING, "the Ray node of the evaluated checkpoint's last run"),
         ("train_node_ip", STRING, "that node's IP"),
         ("train_hostname", STRING, "that node's host name"),
         (
@@ -125,8 +129,8 @@ RESULTS = Schema(
         ("eval_float32", STRING, "float32 precision of matmuls and convolutions in the evaluation: ieee (no TF32)"),
         ("eval_gpu_name", STRING, "on CUDA, the evaluation's GPU (null on CPU)"),
         ("eval_gpu_capability", STRING, "on CUDA, its compute capability (null on CPU)"),
-        ("train_float32", STRING, "float32 precision of matmuls and convolutions in training"),
-        ("train_gpu_name", STRING, "on CUDA, the training GPU (null on CPU)"),
+        ("train_float32", STRING, "float32 precision of matmuls and convolutions in that run: ieee (no TF32)"),
+        ("train_gpu_name", STRING, "on CUDA, that run's GPU (null on CPU)"),
         ("train_gpu_capability", STRING, "on CUDA, its compute capability (null on CPU)"),
         (
             "generator_reseeded_at",
@@ -138,12 +142,18 @@ RESULTS = Schema(
             "rank_metric",
             STRING,
             "what ranked the trials and checkpoints (never a test figure): valid_ll, an importance-sampled "
-            "log-likelihood on the validation images, where trials differ in objective, K or M; else valid_bound",
+            "log-likelihood on the validation images, where trials differ in objective, K or M and are ranked "
+            "against each other; else valid_bound",
         ),
-        ("rank_metric_k", INT, "valid_ll's k"),
+        ("rank_metric_k", INT, "valid_ll's k (null with valid_bound)"),
         ("rank_metric_value", FLOAT, "the ranking metric at the evaluated checkpoint"),
         ("searched", STRING, "a search's drawn values as JSON {key: value} (null: a grid)"),
-        ("ais_steps", INT, "AIS (every ais_ column null where it is off; docs/ais.md): annealing distributions"),
+        (
+            "ais_steps",
+            INT,
+            "AIS, with the space's evaluation.ais (every ais_ column null where it is off; docs/ais.md): "
+            "annealing distributions",
+        ),
         ("ais_chains", INT, "AIS chains per image"),
         ("ais_start", STRING, "where AIS chains start: encoder or prior"),
         ("ais_leapfrog", INT, "leapfrog steps per HMC transition"),
@@ -182,7 +192,7 @@ TRIALS = Schema(
         ("epochs", INT, "passes trained"),
         ("searched", STRING, "the values a search drew, as JSON (null: a grid)"),
         ("rank_metric", STRING, "what ranked the trials: valid_ll or valid_bound"),
-        ("rank_metric_k", INT, "valid_ll's k"),
+        ("rank_metric_k", INT, "valid_ll's k (null with valid_bound)"),
         ("rank_metric_value", FLOAT, "the trial's best kept checkpoint's ranking metric"),
     ),
 )
@@ -213,14 +223,15 @@ def markdown() -> str:
     parts = [
         "# The results' columns\n\n"
         "Written by `python -m sweep.columns` from `sweep/columns.py`, which also makes the files' schemas;\n"
-        "each file's schema holds the same descriptions, `pyarrow.parquet.read_schema(path).field(name).metadata`.\n"
+        "each file's schema holds the same descriptions, `pyarrow.parquet.read_schema(path).field(name).metadata`\n"
+        "(files written before the descriptions were added have none).\n"
     ]
     for schema in SCHEMAS:
         parts.append(
             f"\n## {schema.file}\n\n{schema.about[0].upper()}{schema.about[1:]}; schema version {schema.version} "
             f"(`{schema.version_key}` in the file's metadata).\n\n| column | type | what it holds |\n|---|---|---|\n"
         )
-        parts.extend(f"| `{c.name}` | {c.type} | {c.description.replace('|', '&#124;')} |\n" for c in schema.columns)
+        parts.extend(f"| `{c.name}` | `{c.type}` | {c.description.replace('|', '&#124;')} |\n" for c in schema.columns)
     return "".join(parts)
 
 

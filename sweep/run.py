@@ -128,7 +128,7 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
     max_concurrent = options.max_concurrent or (search.max_concurrent if search else None) or None
     view = LiveView()
     evaluate = [EvaluateAsTrialsFinish(options.folder, filesystem, view)] if space.evaluation.best == "each" else []
-    tracking = tracker_callbacks(space, options.folder)  # MLflow (--tracker), logged from this driver
+    tracking = tracker_callbacks(space, options.folder)  # --tracker's (MLflow, W&B), logged from this driver's node
     return tune.Tuner(
         trainable(space),
         param_space={

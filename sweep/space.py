@@ -300,7 +300,7 @@ class SweepSpace:
     search: Search | None = None
     # sweep.run --asha on a grid (a search says it in its `search` section).
     asha: bool = False
-    # "mlflow" or "mlflow=URI" (sweep.trackers); fixed when the sweep starts.
+    # "mlflow", "mlflow=URI" or "wandb" (sweep.trackers); fixed when the sweep starts.
     tracker: str | None = None
 
     @property
