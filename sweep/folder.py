@@ -10,8 +10,8 @@ from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError
 
-from .results import write_whole
 from .space import SweepSpace
+from .storage import write_whole
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
 STAGE_2 = "stage2"  # a `continue` stage's Tune experiment, inside the sweep folder

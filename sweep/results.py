@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +28,9 @@ from iwae_model import TrainConfig
 from iwae_model.ais import AISComparison
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation, comparable_to_papers
-from iwae_model.files import write_atomically
 
 from . import columns
-from .storage import TEMP_PREFIX, filesystem_and_path, is_local
+from .storage import filesystem_and_path, write_whole
 
 RESULTS_FILE = columns.RESULTS.file
 PER_IMAGE_FILE = columns.PER_IMAGE.file
@@ -293,22 +291,6 @@ def write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem) -> None
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     write_whole(buffer.getvalue(), path, filesystem)
-
-
-def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem) -> None:
-    """`data` as the file `path`, whole or not at all: readers and a crash never see half a file,
-    and a failed write (a full disk: WriteError) leaves the previous version. A local file through
-    iwae_model.files.WholeFile; on an object store, which writes each object whole anyway, to a
-    temp name then moved into place."""
-    if is_local(filesystem):
-        write_atomically(path, lambda out: out.write(data))
-        return
-    folder, name = path.rsplit("/", 1)
-    filesystem.create_dir(folder, recursive=True)
-    tmp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
-    with filesystem.open_output_stream(tmp) as out:
-        out.write(data)
-    filesystem.move(tmp, path)
 
 
 def read_results(location: str) -> pa.Table:

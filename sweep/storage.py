@@ -13,6 +13,7 @@ and fix, and `clean_partial_files` removes the temp files of writes that never f
 from __future__ import annotations
 
 import errno
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,9 +21,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from iwae_model.errors import IWAEError
-from iwae_model.files import PARTIAL_SUFFIX, WholeFile, WriteError
+from iwae_model.files import PARTIAL_SUFFIX, WholeFile, WriteError, write_atomically
 
-TEMP_PREFIX = ".tmp-"  # results.write_whole's temp object on an object store: .tmp-<hex>-NAME
+TEMP_PREFIX = ".tmp-"  # write_whole's temp object on an object store: .tmp-<hex>-NAME
 
 
 class PassThrough(pafs.FileSystemHandler):
@@ -155,3 +156,19 @@ def _no_space(error: BaseException | None) -> WriteError | None:
             return error
         error = getattr(error, "cause", None) or error.__cause__
     return None
+
+
+def write_whole(data: bytes | pa.Buffer, path: str, filesystem: pafs.FileSystem) -> None:
+    """`data` as the file `path`, whole or not at all: readers and a crash never see half a file,
+    and a failed write (a full disk: WriteError) leaves the previous version. A local file through
+    iwae_model.files.WholeFile; on an object store, which writes each object whole anyway, to a
+    temp name then moved into place."""
+    if is_local(filesystem):
+        write_atomically(path, lambda out: out.write(data))
+        return
+    folder, name = path.rsplit("/", 1)
+    filesystem.create_dir(folder, recursive=True)
+    tmp = f"{folder}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    with filesystem.open_output_stream(tmp) as out:
+        out.write(data)
+    filesystem.move(tmp, path)
