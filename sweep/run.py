@@ -155,6 +155,9 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
             else None,
             trial_name_creator=trial_label,
             trial_dirname_creator=lambda trial: f"{trial_label(trial)}_{trial.trial_id}",
+            # A finished trial's worker process trains the next trial: no new process, no second
+            # import of torch per trial. The trainable seeds everything it draws from its config.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=stage.name,
