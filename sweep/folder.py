@@ -10,7 +10,7 @@ from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError
 
-from .space import SweepSpace
+from .space import SettingError, SweepSpace
 from .storage import write_whole
 
 SPEC_FILE = "iwae_sweep.json"  # the sweep's space and data dir, written by sweep.run
@@ -42,6 +42,11 @@ def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepS
         raise SweepFolderError(
             f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
             f"sweep.run (pass <storage>/<name>)"
+        ) from None
+    except SettingError as error:
+        raise SweepFolderError(
+            f"{path}: {error}, a setting this version refuses; correct it in that file, or use the iwae-sweep "
+            f"version that started the sweep"
         ) from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise SweepFolderError(

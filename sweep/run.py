@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             resources = replace(space.resources, **overrides)
         except SettingError as error:
-            flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in overrides.items())
+            named = {key: value for key, value in overrides.items() if error.key.endswith(f".{key}")} or overrides
+            flags = " ".join(f"--{key.replace('_', '-')} {value:g}" for key, value in named.items())
             raise SpaceError(f"{flags}: {error}") from None
         space = replace(space, name=args.name or space.name, resources=resources)
         if args.tracker is not None:

@@ -152,6 +152,9 @@ class SettingError(SpaceError):
         super().__init__(f"{key}: {message}")
         self.key, self.message = key, message
 
+    def __reduce__(self) -> tuple:
+        return SettingError, (self.key, self.message)
+
 
 def yaml_key(default: Any, types: type | tuple[type, ...]) -> Any:
     """A field of a space file's section: its default and the YAML types it takes (SECTIONS)."""
@@ -211,6 +214,9 @@ class Resources:
     eval_actors: int = yaml_key(1, int)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise SettingError(f"resources.{f.name}", f"{getattr(self, f.name)!r}: must be a finite number")
         if self.cpus_per_trial <= 0:
             raise SettingError(
                 "resources.cpus_per_trial", f"{self.cpus_per_trial}: must be > 0 (Ray refuses an empty bundle)"

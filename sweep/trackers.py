@@ -104,7 +104,7 @@ def wandb_offline() -> bool:
 
 def wandb_dir(folder: str) -> str:
     """Where W&B keeps sweep `folder`'s run files (its wandb/ folder): the sweep folder when local,
-    else the folder `sweep.run` was started in (W&B writes local files)."""
+    else the folder the command (sweep.run, sweep.evaluate) was started in (W&B writes local files)."""
     return folder if "://" not in folder else str(Path.cwd())
 
 

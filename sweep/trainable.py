@@ -105,6 +105,15 @@ def load_node_data(config: TrainConfig, data_dir: str, device: torch.device) -> 
         ) from None
 
 
+def forget_earlier_trials(device: torch.device) -> None:
+    """Start a trial in a reused worker process (the sweep's reuse_actors) as in a new one: the
+    graphs torch.compile made for earlier trials dropped (dynamo counts them against its recompile
+    limit, past which it runs eager without a word), and on CUDA the memory they cached freed."""
+    torch.compiler.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "search": the values a search
     drew (replacing train's; absent in a grid), "data_dir": absolute path,
@@ -116,6 +125,7 @@ def train_trial(config: dict[str, Any]) -> None:
     train_config = trial_config(config)
     pin_float32()
     device = ray_device()
+    forget_earlier_trials(device)
     here = {
         **this_node(),
         **device_record(device),

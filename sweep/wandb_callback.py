@@ -54,8 +54,9 @@ def init_settings(space: SweepSpace, folder: str) -> dict[str, Any]:
 class SweepWandbCallback(NotedFailures, WandbLoggerCallback):
     """Ray Tune's W&B logger, each trial a W&B run whose id is its Ray trial id (so a resumed sweep
     continues it), named by its label, its parameters as `run_params`, its metrics as the trial
-    reports them without Ray's bookkeeping, at step `training_iteration`. W&B failing is noted,
-    never raised (NotedFailures). Tune pickles its callbacks with the sweep and a resumed sweep runs
+    reports them without Ray's bookkeeping, at step `training_iteration`. W&B failing in this
+    driver is noted, never raised (NotedFailures); in Ray's logging processes (one per trial), it
+    shows in their logs and the sweep goes on. Tune pickles its callbacks with the sweep and a resumed sweep runs
     that copy: W&B's settings are read again in `setup`, as the resuming driver has them."""
 
     def __init__(self, space: SweepSpace, folder: str) -> None:
@@ -92,9 +93,12 @@ class SweepWandbCallback(NotedFailures, WandbLoggerCallback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         # A stopped sweep's running trials never ended, and Ray would wait for their logging
         # processes until its upload timeout (30 min): tell them to finish first.
-        for trial in list(self._trial_logging_futures):
-            self._signal_logging_actor_stop(trial)
-        self._guarded("the sweep's end", super().on_experiment_end, trials, **info)
+        def end() -> None:
+            for trial in list(self._trial_logging_futures):
+                self._signal_logging_actor_stop(trial)
+            super(SweepWandbCallback, self).on_experiment_end(trials, **info)
+
+        self._guarded("the sweep's end", end)
 
 
 def log_wandb_evaluation(space: SweepSpace, folder: str, row: dict[str, Any], checkpoint: tune.Checkpoint) -> None:

@@ -19,11 +19,12 @@ from iwae_model.likelihood import (
     importance_sampling,
 )
 from iwae_model.objectives import build_objective
-from iwae_model.training import continuation_seed, train
+from iwae_model.training import build_surrogate, continuation_seed, train
 from sweep.cluster import GPUUnusable, choose_device, ray_device
 from sweep.evaluation import NothingToEvaluate
 from sweep.run import run_sweep
 from sweep.space import parse_space
+from sweep.trainable import forget_earlier_trials
 
 CUDA = torch.device("cuda")
 NODE = {"hostname": "gpu-7", "node_ip": "10.0.0.7", "node_id": "abc123"}
@@ -223,3 +224,18 @@ def test_the_gpu_s_batch_and_chunking_give_the_cpu_s_estimates(layers):
         rtol=FLOAT32_REORDER_RTOL,
         atol=0,
     )
+
+
+def test_a_reused_worker_compiles_each_trial_s_model_anew():
+    """reuse_actors: without forgetting, a later trial's compile of the same surrogate code is a
+    recompile, counted against dynamo's limit (8), past which dynamo runs eager without a word."""
+    import torch._dynamo
+
+    x = random_binary(4, 784)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k in (1, 2):  # two trials' models, in one process
+            forget_earlier_trials(torch.device("cpu"))
+            config = TrainConfig(k=k, latent_dims=(2,), hidden_dims=(8,), compile=True)
+            model = config.build_model()
+            surrogate = build_surrogate(model, config.build_objective(), config.build_estimator(), compile=True)
+            surrogate(x, model.draw_noise(config.m * config.k, 4))

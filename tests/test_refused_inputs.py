@@ -115,5 +115,8 @@ def test_a_resource_override_is_checked_as_the_space_file_s_key_is(tmp_path):
     assert (
         message == "error: --cpus-per-trial 0: resources.cpus_per_trial: 0.0: must be > 0 (Ray refuses an empty bundle)"
     )
+    assert refusal(tmp_path, "--gpus-per-trial", "inf", "--eval-gpus", "0") == (
+        "error: --gpus-per-trial inf: resources.gpus_per_trial: inf: must be a finite number"
+    )
     with pytest.raises(SpaceError, match=r"^<r>: resources.gpus_per_trial: 1.5: above 1, ask for whole GPUs$"):
         parse_space({**TINY_SPACE, "name": "r", "resources": {"gpus_per_trial": 1.5}}, "<r>")
