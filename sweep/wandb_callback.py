@@ -11,7 +11,7 @@ from typing import Any
 import wandb
 from ray import tune
 from ray.air.constants import TRAINING_ITERATION
-from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from .space import SweepSpace
@@ -51,6 +51,16 @@ def init_settings(space: SweepSpace, folder: str) -> dict[str, Any]:
     }
 
 
+class SweepWandbLoggingActor(_WandbLoggingActor):
+    """Ray's process that logs one trial to W&B, waiting at the end until W&B's service has written
+    the run: Ray kills the process as soon as `run` returns, before the exit handler that would
+    wait, and a run's records were lost that way (its .wandb file left empty)."""
+
+    def run(self) -> None:
+        super().run()
+        self._wandb.teardown()
+
+
 class SweepWandbCallback(NotedFailures, WandbLoggerCallback):
     """Ray Tune's W&B logger, each trial a W&B run whose id is its Ray trial id (so a resumed sweep
     continues it), named by its label, its parameters as `run_params`, its metrics as the trial
@@ -58,6 +68,8 @@ class SweepWandbCallback(NotedFailures, WandbLoggerCallback):
     driver is noted, never raised (NotedFailures); in Ray's logging processes (one per trial), it
     shows in their logs and the sweep goes on. Tune pickles its callbacks with the sweep and a resumed sweep runs
     that copy: W&B's settings are read again in `setup`, as the resuming driver has them."""
+
+    _logger_actor_cls = SweepWandbLoggingActor  # Ray's hook for its logging process's class
 
     def __init__(self, space: SweepSpace, folder: str) -> None:
         self.space, self.folder = space, folder

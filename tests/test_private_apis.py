@@ -43,8 +43,9 @@ def test_torch_s_private_apis_are_as_checked():
 
 def test_ray_s_wandb_callback_is_as_checked():
     """sweep.wandb_callback ends a stopped sweep's logging processes through these."""
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
     callback = WandbLoggerCallback(project="checked")
     assert callback._trial_logging_futures == {} and callback._trial_queues == {}
-    assert callable(callback._signal_logging_actor_stop)
+    assert callable(callback._signal_logging_actor_stop) and callback._logger_actor_cls is _WandbLoggingActor
+    assert callable(_WandbLoggingActor.run)
