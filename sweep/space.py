@@ -115,20 +115,6 @@ TRAINING_KEYS = tuple(
 AIS_SECTION = {"steps": int, "images": (int, type(None)), "chains": int, "start": str}
 AIS_IMAGES = 100  # evaluation.ais.images unless given (or evaluation.images if fewer), as evaluate's --ais-images
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
-TOP_LEVEL = {
-    "name",
-    "description",
-    "experiments",
-    "mk_product",
-    "seeds",
-    "training",
-    "continue",
-    "search",
-    "tracker",
-    "evaluation",
-    "resources",
-    "checkpoints",
-}
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
 DISTRIBUTIONS = (*RANGES, "choice")
@@ -242,6 +228,8 @@ SECTIONS = {
     name: {f.name: f.metadata["types"] for f in fields(cls)}
     for name, cls in (("evaluation", EvaluationSettings), ("resources", Resources), ("checkpoints", Checkpoints))
 }
+TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search", "tracker"}
+TOP_LEVEL.update(SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -441,8 +429,6 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
                 raise fail(f"{section}.{key}", f"unknown key; allowed: {', '.join(schema)}")
             if not isinstance(value, schema[key]) or isinstance(value, bool):
                 raise fail(f"{section}.{key}", f"{value!r} has the wrong type; expected {_type_names(schema[key])}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise fail(f"{section}.{key}", f"{value!r}: must be a finite number")
         sections[section] = values
     try:
         ais = sections["evaluation"].get("ais")

@@ -188,8 +188,9 @@ def log_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, folder: str
         space, _ = read_spec(folder, filesystem)
         if not space.tracker:
             return
-        tracker = NAMES[tracker_kind(space.tracker)]
-        if tracker_kind(space.tracker) == "wandb":
+        kind = tracker_kind(space.tracker)
+        tracker = NAMES[kind]
+        if kind == "wandb":
             from .wandb_callback import log_wandb_evaluation
 
             log_wandb_evaluation(space, folder, row, checkpoint)
