@@ -14,6 +14,7 @@ sweeps, and a full pickle there could run code on load.
                  type, "cpu" or "cuda"}: training draws from that generator alone
   history        the per-epoch metrics rows (the same rows as metrics.jsonl), one per pass
   train_seconds  wall-clock seconds spent in training steps so far
+  plugin         only where a plugin defines the objective: its {module, file, sha256}
 
 Every way a file can fail to be such a checkpoint (missing, empty, truncated, not torch's
 format, carrying code, another format version, a field of the wrong type, weights that do not
@@ -39,6 +40,8 @@ from .config import TrainConfig
 from .errors import IWAEError
 from .files import write_atomically
 from .models import IWAEModel
+from .objectives import OBJECTIVES
+from .plugins import source_of
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -164,6 +167,7 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
         raise bad(
             "rng.device", f"{state['rng'].get('device')!r}, expected 'cpu' or 'cuda' (the training generator's device)"
         )
+    check_plugin(state, path, bad)
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as error:
@@ -233,6 +237,27 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     model = config.build_model().to(device)
     restore(state, path, model)
     return model.eval(), config, state
+
+
+def check_plugin(state: dict[str, Any], path: str | os.PathLike, bad: Any) -> None:
+    """A checkpoint of a plugin's objective needs that plugin loaded, with the code that trained it."""
+    plugin = state.get("plugin")
+    if plugin is None:
+        return
+    if not isinstance(plugin, dict) or not all(isinstance(plugin.get(k), str) for k in ("module", "file", "sha256")):
+        raise bad("plugin", "expected {module, file, sha256} of the plugin that defines the objective")
+    objective = state["config"].get("objective")
+    if objective not in OBJECTIVES:
+        raise CheckpointError(
+            f"{path}: its objective {objective!r} comes from plugin {plugin['module']} ({plugin['file']}): "
+            f"pass --plugin {plugin['file']}"
+        )
+    found = source_of(objective)
+    if found is not None and found["sha256"] != plugin["sha256"]:
+        raise CheckpointError(
+            f"{path}: trained with plugin {plugin['file']} of SHA-256 {plugin['sha256'][:12]}..., but the loaded "
+            f"{found['file']} is {found['sha256'][:12]}...: load the code that trained it"
+        )
 
 
 def _summary(error: BaseException) -> str:

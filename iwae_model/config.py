@@ -5,12 +5,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .data import BINARIZATIONS, DATASETS
 from .models import IWAEModel, build_model
-from .objectives import ESTIMATORS, OBJECTIVES, GradientEstimator, Objective, build_estimator, build_objective
+from .objectives import (
+    ESTIMATORS,
+    OBJECTIVES,
+    GradientEstimator,
+    Objective,
+    ObjectiveDefinitionError,
+    Parameter,
+    build_estimator,
+    build_objective,
+    objective_parameters,
+)
 
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
 SCHEDULES = ("compressed", "truncated", "constant")
@@ -21,9 +32,13 @@ def setting(default, help: str, **argparse_options):
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TrainConfig:
     """Defaults are Burda et al.'s protocol (IWAE, k=5, 1 layer, full schedule).
+
+    Besides its fields it holds every registered objective's parameters (objectives.Parameter,
+    e.g. CIWAE's beta), each at its default unless given: keyword arguments and attributes like
+    the fields (`TrainConfig(objective="ciwae", beta=0.3).beta`), flat in `to_dict`.
 
     adam_beta1: textbook 0.9 by default (the Cambridge replication's reading of the paper); the
     authors' code used 0.99 (and an Adam whose second moment starts at 1 instead of 0, which
@@ -34,16 +49,15 @@ class TrainConfig:
     layers: int = setting(1, "stochastic layers (Burda's architectures: 1 or 2)", choices=(1, 2))
     objective: str = setting(
         "iwae",
-        "vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) objectives",
-        choices=OBJECTIVES,
+        "vae = k-sample Monte-Carlo ELBO; miwae/piwae are Rainforth et al.'s (M, K) objectives; "
+        "vr is Li & Turner's Renyi bound, rws reweighted wake-sleep (objectives.OBJECTIVES)",
     )
     k: int = setting(5, "importance samples K (per group for miwae/piwae)")
     m: int = setting(1, "groups M for miwae/piwae (vae uses M*K samples)")
-    beta: float = setting(0.5, "CIWAE mixing weight of the ELBO")
-    estimator: str = setting(
-        "reparam",
-        "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; 1 layer only)",
-        choices=ESTIMATORS,
+    estimator: str | None = setting(
+        None,
+        "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; "
+        "1 layer only), wake (RWS's wake-phi); default: the objective's own (wake for rws, else reparam)",
     )
     passes: int = setting(
         FULL_SCHEDULE_PASSES,
@@ -114,6 +128,32 @@ class TrainConfig:
         "after ~10 s of compilation; results differ from eager mode in the last bits",
     )
 
+    # Every registered objective's parameter values, in OBJECTIVES' order (see the docstring).
+    params: tuple[tuple[str, float], ...] = ()
+
+    def __init__(self, **values: Any) -> None:
+        declared = parameters()
+        given = dict(values.pop("params", ()))  # dataclasses.replace passes them back
+        given.update({name: values.pop(name) for name in list(values) if name in declared})
+        known = [f.name for f in dataclasses.fields(self) if f.name != "params"]
+        unknown = sorted(map(str, (set(values) - set(known)) | (set(given) - set(declared))))
+        if unknown:
+            raise ValueError(
+                f"unknown training setting(s) {unknown}; known: {sorted([*known, *declared])} (an objective "
+                f"plugin's parameter is known once its file is loaded: --plugin)"
+            )
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, values.get(f.name, f.default))
+        object.__setattr__(self, "params", tuple((name, given.get(name, p.default)) for name, p in declared.items()))
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached where no field has the name: an objective's parameter.
+        for key, value in self.__dict__.get("params", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"TrainConfig has no setting {name!r}")
+
     def __post_init__(self) -> None:
         # Configurations also come from YAML files and checkpoints: every field's type is
         # checked here, so a bad value is named before any training starts.
@@ -137,7 +177,7 @@ class TrainConfig:
             raise fail("snr_draws", "must be an integer >= 2 (the SNR is a mean over a standard deviation of draws)")
         if not is_int(self.seed):
             raise fail("seed", "must be an integer")
-        for name in ("beta", "lr", "adam_beta1", "adam_beta2", "adam_eps"):
+        for name in ("lr", "adam_beta1", "adam_beta2", "adam_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise fail(name, "must be a finite number")
@@ -149,7 +189,6 @@ class TrainConfig:
                 raise fail(name, "must lie in [0, 1)")
         for name, choices in (
             ("objective", OBJECTIVES),
-            ("estimator", ESTIMATORS),
             ("schedule", SCHEDULES),
             ("dataset", DATASETS),
             ("binarization", BINARIZATIONS),
@@ -163,6 +202,19 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise fail(name, "must be a non-empty string, or null")
+        objective = OBJECTIVES[self.objective]
+        if self.estimator is None:
+            object.__setattr__(self, "estimator", objective.default_estimator)
+        if self.estimator not in objective.estimators:
+            known = self.estimator in ESTIMATORS
+            raise fail(
+                "estimator",
+                f"objective {self.objective!r} supports {', '.join(objective.estimators)}"
+                if known
+                else f"choose one of {', '.join(ESTIMATORS)}",
+            )
+        for name, value in self.params:
+            parameters()[name].check(value)
         if self.dataset == "binarized_mnist" and self.binarization != "dynamic":
             raise fail(
                 "binarization",
@@ -192,7 +244,8 @@ class TrainConfig:
         return self.binarization == "dynamic" and self.train_images is None and self.passes == FULL_SCHEDULE_PASSES
 
     def build_objective(self) -> Objective:
-        return build_objective(self.objective, self.k, self.m, self.beta)
+        own = {p.name: getattr(self, p.name) for p in OBJECTIVES[self.objective].parameters}
+        return build_objective(self.objective, self.k, self.m, **own)
 
     def build_estimator(self) -> GradientEstimator:
         return build_estimator(self.estimator, self.layers)
@@ -203,21 +256,66 @@ class TrainConfig:
         return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean, **x_dim)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting by name, the objectives' parameters among them."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**fields, **dict(self.params)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(map(str, set(values) - known))
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
     def label(self) -> str:
         """A short name that says the configuration, e.g. iwae_L2_M1_K50_s0 (on MNIST), or
         omniglot_iwae_L2_M1_K50_s0."""
-        extra = f"_b{self.beta:g}" if self.objective == "ciwae" else ""
-        extra += f"_{self.estimator}" if self.estimator != "reparam" else ""
+        objective = OBJECTIVES[self.objective]
+        extra = "".join(f"_{p.label}{getattr(self, p.name):g}" for p in objective.parameters)
+        extra += f"_{self.estimator}" if self.estimator != objective.default_estimator else ""
         parent = f"_from_{self.init_label}" if self.init_label else "_continued" if self.init_from else ""
         dataset = "" if self.dataset == "mnist" else f"{self.dataset}_"
         return f"{dataset}{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
+
+
+def parameters() -> dict[str, Parameter]:
+    """The registered objectives' parameters by name, none named like a TrainConfig field."""
+    declared = objective_parameters()
+    for name in declared.keys() & {f.name for f in dataclasses.fields(TrainConfig)}:
+        owner = next(cls for cls in OBJECTIVES.values() if any(p.name == name for p in cls.parameters))
+        raise ObjectiveDefinitionError(
+            f"objective class {owner.__qualname__} (name {owner.name!r}): its parameter {name!r} is a training "
+            f"setting's name; rename it"
+        )
+    return declared
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training setting as the interfaces made from it need it: a TrainConfig field or a
+    registered objective's parameter; `options` are its argparse keywords (choices, metavar)."""
+
+    name: str
+    type: str  # the annotation as text, e.g. "int | None"
+    help: str
+    default: Any
+    options: dict[str, Any]
+
+
+def settings() -> list[Setting]:
+    """Every training setting: TrainConfig's fields, then the registered objectives' parameters."""
+    choices = {"objective": list(OBJECTIVES), "estimator": list(ESTIMATORS)}  # plugins add objectives
+    fields = [
+        Setting(
+            f.name,
+            f.type,
+            f.metadata["help"],
+            f.default,
+            {
+                **{k: v for k, v in f.metadata.items() if k != "help"},
+                **({"choices": choices[f.name]} if f.name in choices else {}),
+            },
+        )
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "params"
+    ]
+    return fields + [
+        Setting(p.name, "int" if p.integer else "float", p.help, p.default, {}) for p in parameters().values()
+    ]

@@ -27,6 +27,7 @@ from .errors import IWAEError, exit_with
 from .evaluation import Evaluation, comparable_to_papers, evaluate_model
 from .importance import PARETO_K_THRESHOLD
 from .models import IWAEModel
+from .plugins import PluginError, add_plugin_flag, load_flagged_plugins
 
 AIS_IMAGES = 100  # default --ais-images (at most --images) and --bdmc-images
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "test bound of the training objective, and active units of a trained run.",
     )
     parser.add_argument("run_dir", help="a run directory written by python -m iwae_model.train (or its checkpoint.pt)")
+    add_plugin_flag(parser)
     parser.add_argument(
         "--k", type=int, default=5000, help="importance samples per image (default 5000, as the papers)"
     )
@@ -191,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         help="print one JSON object on stdout instead of text (progress still goes to stderr)",
     )
     args = parser.parse_args(argv)
+    try:
+        load_flagged_plugins(argv)
+    except PluginError as error:
+        parser.error(str(error))
     if args.k < 1:
         parser.error(f"--k {args.k}: must be at least 1")
     check_ais_flags(parser, args)

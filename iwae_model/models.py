@@ -142,6 +142,7 @@ class IWAEModel(nn.Module):
         generator: torch.Generator | None = None,
         noise: Sequence[torch.Tensor] | None = None,
         stop_q_params: bool = False,
+        detach_samples: bool = False,
         first_layer: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """k reparameterised samples h ~ q(h | x): latents `[h1..hL]` each `[k, B, d]` and
@@ -149,6 +150,8 @@ class IWAEModel(nn.Module):
 
         `stop_q_params` evaluates log q with the distribution parameters detached while the
         samples still depend on phi: the path-derivative form that STL and DReG need.
+        `detach_samples` holds the samples fixed (no gradient through them, so none reaches log p)
+        and evaluates log q with live parameters: the score form of RWS's wake-phi update.
         `first_layer` is q(h1 | x)'s (mean, log_std) when already computed, so that an
         evaluation split into chunks of samples still runs the first encoder once per image."""
         if noise is None:
@@ -161,9 +164,12 @@ class IWAEModel(nn.Module):
         for layer, (encoder, eps) in enumerate(zip(self.encoders, noise)):
             mean, log_std = first_layer if layer == 0 and first_layer is not None else encoder(h)
             h = mean + torch.exp(log_std) * eps
+            if detach_samples:
+                h = h.detach()
             latents.append(h)
-            if stop_q_params:
-                log_q = log_q + log_normal(h, mean.detach(), log_std.detach())
+            if stop_q_params or detach_samples:
+                parameters = (mean, log_std) if detach_samples else (mean.detach(), log_std.detach())
+                log_q = log_q + log_normal(h, *parameters)
             else:
                 # (h - mean) / std is eps exactly: skip the subtraction and its rounding.
                 log_q = log_q - (0.5 * eps.square() + log_std).sum(-1) - eps.shape[-1] * HALF_LOG_2PI
@@ -188,7 +194,7 @@ class IWAEModel(nn.Module):
         self, x: torch.Tensor, k: int | None = None, generator: torch.Generator | None = None, **sampling: Any
     ) -> torch.Tensor:
         """log w = log p(x, h) - log q(h | x) for k samples per image: `[k, B]`. `sampling`:
-        sample_q's noise, stop_q_params and first_layer."""
+        sample_q's noise, stop_q_params, detach_samples and first_layer."""
         latents, log_q = self.sample_q(x, k, generator, **sampling)
         return self.log_joint(x, latents) - log_q
 

@@ -46,8 +46,8 @@ def gradient_draws(
     rows: dict[nn.Parameter, list[torch.Tensor]] = {p: [] for p in (*encoder, *decoder)}
     for _ in range(draws):
         noise = model.draw_noise(objective.num_samples, x.shape[0], generator)
-        log_w = model.log_weights(x, noise=noise, stop_q_params=estimator.stop_q_params)
-        losses = estimator.surrogate(objective, log_w)
+        log_w = model.log_weights(x, noise=noise, **estimator.sampling_options)
+        losses = objective.surrogate(log_w, estimator.name)
         for params, loss in ((decoder, losses.decoder_loss), (encoder, losses.encoder_loss)):
             grads = torch.autograd.grad(loss, params, retain_graph=params is decoder, allow_unused=True)
             for p, g in zip(params, grads):

@@ -2,20 +2,21 @@
 
     python -m iwae_model.train --layers 1 --objective iwae --k 5 --passes 3 --out RUN_DIR
 
-Every TrainConfig field is a flag. Running the same command again resumes the run.
+Every training setting is a flag: TrainConfig's fields and the objectives' parameters.
+Running the same command again resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, settings
 from .device import resolve_device
 from .errors import IWAEError, exit_with
+from .plugins import PluginError, add_plugin_flag, load_flagged_plugins
 from .training import train
 
 CLI_TYPES = {
@@ -36,18 +37,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         description="Train one model with Burda et al.'s protocol; resumable (run the same command again).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    try:
+        load_flagged_plugins(argv)
+    except PluginError as error:
+        p.error(str(error))
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl)")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "init_label":  # read from the --init-from run's checkpoint
+    add_plugin_flag(p)
+    for setting in settings():
+        if setting.name == "init_label":  # read from the --init-from run's checkpoint
             continue
-        options = {key: value for key, value in f.metadata.items() if key != "help"}
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        flag = "--" + setting.name.replace("_", "-")
+        if setting.type == "bool":
+            p.add_argument(flag, action="store_true", help=setting.help)
             continue
-        if f.type.startswith("tuple"):
-            options["nargs"] = "+"
-        p.add_argument(flag, type=CLI_TYPES[f.type], default=f.default, help=f.metadata["help"], **options)
+        options = {"nargs": "+"} if setting.type.startswith("tuple") else {}
+        kind = CLI_TYPES[setting.type]
+        p.add_argument(flag, type=kind, default=setting.default, help=setting.help, **options, **setting.options)
     p.add_argument(
         "--data-dir",
         default=None,
@@ -56,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "init_label"}
+    values = {s.name: getattr(args, s.name) for s in settings() if s.name != "init_label"}
     try:
         if args.init_from:
             values.update(init_from=str(Path(args.init_from).resolve()), init_label=parent_label(args.init_from))

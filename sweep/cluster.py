@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -162,20 +163,28 @@ def on_loopback(address: str) -> bool:
     return resolved.rsplit(":", 1)[0] in ("127.0.0.1", "localhost")
 
 
-def init_ray(address: str | None) -> None:
+def plugin_environment(plugins: Iterable[dict[str, str]]) -> dict[str, Any] | None:
+    """The Ray runtime environment that ships the sweep's plugin files (iwae_model.plugins
+    records) to every node, importable there by their module names; None without plugins."""
+    files = [record["file"] for record in plugins]
+    return {"py_modules": files} if files else None
+
+
+def init_ray(address: str | None, runtime_env: dict[str, Any] | None = None) -> None:
     """Join `address` ("auto" for the cluster `ray up` or `sweep.local_cluster up` made), or
-    start a private local Ray on 127.0.0.1."""
+    start a private local Ray on 127.0.0.1; its jobs' `runtime_env` (plugin_environment). Where
+    Ray is initialised already, nothing: a plugin's trials then load its file where it lies."""
     if ray.is_initialized():
         return
     if not address:
         keep_local_ray_on_loopback()
         quiet_default_token_notice()
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env)
         return
     try:
         if on_loopback(address):  # a driver on the external address finds no raylet of a loopback cluster
             keep_local_ray_on_loopback()
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     except ConnectionError as error:
         raise ClusterError(
             f"--address {address}: no Ray cluster to join ({str(error).splitlines()[0]}). Start one "

@@ -8,12 +8,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from iwae_model.config import parameters
+from iwae_model.objectives import OBJECTIVES
+
 
 @dataclass(frozen=True)
 class Column:
     name: str
     type: pa.DataType
     description: str
+    optional: bool = False  # added within this schema version: files written before lack it (absent is null)
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,36 @@ class Schema:
     version: int
     version_key: str  # in the file's metadata
     about: str
-    columns: tuple[Column, ...]
+    columns: tuple[Column, ...]  # those every file of this version has
+    parameters_after: str | None = None  # where the objectives' parameters go, one column each
+
+    def all_columns(self) -> tuple[Column, ...]:
+        """The columns with the registered objectives' parameters (plugins add theirs; a file
+        written without a plugin has none of its columns, which readers take as absent)."""
+        if self.parameters_after is None:
+            return self.columns
+        at = [c.name for c in self.columns].index(self.parameters_after) + 1
+        return (*self.columns[:at], *parameter_columns(), *self.columns[at:])
 
     def arrow(self) -> pa.Schema:
         return pa.schema(
-            [pa.field(c.name, c.type, metadata={"description": c.description}) for c in self.columns],
+            [pa.field(c.name, c.type, metadata={"description": c.description}) for c in self.all_columns()],
             metadata={self.version_key: str(self.version)},
         )
+
+
+def parameter_columns() -> tuple[Column, ...]:
+    """One column per objective parameter: its value on every row, the default where the row's
+    objective does not take it (as TrainConfig holds it)."""
+    return tuple(
+        Column(
+            p.name,
+            INT if p.integer else FLOAT,
+            f"the trial's configuration: {' and '.join(o.name for o in OBJECTIVES.values() if p in o.parameters)}'s "
+            f"{p.name}, {p.help} (its default {p.default:g} on other objectives' rows)",
+        )
+        for p in parameters().values()
+    )
 
 
 def _columns(*specs: tuple[str, pa.DataType, str]) -> tuple[Column, ...]:
@@ -49,7 +76,6 @@ RESULTS = Schema(
         ("objective", STRING, "the trial's configuration: its training objective"),
         ("m", INT, "the trial's configuration: MIWAE's M (1 otherwise)"),
         ("k", INT, "the trial's configuration: importance samples per bound"),
-        ("beta", FLOAT, "the trial's configuration: CIWAE's beta"),
         ("layers", INT, "the trial's configuration: stochastic layers"),
         ("estimator", STRING, "the trial's configuration: gradient estimator"),
         ("seed", INT, "the trial's configuration: seed"),
@@ -89,6 +115,13 @@ RESULTS = Schema(
         ("project_version", STRING, "iwae-sweep's version"),
         ("timestamp", pa.timestamp("ms", tz="UTC"), "UTC time of the evaluation"),
         ("config", STRING, "the trial's whole iwae_model.TrainConfig as JSON (lr, schedule, ...)"),
+        (
+            "plugin",
+            STRING,
+            "the plugin that defines the trial's objective, as JSON {module, file, sha256} (null: a built-in "
+            "objective)",
+            True,
+        ),
         ("ess_mean", FLOAT, "effective sample size of the k importance weights, mean over test images"),
         ("ess_median", FLOAT, "effective sample size of the k importance weights, median over test images"),
         ("pareto_k_above_0_7", FLOAT, "share of test images whose PSIS k̂ > 0.7 (NLL estimate unreliable)"),
@@ -173,6 +206,7 @@ RESULTS = Schema(
         ("ais_log_weight_sd_median", FLOAT, "median over images of the chains' log-weight SD (nats)"),
         ("ais_seconds", FLOAT, "AIS's wall clock (eval_seconds is the IS evaluation's)"),
     ),
+    parameters_after="k",
 )
 
 TRIALS = Schema(
@@ -231,7 +265,9 @@ def markdown() -> str:
             f"\n## {schema.file}\n\n{schema.about[0].upper()}{schema.about[1:]}; schema version {schema.version} "
             f"(`{schema.version_key}` in the file's metadata).\n\n| column | type | what it holds |\n|---|---|---|\n"
         )
-        parts.extend(f"| `{c.name}` | `{c.type}` | {c.description.replace('|', '&#124;')} |\n" for c in schema.columns)
+        parts.extend(
+            f"| `{c.name}` | `{c.type}` | {c.description.replace('|', '&#124;')} |\n" for c in schema.all_columns()
+        )
     return "".join(parts)
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from iwae_model.errors import IWAEError, exit_with
 
-from .cluster import check_gpus, init_ray
+from .cluster import check_gpus, init_ray, plugin_environment
 from .evaluation import evaluate_sweep
 from .folder import SweepFolderError, read_spec
 from .results import RESULTS_FILE
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         grids = load_grids(args.sweep_dir)
         filesystem, folder = filesystem_and_path(args.sweep_dir)
-        space, data_dir = read_spec(folder, filesystem)
+        space, data_dir = read_spec(folder, filesystem)  # it loads the plugins the trials' objectives need
     except SweepFolderError as error:
         exit_with(error)
     evaluation = replace(
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     space = replace(space, evaluation=evaluation)
     start = time.perf_counter()
     try:
-        init_ray(args.address)
+        init_ray(args.address, plugin_environment(space.plugins))
         check_gpus(0, args.eval_gpus if args.eval_gpus is not None else space.resources.eval_gpus)
         path, rows = evaluate_sweep(
             grids, folder, filesystem, space, data_dir, args.eval_gpus, args.eval_actors, keep=False

@@ -79,6 +79,7 @@ class EvaluationJob:
     metric: str  # the ranking metric the checkpoint was chosen by
     searched: tuple[str, ...]  # a search's drawn keys (for the trial's name)
     ais: AISSettings | None  # AIS after the IS estimate (None: off)
+    plugins: tuple[dict[str, str], ...]  # the sweep's (iwae_model.plugins records)
 
 
 def evaluation_job(
@@ -96,4 +97,5 @@ def evaluation_job(
         metric=space.metric,
         searched=tuple(sorted(space.search.distributions)) if space.search else (),
         ais=space.evaluation.ais,
+        plugins=space.plugins,
     )

@@ -18,6 +18,7 @@ from iwae_model.datasets import load_dataset
 from iwae_model.device import pin_float32
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import evaluate_model
+from iwae_model.plugins import load_recorded
 
 from .cluster import ray_device, this_node
 from .evaluation_jobs import EvaluationJob
@@ -35,6 +36,8 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
     torch.set_num_threads(job.threads)
     pin_float32()
     device = ray_device()
+    for record in job.plugins:
+        load_recorded(record, f"the evaluation of {job.uri}")
     with job.checkpoint.as_directory() as folder:  # on object storage: downloaded to /tmp
         try:
             model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, device)

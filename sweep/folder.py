@@ -9,6 +9,7 @@ import json
 from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError
+from iwae_model.plugins import PluginError
 
 from .space import SettingError, SweepSpace
 from .storage import write_whole
@@ -43,6 +44,8 @@ def read_spec(experiment_path: str, filesystem: pafs.FileSystem) -> tuple[SweepS
             f"{experiment_path}: no {SPEC_FILE}, so this is not a sweep folder made by python -m "
             f"sweep.run (pass <storage>/<name>)"
         ) from None
+    except PluginError as error:
+        raise SweepFolderError(f"{path}: {error}") from None
     except SettingError as error:
         raise SweepFolderError(
             f"{path}: {error}, a setting this version refuses; correct it in that file, or use the iwae-sweep "

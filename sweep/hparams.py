@@ -12,7 +12,6 @@ own HParams rows are never written (`ray_private.TrialCurves`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -21,7 +20,8 @@ from tensorboard.plugins.hparams.api_pb2 import Status
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams
 
-from iwae_model import TrainConfig
+from iwae_model.config import settings
+from iwae_model.objectives import OBJECTIVES
 
 from .tensorboard_files import events_written_to
 from .trainable import CURVE_TAGS
@@ -45,14 +45,11 @@ def hparam_rows(grids: list[list[tune.Result]]) -> tuple[dict[str, dict], list[s
     vary across them)."""
     results = [result for grid in grids for result in grid if result.metrics]
     configs = {trial_label(result): trial_config(result.config).to_dict() for result in results}
-    varying = [
-        field.name
-        for field in dataclasses.fields(TrainConfig)
-        if len({str(config[field.name]) for config in configs.values()}) > 1
-    ]
-    shown = [field.name for field in dataclasses.fields(TrainConfig) if field.name in (*ALWAYS_SHOWN, *varying)]
-    if any(config["objective"] == "ciwae" for config in configs.values()) and "beta" not in shown:
-        shown.append("beta")
+    names = [setting.name for setting in settings()]
+    varying = [name for name in names if len({str(config.get(name)) for config in configs.values()}) > 1]
+    # An objective's parameters wherever a trial trains that objective (CIWAE's beta).
+    own = {p.name for config in configs.values() for p in OBJECTIVES[config["objective"]].parameters}
+    shown = [name for name in names if name in (*ALWAYS_SHOWN, *varying, *own)]
     return {label: {key: _value(config[key]) for key in shown} for label, config in configs.items()}, varying
 
 

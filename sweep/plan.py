@@ -16,7 +16,7 @@ import heapq
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -25,6 +25,7 @@ import ray
 import torch
 
 from iwae_model import TrainConfig
+from iwae_model.config import parameters, settings
 from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.timing import (
     ais_seconds_per_image,
@@ -41,11 +42,11 @@ CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
 AIS_CALIBRATION_STEPS = 10  # AIS's time grows in proportion to its steps
 # Only the model, objective and estimator set the cost: a configuration is calibrated with these
-# fields as here, once for all the trials that differ only in them.
+# fields as here (and the objectives' parameters at their defaults: none changes a step's work),
+# once for all the trials that differ only in them.
 CALIBRATED_AS = {
     "seed": 0,
     "lr": TrainConfig.lr,
-    "beta": TrainConfig.beta,
     "adam_beta1": TrainConfig.adam_beta1,
     "adam_beta2": TrainConfig.adam_beta2,
     "adam_eps": TrainConfig.adam_eps,
@@ -59,7 +60,14 @@ CALIBRATED_AS = {
     "init_label": None,
     "init_optimizer": False,
 }
-COST_FIELDS = [f.name for f in fields(TrainConfig) if f.name not in CALIBRATED_AS]
+
+
+def calibrated_as() -> dict[str, Any]:
+    return {**CALIBRATED_AS, **{p.name: p.default for p in parameters().values()}}
+
+
+def cost_fields() -> list[str]:
+    return [s.name for s in settings() if s.name not in calibrated_as()]
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,8 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
     `resources.cpus_per_trial`) and estimate each trial and the evaluation."""
     threads = torch.get_num_threads()
     trial_threads = max(1, int(space.resources.cpus_per_trial))
-    calibrated: dict[tuple, TrainConfig] = {}  # by COST_FIELDS: a 20,000-trial grid has a handful
+    calibrated: dict[tuple, TrainConfig] = {}  # by cost_fields(): a 20,000-trial grid has a handful
+    cost_names, calibration = cost_fields(), calibrated_as()
     seconds: dict[tuple, float] = {}
 
     def timed(what: tuple, measure: Callable[[], float]) -> float:
@@ -151,9 +160,9 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         searched = list(space.search.distributions) if space.search else []
         trained = [] if space.init_from_sweep else trials  # --init-from-sweep: stage 1 exists
         for config in [*trained, *space.continued]:
-            cost = tuple(getattr(config, name) for name in COST_FIELDS)
+            cost = tuple(getattr(config, name) for name in cost_names)
             if cost not in calibrated:
-                calibrated[cost] = replace(config, **CALIBRATED_AS)
+                calibrated[cost] = replace(config, **calibration)
             key = calibrated[cost]
             step = timed(("step", key), partial(training_step_seconds, key, device, CALIBRATION_STEPS, warmup=3))
             per_image = timed(("bound", key), partial(bound_seconds_per_image, key, device))

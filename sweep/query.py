@@ -12,11 +12,13 @@ values drawn (sweep/study.py).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError, end_without_shutdown, exit_with
+from iwae_model.plugins import load_recorded
 
 from .compare import beside_results, comparison_text, load_per_image, select_one, where
 from .folder import SPEC_FILE, read_spec
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         frame = where(read_results(args.location).to_pandas(), args.where, "--where")
+        for record in {value for value in frame.get("plugin", []) if isinstance(value, str)}:
+            load_recorded(json.loads(record), f"{args.location}: its rows' objective")  # for the tables' columns
         if frame.empty:
             raise ResultsError(f"{args.location}: no rows match {' '.join(args.where)}")
         if args.compare:

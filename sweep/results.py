@@ -28,6 +28,7 @@ from iwae_model import TrainConfig
 from iwae_model.ais import AISComparison
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation, comparable_to_papers
+from iwae_model.plugins import source_of
 
 from . import columns
 from .storage import filesystem_and_path, write_whole
@@ -35,7 +36,6 @@ from .storage import filesystem_and_path, write_whole
 RESULTS_FILE = columns.RESULTS.file
 PER_IMAGE_FILE = columns.PER_IMAGE.file
 TRIALS_FILE = columns.TRIALS.file
-SCHEMA = columns.RESULTS.arrow()
 TRIALS_SCHEMA = columns.TRIALS.arrow()
 PER_IMAGE_SCHEMA = columns.PER_IMAGE.arrow()
 
@@ -58,7 +58,7 @@ class EvaluationRecord:
 
 
 def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison | None) -> dict[str, Any]:
-    """The results.parquet row (SCHEMA) of one evaluated checkpoint, with its AIS figures if any."""
+    """The results.parquet row (columns.RESULTS) of one evaluated checkpoint, with its AIS figures if any."""
     config, state, nodes = record.config, record.state, record.nodes
     last = state["history"][-1]
     snr_row = next((row for row in reversed(state["history"]) if row.get("snr")), None)
@@ -70,7 +70,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
         "objective": config.objective,
         "m": config.m,
         "k": config.k,
-        "beta": config.beta,
+        **dict(config.params),
         "layers": config.layers,
         "estimator": config.estimator,
         "seed": config.seed,
@@ -101,6 +101,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
         "project_version": iwae_model.__version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
         "config": json.dumps(config.to_dict()),
+        "plugin": json.dumps(plugin) if (plugin := source_of(config.objective)) else None,
         "ess_mean": result.ess_mean,
         "ess_median": result.ess_median,
         "pareto_k_above_0_7": result.pareto_k_above,
@@ -259,7 +260,7 @@ def merge_trials(rows: list[dict[str, Any]], folder: str, filesystem: pafs.FileS
 
 
 def write_results(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:
-    write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path, filesystem)
+    write_table(pa.Table.from_pylist(rows, schema=columns.RESULTS.arrow()), path, filesystem)
 
 
 def write_trials(rows: list[dict[str, Any]], path: str, filesystem: pafs.FileSystem) -> None:
@@ -356,7 +357,7 @@ def _check_readable(table: pa.Table) -> None:
 
 
 def _require_columns(location: str, table: pa.Table, schema: columns.Schema) -> None:
-    missing = [c.name for c in schema.columns if c.name not in table.schema.names]
+    missing = [c.name for c in schema.columns if c.name not in table.schema.names and not c.optional]
     if missing:
         raise ResultsError(
             f"{location}: schema version {schema.version} but columns {missing} are missing; the file "

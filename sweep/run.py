@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pyarrow import fs as pafs
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -31,8 +32,9 @@ from iwae_model.data import default_data_dir
 from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError, exit_with
 from iwae_model.files import WriteError
+from iwae_model.plugins import add_plugin_flag, load_flagged_plugins
 
-from .cluster import check_gpus, check_storage_shared, init_ray, storage_marker
+from .cluster import check_gpus, check_storage_shared, init_ray, plugin_environment, storage_marker
 from .evaluation import evaluate_sweep
 from .evaluation_callback import EvaluateAsTrialsFinish
 from .evaluation_jobs import best_checkpoint, checkpoint_uri
@@ -54,6 +56,7 @@ from .space import (
     is_folder_name,
     load_space,
     parse_tracker,
+    resolve_space_path,
     shipped_spaces,
 )
 from .storage import check_space, clean_partial_files, filesystem_and_path
@@ -141,6 +144,8 @@ def build_tuner(stage: Stage, options: StageOptions) -> tune.Tuner:
             "init_checkpoint": tune.sample_from(lambda spec: parents[trial_label(spec)]) if parents else None,
             # A local-path storage's marker, checked by each trial on the node it lands on.
             "storage_marker": options.marker,
+            # The plugins defining objectives, each loaded (and checked unchanged) by the trial.
+            "plugins": list(space.plugins),
         },
         tune_config=tune.TuneConfig(
             metric=space.metric,
@@ -345,7 +350,7 @@ def run_sweep(
         if resume:
             space, data_dir = resumed_space(space, asha, experiment, filesystem, trust)
         check_tracker(space.tracker, storage)
-        init_ray(address)
+        init_ray(address, plugin_environment(space.plugins))
         marker = storage_marker(experiment, filesystem)
         check_storage_shared(marker)  # before the spec, so a refused sweep can start again under its name
         check_gpus(space.resources.gpus_per_trial, space.resources.eval_gpus, wait_for_gpus)
@@ -402,6 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"a search-space YAML file, or the name of one in search_spaces/ ({', '.join(shipped_spaces())})",
     )
     parser.add_argument("--name", help="the sweep's folder name under --storage (default: the space file's name)")
+    add_plugin_flag(parser)
     parser.add_argument(
         "--storage",
         default="sweeps",
@@ -482,13 +488,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resumed_plugins(args: argparse.Namespace) -> None:
+    """On --resume: load the plugins the sweep was started with, from its spec (checked unchanged),
+    before its space file, whose experiments may use their objectives, is read."""
+    try:
+        raw = yaml.safe_load(resolve_space_path(args.space).read_text(encoding="utf-8"))
+    except (SpaceError, OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # load_space names the problem
+    name = args.name or (raw.get("name") if isinstance(raw, dict) else None) or Path(args.space).stem
+    filesystem, root = filesystem_and_path(storage_location(args.storage))
+    experiment = f"{root.rstrip('/')}/{name}"
+    if filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File:
+        read_spec(experiment, filesystem)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Tune's newer console output prints a header (with a TensorBoard path into Ray's session
     # folder, not the sweep's) even when silenced; the classic one is silent at verbose=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
+        if args.resume:
+            resumed_plugins(args)
+        flagged = [plugin.record() for plugin in load_flagged_plugins(argv)]
         space = load_space(args.space)
+        space = replace(space, plugins=tuple({r["module"]: r for r in (*space.plugins, *flagged)}.values()))
         overrides = {
             key: getattr(args, key)
             for key in ("cpus_per_trial", "gpus_per_trial", "eval_gpus")

@@ -4,6 +4,8 @@ Format (every section but `experiments` is optional; defaults below):
 
     name: quick                   # the sweep's folder name under --storage
     description: free text
+    plugins: [my_bounds.py]       # optional: your own objectives, .py files relative to this file
+                                  # or module names (as sweep.run --plugin; docs/plugins.md)
     experiments:                  # a list of grids; the sweep is the union of their products
       - objective: [vae, iwae]    # a list is a grid axis, a scalar a constant
         k: [1, 5]
@@ -45,7 +47,8 @@ Format (every section but `experiments` is optional; defaults below):
         - from: {objective: vae, k: 1}      # from its best checkpoint (by the ranking metric)
           to: {objective: iwae, k: 50}
 
-Experiment keys: objective, k, m, mk, beta, layers, estimator, plus any `training` key.
+Experiment keys: objective, k, m, mk, layers, estimator, the objectives' parameters (CIWAE's
+beta, VR's alpha, a plugin's own), plus any `training` key.
 
 A search (instead of only grids): any trial or training key, in `experiments` or `training`,
 may be a distribution instead of a constant or a grid list, and a `search` section says how
@@ -92,9 +95,12 @@ import yaml
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.ais import STARTS, TUNING_CHAINS
+from iwae_model.config import parameters, settings
 from iwae_model.datasets import SPLIT_SIZES
 from iwae_model.errors import IWAEError
 from iwae_model.likelihood import default_image_batch
+from iwae_model.objectives import OBJECTIVES
+from iwae_model.plugins import PluginError, load_plugin, load_recorded
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # the checkout's search_spaces/, linked
 DEFAULT_SPACE = "quick"
@@ -105,22 +111,34 @@ def shipped_spaces() -> list[str]:
     return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
 
 
-TRIAL_KEYS = ("objective", "k", "m", "beta", "layers", "estimator")
-# init_* are set by a `continue` section, never by hand: a sweep's parents are its own trials.
-TRAINING_KEYS = tuple(
-    f.name
-    for f in dataclasses.fields(TrainConfig)
-    if f.name not in (*TRIAL_KEYS, "seed") and not f.name.startswith("init_")
-)
+def trial_keys() -> tuple[str, ...]:
+    """What an experiment's grid says of a trial: the objective, its samples and parameters
+    (every registered objective's: plugins add theirs), the model and estimator."""
+    return ("objective", "k", "m", *parameters(), "layers", "estimator")
+
+
+def training_keys() -> tuple[str, ...]:
+    """The other training settings, shared by a file's trials under `training`. init_* are set
+    by a `continue` section, never by hand: a sweep's parents are its own trials."""
+    trial = trial_keys()
+    return tuple(s.name for s in settings() if s.name not in (*trial, "seed") and not s.name.startswith("init_"))
+
+
+def likelihood_key(config: TrainConfig) -> tuple:
+    """What makes two trials' own bounds incomparable: objective, K, M and the objective's own
+    parameters (CIWAE's beta mixes two bounds)."""
+    own = tuple(getattr(config, p.name) for p in OBJECTIVES[config.objective].parameters)
+    return (config.objective, config.k, config.m, *own)
+
+
 AIS_SECTION = {"steps": int, "images": (int, type(None)), "chains": int, "start": str}
 AIS_IMAGES = 100  # evaluation.ais.images unless given (or evaluation.images if fewer), as evaluate's --ais-images
 SEARCH_SECTION = {"algorithm": str, "samples": int, "max_concurrent": int, "seed": int, "asha": bool}
 ALGORITHMS = ("random", "optuna")
 RANGES = {"uniform": float, "loguniform": float, "randint": int, "lograndint": int}  # the kind of key each takes
 DISTRIBUTIONS = (*RANGES, "choice")
-# Trials that can differ in these (their bounds differ) are ranked by valid_ll, never by their
+# Trials that differ in likelihood_key (their bounds differ) are ranked by valid_ll, never by their
 # own bounds. FAIR_K is that estimate's k (docs/search.md: the k=5000 order at a fifth of its cost).
-RANKED_BY_LIKELIHOOD = ("objective", "k", "m", "beta")  # beta: CIWAE's bound mixes two bounds
 FAIR_K = 1000
 STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
 BEST_MODES = ("each", "top")
@@ -228,7 +246,18 @@ SECTIONS = {
     name: {f.name: f.metadata["types"] for f in fields(cls)}
     for name, cls in (("evaluation", EvaluationSettings), ("resources", Resources), ("checkpoints", Checkpoints))
 }
-TOP_LEVEL = {"name", "description", "experiments", "mk_product", "seeds", "training", "continue", "search", "tracker"}
+TOP_LEVEL = {
+    "name",
+    "description",
+    "plugins",
+    "experiments",
+    "mk_product",
+    "seeds",
+    "training",
+    "continue",
+    "search",
+    "tracker",
+}
 TOP_LEVEL.update(SECTIONS)
 
 
@@ -296,6 +325,9 @@ class SweepSpace:
     asha: bool = False
     # "mlflow", "mlflow=URI" or "wandb" (sweep.trackers); fixed when the sweep starts.
     tracker: str | None = None
+    # The plugins defining its objectives (iwae_model.plugins records: module, file, SHA-256),
+    # shipped to every Ray node and checked unchanged on resume.
+    plugins: tuple[dict[str, str], ...] = ()
 
     @property
     def early_stopped(self) -> bool:
@@ -305,9 +337,10 @@ class SweepSpace:
     @property
     def ranked_by_likelihood(self) -> bool:
         """Whether trials ranked against each other (a search, ASHA, `best: top`) can differ in
-        objective, K, M or beta, whose bounds are not comparable."""
-        differ = len({(t.objective, t.k, t.m, t.beta) for t in self.trials}) > 1 or bool(
-            self.search and set(self.search.distributions) & set(RANKED_BY_LIKELIHOOD)
+        objective, K, M or the objective's parameters, whose bounds are not comparable."""
+        ranked = {"objective", "k", "m", *parameters()}
+        differ = len({likelihood_key(t) for t in self.trials}) > 1 or bool(
+            self.search and set(self.search.distributions) & ranked
         )
         return differ and (self.search is not None or self.asha or self.evaluation.best == "top")
 
@@ -347,10 +380,16 @@ class SweepSpace:
             "search": self.search.to_dict() if self.search else None,
             "asha": self.asha,
             "tracker": self.tracker,
+            "plugins": list(self.plugins),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SweepSpace:
+        """The space a sweep's spec recorded; its plugins loaded first (their objectives are its
+        trials'), each refused if its code changed since."""
+        plugins = tuple(d.get("plugins", ()))
+        for record in plugins:
+            load_recorded(record, "the sweep's spec")
         return cls(
             name=d["name"],
             source=d["source"],
@@ -364,6 +403,7 @@ class SweepSpace:
             search=Search.from_dict(d["search"]) if d.get("search") else None,
             asha=d.get("asha", False),
             tracker=parse_tracker(d["tracker"], "tracker") if d.get("tracker") is not None else None,
+            plugins=plugins,
         )
 
 
@@ -417,6 +457,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
     name = raw.get("name", Path(source).stem)
     if not is_folder_name(name):
         raise fail("name", f"{name!r}: {FOLDER_NAME_RULE}")
+    plugins = _plugins(raw.get("plugins", []), Path(source).parent, fail)
 
     sections = {}
     for section, schema in SECTIONS.items():
@@ -441,11 +482,12 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
 
     training = raw.get("training")
     training = {} if training is None else training
+    training_allowed = training_keys()
     if not isinstance(training, dict):
-        raise fail("training", f"expected a mapping of TrainConfig fields ({', '.join(TRAINING_KEYS)})")
+        raise fail("training", f"expected a mapping of TrainConfig fields ({', '.join(training_allowed)})")
     for key in training:
-        if key not in TRAINING_KEYS:
-            raise fail(f"training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+        if key not in training_allowed:
+            raise fail(f"training.{key}", f"unknown key; allowed: {', '.join(training_allowed)}")
     distributions: dict[str, tuple[str, Distribution]] = {}  # key: (where, distribution)
     training = _take_distributions(training, "training", distributions, fail)
     seeds = raw.get("seeds", [0])
@@ -489,10 +531,22 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         continued=continued,
         search=search,
         tracker=None if raw.get("tracker") is None else parse_tracker(raw["tracker"], f"{source}: tracker"),
+        plugins=plugins,
     ).measuring_rank()
     _check_ais_images(space)
     check_memory(space)
     return space
+
+
+def _plugins(specs: Any, folder: Path, fail) -> tuple[dict[str, str], ...]:
+    """Load the `plugins` a space file names (before its experiments, which may use their
+    objectives) and return their records."""
+    if not isinstance(specs, list) or not all(isinstance(s, str) and s for s in specs):
+        raise fail("plugins", f"{specs!r}: expected a list of .py files (relative to this file) or module names")
+    try:
+        return tuple(load_plugin(spec, folder).record() for spec in specs)
+    except PluginError as error:
+        raise fail("plugins", str(error)) from None
 
 
 def _ais(section: dict | None, evaluated: int | None, fail) -> AISSettings | None:
@@ -546,12 +600,10 @@ def _check_ais_images(space: SweepSpace) -> None:
             )
 
 
-# The numeric TrainConfig fields, by kind (their annotations are strings: `from __future__`).
-_NUMBER_KEYS = {
-    f.name: {"int": int, "int | None": int, "float": float}[f.type]
-    for f in dataclasses.fields(TrainConfig)
-    if f.type in ("int", "int | None", "float")
-}
+def _number_keys() -> dict[str, type]:
+    """The numeric training settings, by kind (their annotations are strings: `from __future__`)."""
+    kinds = {"int": int, "int | None": int, "float": float}
+    return {s.name: kinds[s.type] for s in settings() if s.type in kinds}
 
 
 def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, Distribution]], fail) -> dict:
@@ -562,11 +614,12 @@ def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, D
             plain[key] = value
             continue
         here = f"{where}.{key}"
-        if key not in (*TRIAL_KEYS, *TRAINING_KEYS):
+        searchable = (*trial_keys(), *training_keys())
+        if key not in searchable:
             raise fail(
                 here,
                 f"{value!r}: only trial and training keys can be searched "
-                f"({', '.join((*TRIAL_KEYS, *TRAINING_KEYS))}); give m and k their own distributions",
+                f"({', '.join(searchable)}); give m and k their own distributions",
             )
         if key in found:
             raise fail(
@@ -586,7 +639,7 @@ def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, D
                 + (" of choices" if kind == "choice" else ", [low, high]"),
             )
         if kind in RANGES:
-            expected, number = RANGES[kind], _NUMBER_KEYS.get(key)
+            expected, number = RANGES[kind], _number_keys().get(key)
             if number is not expected:
                 takes = {
                     int: "an integer: randint, lograndint or choice",
@@ -684,8 +737,8 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     if not isinstance(training, dict):
         raise fail("continue.training", "expected a mapping of TrainConfig fields")
     for key, value in training.items():
-        if key not in TRAINING_KEYS:
-            raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(TRAINING_KEYS)}")
+        if key not in training_keys():
+            raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(training_keys())}")
         if isinstance(value, dict):
             raise fail(
                 f"continue.training.{key}",
@@ -707,10 +760,10 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
             raise fail(where, "expected {from: {objective: vae, k: 1}, to: {objective: iwae, k: 50}}")
         for side in ("from", "to"):
             for key in switch[side]:
-                if key not in (*TRIAL_KEYS, "seed", *TRAINING_KEYS):
+                if key not in (*trial_keys(), "seed", *training_keys()):
                     raise fail(
                         f"{where}.{side}.{key}",
-                        f"unknown key; allowed: {', '.join((*TRIAL_KEYS, 'seed'))} and training keys",
+                        f"unknown key; allowed: {', '.join((*trial_keys(), 'seed'))} and training keys",
                     )
         parents = [t for t in trials if all(getattr(t, k) == v for k, v in switch["from"].items())]
         if not parents:
@@ -722,9 +775,13 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
                     f"first-stage trials share the label {parent.label()!r} (they differ only "
                     f"in a training setting), so a second stage cannot name its parent",
                 )
+            inherited = parent.to_dict()
+            if "objective" in switch["to"] and "estimator" not in switch["to"]:
+                if parent.estimator == OBJECTIVES[parent.objective].default_estimator:
+                    inherited["estimator"] = None  # the new objective's own (RWS trains by wake)
             child = _config(
                 {
-                    **parent.to_dict(),
+                    **inherited,
                     **training,
                     **switch["to"],
                     "init_from": STAGE_1 + parent.label(),
@@ -747,7 +804,7 @@ def _config(values: dict, where: str, shown: dict, fail) -> TrainConfig:
 
 
 def _expand(grid: dict, where: str, mk_product: int | None, fail) -> list[dict]:
-    allowed = (*TRIAL_KEYS, "mk", *TRAINING_KEYS)
+    allowed = (*trial_keys(), "mk", *training_keys())
     axes = {}
     for key, value in grid.items():
         if key not in allowed:

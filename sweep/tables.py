@@ -18,7 +18,9 @@ from importlib import resources
 import pandas as pd
 import yaml
 
+from iwae_model.config import parameters
 from iwae_model.importance import PARETO_K_THRESHOLD
+from iwae_model.objectives import OBJECTIVES
 
 from .compare import difference, mean_image_nll
 from .results import TRIALS_SCHEMA, ResultsError
@@ -30,15 +32,21 @@ DATASET_TITLES = {
     "omniglot": "Omniglot, dynamically binarized (Burda et al. Table 1)",
     "binarized_mnist": "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)",
 }
-COLUMN_ORDER = ["vae", "iwae", "miwae", "ciwae", "piwae"]
 
 
 def variant(row: pd.Series) -> str:
-    """The column a result belongs to: the objective, plus beta or estimator when they matter."""
+    """The column a result belongs to: the objective, with its parameters (CIWAE's beta) and its
+    estimator where not the objective's own."""
+    objective = OBJECTIVES.get(row["objective"])
+    if objective is None:
+        raise ResultsError(
+            f"results of objective {row['objective']!r}, which no loaded module defines: pass the plugin that "
+            f"defines it (--plugin FILE)"
+        )
     name = row["objective"].upper()
-    if row["objective"] == "ciwae":
-        name += f"(β={row['beta']:g})"
-    if row["estimator"] != "reparam":
+    if objective.parameters:
+        name += f"({', '.join(f'{p.symbol or p.name}={row[p.name]:g}' for p in objective.parameters)})"
+    if row["estimator"] != objective.default_estimator:
         name += f"+{row['estimator'].upper()}"
     return name
 
@@ -47,7 +55,7 @@ def other_settings(frame: pd.DataFrame) -> pd.Series:
     """Training settings beyond the table's own axes that differ between rows (e.g. lr), as a
     suffix of the column name, so that only seeds of one configuration are ever averaged."""
     configs = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
-    shown = {"dataset", "objective", "m", "k", "beta", "layers", "estimator", "seed"}
+    shown = {"dataset", "objective", "m", "k", "layers", "estimator", "seed", *parameters()}
     varying = [c for c in configs.columns if c not in shown and configs[c].astype(str).nunique() > 1]
     if not varying:
         return pd.Series("", index=frame.index)
@@ -161,7 +169,7 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
     reference = reference_values()[["dataset", *KEY, "variant", "paper", "nll"]].rename(columns={"nll": "paper_nll"})
     summary = summary.merge(reference, on=["dataset", *KEY, "variant"], how="left")
     summary["difference"] = summary["test_nll"] - summary["paper_nll"]
-    order = {name.upper(): i for i, name in enumerate(COLUMN_ORDER)}
+    order = {name.upper(): i for i, name in enumerate(OBJECTIVES)}
     summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
     summary["_dataset"] = summary["dataset"].map(lambda d: list(DATASET_TITLES).index(d))
     return (

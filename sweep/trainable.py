@@ -25,6 +25,7 @@ from iwae_model.data import DataError
 from iwae_model.datasets import MIRRORS_VARIABLES, load_dataset
 from iwae_model.device import device_record, pin_float32
 from iwae_model.files import held_folder, remove_abandoned_folders, write_atomically
+from iwae_model.plugins import load_recorded
 from iwae_model.training import TrainingRun
 
 from .cluster import gpus_advertised_only, ray_device, this_node, verify_storage_marker
@@ -118,10 +119,13 @@ def train_trial(config: dict[str, Any]) -> None:
     """Ray Tune entry point. `config`: {"train": TrainConfig dict, "search": the values a search
     drew (replacing train's; absent in a grid), "data_dir": absolute path,
     "checkpoint_every": passes, "init_checkpoint": the parent's checkpoint of a stage-2 trial (else
-    None), "storage_marker": the sweep folder's marker on a local-path storage, else None}."""
+    None), "storage_marker": the sweep folder's marker on a local-path storage, else None,
+    "plugins": the records of the plugins defining objectives}."""
     quiet_checkpoint_logging()
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
         verify_storage_marker(config["storage_marker"])
+    for record in config.get("plugins") or []:
+        load_recorded(record, "this trial")
     train_config = trial_config(config)
     pin_float32()
     device = ray_device()

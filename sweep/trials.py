@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import CheckpointError
+from iwae_model.objectives import OBJECTIVES
 
 from .results import search_columns
 from .space import SweepSpace
@@ -18,7 +19,8 @@ from .space import SweepSpace
 if TYPE_CHECKING:
     from ray import tune
 
-# The keys TrainConfig.label() shows (beta too, for CIWAE): a search's label adds the others it draws.
+# The keys TrainConfig.label() shows (and the objective's own parameters): a search's label adds
+# the others it draws.
 LABELLED = ("dataset", "objective", "layers", "m", "k", "estimator", "seed")
 NODES_FILE = "nodes.json"  # in each checkpoint: every node the trial ran on, from which pass, on which device
 
@@ -35,9 +37,8 @@ def trial_name(config: TrainConfig, searched: Iterable[str], trial_id: str | Non
     label = config.label()
     if not searched:
         return label
-    drawn = [
-        key for key in sorted(searched) if key not in LABELLED and not (key == "beta" and config.objective == "ciwae")
-    ]
+    own = {p.name for p in OBJECTIVES[config.objective].parameters}
+    drawn = [key for key in sorted(searched) if key not in (*LABELLED, *own)]
     label += "".join(f"_{key}{_short(getattr(config, key))}" for key in drawn)
     if not trial_id:
         return label

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pyarrow import fs as pafs
 
+from sweep.columns import RESULTS
 from sweep.compare import CompareError, difference
-from sweep.results import SCHEMA, per_image_table, write_results, write_table
+from sweep.results import per_image_table, write_results, write_table
 
 
 def test_paired_and_unpaired_standard_errors():
@@ -27,7 +28,7 @@ def test_paired_and_unpaired_standard_errors():
 
 
 def rows(evaluation_id="e1", images=3):
-    base = dict.fromkeys(SCHEMA.names)
+    base = dict.fromkeys(RESULTS.arrow().names)
     return [
         {
             **base,

@@ -16,8 +16,9 @@ from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
 from iwae_model.files import umask
 from iwae_model.training import train
+from sweep.columns import RESULTS
 from sweep.folder import read_spec
-from sweep.results import SCHEMA, read_results
+from sweep.results import read_results
 from sweep.space import parse_space
 from sweep.storage import filesystem_and_path
 
@@ -95,8 +96,9 @@ def test_killed_while_writing_results_parquet(tmp_path):
         KILLING_FILESYSTEM
         + f"""
 from pyarrow import fs as pafs
-from sweep.results import SCHEMA, write_results
-row = dict.fromkeys(SCHEMA.names)
+from sweep.columns import RESULTS
+from sweep.results import write_results
+row = dict.fromkeys(RESULTS.arrow().names)
 write_results([{{**row, "trial_name": "before"}}], {path!r}, pafs.LocalFileSystem())
 write_results([{{**row, "trial_name": "after"}}], {path!r}, killing)
 """
@@ -104,7 +106,7 @@ write_results([{{**row, "trial_name": "after"}}], {path!r}, killing)
     assert read_results(path).column("trial_name").to_pylist() == ["before"]
     (unrenamed,) = (tmp_path / "results").glob(".tmp-*.parquet")
     table = pq.read_table(unrenamed)
-    assert table.schema.equals(SCHEMA) and table.column("trial_name").to_pylist() == ["after"]
+    assert table.schema.equals(RESULTS.arrow()) and table.column("trial_name").to_pylist() == ["after"]
 
 
 def test_killed_while_writing_the_sweep_spec(tmp_path):

@@ -21,11 +21,12 @@ from ray import tune
 
 from iwae_model.checkpoint import save_checkpoint
 from iwae_model.files import WriteError, held_folder, remove_abandoned_folders, write_atomically
+from sweep.columns import RESULTS
 from sweep.evaluation_callback import EvaluateAsTrialsFinish
 from sweep.evaluation_registry import IN_THIS_DRIVER
 from sweep.folder import write_spec
 from sweep.live import LiveView
-from sweep.results import PER_IMAGE_SCHEMA, SCHEMA, read_evaluated, read_results, write_results, write_table
+from sweep.results import PER_IMAGE_SCHEMA, read_evaluated, read_results, write_results, write_table
 from sweep.space import parse_space
 from sweep.storage import StorageFull, check_space, clean_partial_files, filesystem_and_path
 
@@ -56,7 +57,7 @@ def test_a_parquet_file_too_large_for_the_disk_raises_and_keeps_the_previous_one
     # Before: write_table returned, and results.parquet was 1,044,480 bytes without its footer.
     filesystem = filesystem_and_path(str(disk))[0] if kind == "sweep storage" else pafs.LocalFileSystem()
     path = f"{disk}/sweep/results/results.parquet"
-    write_results([{**dict.fromkeys(SCHEMA.names), "trial_name": "before"}], path, filesystem)
+    write_results([{**dict.fromkeys(RESULTS.arrow().names), "trial_name": "before"}], path, filesystem)
     large = pa.table({"x": np.random.default_rng(0).random(300_000)})  # 2.4 MB of incompressible floats
     with pytest.raises(WriteError) as error:
         write_table(large, path, filesystem)
@@ -114,7 +115,7 @@ def test_a_trial_that_found_the_storage_full_stops_the_sweep_with_what_to_do(loc
 def evaluated(trial: str) -> tuple[dict, dict]:
     """A finished evaluation's (results row, per-image columns), as an evaluation task returns them."""
     row = {
-        **dict.fromkeys(SCHEMA.names),
+        **dict.fromkeys(RESULTS.arrow().names),
         "trial_id": trial,
         "trial_name": f"vae_{trial}",
         "evaluation_id": f"evaluation_{trial}",

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from iwae_model import TrainConfig
 from iwae_model.likelihood import log_likelihood
 from iwae_model.models import build_model
 from iwae_model.objectives import (
@@ -16,6 +17,8 @@ from iwae_model.objectives import (
     IWAE,
     MIWAE,
     PIWAE,
+    RWS,
+    VR,
     build_estimator,
     build_objective,
 )
@@ -55,7 +58,7 @@ def test_build_objective_names_and_errors():
 def test_dreg_refuses_two_layers_with_a_clear_error():
     with pytest.raises(ValueError, match="estimator='dreg' with layers=2.*Bauer & Mnih"):
         build_estimator("dreg", 2)
-    assert build_estimator("stl", 2).stop_q_params
+    assert build_estimator("stl", 2).sampling_options == {"stop_q_params": True}
     with pytest.raises(ValueError, match="estimator='score'"):
         build_estimator("score", 1)
 
@@ -189,8 +192,8 @@ def encoder_gradient_samples(model, objective, estimator_name, x, groups, genera
     samples = []
     for _ in range(groups):
         model.zero_grad(set_to_none=True)
-        log_w = model.log_weights(x, objective.num_samples, generator, stop_q_params=estimator.stop_q_params)
-        estimator.surrogate(objective, log_w).backward(params, model.decoder_parameters())
+        log_w = model.log_weights(x, objective.num_samples, generator, **estimator.sampling_options)
+        objective.surrogate(log_w, estimator_name).backward(params, model.decoder_parameters())
         samples.append(torch.cat([p.grad.flatten() for p in params]) / len(x))
     return torch.stack(samples)
 
@@ -243,8 +246,8 @@ def test_decoder_gradient_is_the_exact_gradient_under_every_estimator(small_mode
     for name in ("reparam", "stl", "dreg"):
         estimator = build_estimator(name, 1)
         model.zero_grad(set_to_none=True)
-        log_w = model.log_weights(x, 8, torch.Generator().manual_seed(0), stop_q_params=estimator.stop_q_params)
-        estimator.surrogate(IWAE(8), log_w).backward(model.encoder_parameters(), model.decoder_parameters())
+        log_w = model.log_weights(x, 8, torch.Generator().manual_seed(0), **estimator.sampling_options)
+        IWAE(8).surrogate(log_w, name).backward(model.encoder_parameters(), model.decoder_parameters())
         grads[name] = torch.cat([p.grad.flatten() for p in model.decoder_parameters()])
     assert torch.allclose(grads["reparam"], grads["stl"]) and torch.allclose(grads["reparam"], grads["dreg"])
 
@@ -252,12 +255,11 @@ def test_decoder_gradient_is_the_exact_gradient_under_every_estimator(small_mode
 def test_piwae_trains_encoder_on_miwae_and_decoder_on_iwae_mk(small_model_and_x):
     model, x = small_model_and_x
     x = x[:50]
-    estimator = build_estimator("reparam", 1)
 
     def grads(objective):
         model.zero_grad(set_to_none=True)
         log_w = model.log_weights(x, 12, torch.Generator().manual_seed(0))
-        estimator.surrogate(objective, log_w).backward(model.encoder_parameters(), model.decoder_parameters())
+        objective.surrogate(log_w, "reparam").backward(model.encoder_parameters(), model.decoder_parameters())
         return (
             torch.cat([p.grad.flatten() for p in model.encoder_parameters()]),
             torch.cat([p.grad.flatten() for p in model.decoder_parameters()]),
@@ -268,3 +270,74 @@ def test_piwae_trains_encoder_on_miwae_and_decoder_on_iwae_mk(small_model_and_x)
     _, iwae_dec = grads(IWAE(12))
     assert torch.allclose(piwae_enc, miwae_enc) and torch.allclose(piwae_dec, iwae_dec)
     assert not torch.allclose(miwae_enc, grads(IWAE(12))[0])
+
+
+# ---- the VR (Renyi) bound and reweighted wake-sleep ---------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(log_w=log_weight_arrays, offset=st.sampled_from([0.0, -5000.0]))
+def test_vr_is_iwae_at_alpha_0_the_elbo_near_1_and_falls_with_alpha(log_w, offset):
+    log_w = (log_w + offset).double()
+    iwae, elbo = IWAE(24).bound(log_w), ELBO(24).bound(log_w)
+    assert torch.allclose(VR(0.0, 24).bound(log_w), iwae, rtol=0, atol=1e-9)
+    assert torch.allclose(VR(1.0, 24).bound(log_w), elbo, rtol=0, atol=1e-9)
+    # 1/(1-a) (log mean w^(1-a)) - mean log w is O(1-a) * the spread of log w (up to 120 here).
+    assert torch.allclose(VR(1 - 1e-6, 24).bound(log_w), elbo, rtol=0, atol=1e-2)
+    alphas = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0]
+    values = torch.stack([VR(a, 24).bound(log_w) for a in alphas])
+    # A power mean falls with its order (1 - alpha): the bound never rises as alpha grows.
+    assert (values.diff(dim=0) <= 1e-9 * (1 + abs(offset))).all()
+    assert torch.isfinite(VR(0.5, 24).bound(log_w.float())).all()
+
+
+def test_vr_gradient_weighs_log_weights_by_powered_self_normalised_weights():
+    log_w = (torch.randn(16, 5, dtype=torch.float64) * 4).requires_grad_()
+    VR(0.3, 16).bound(log_w).sum().backward()
+    expected = torch.softmax(0.7 * log_w.detach(), dim=0)  # w^(1-a) / sum_j w_j^(1-a)
+    assert torch.allclose(log_w.grad, expected)
+
+
+def test_vr_and_rws_refuse_estimators_they_do_not_support():
+    with pytest.raises(ValueError, match="estimator='dreg': objective 'vr' supports reparam, stl"):
+        TrainConfig(objective="vr", estimator="dreg")
+    with pytest.raises(ValueError, match="objective 'rws' supports wake"):
+        TrainConfig(objective="rws", estimator="reparam")
+    assert TrainConfig(objective="rws").estimator == "wake" and TrainConfig(objective="vr").estimator == "reparam"
+    assert TrainConfig(objective="vr", alpha=0.25).label() == "vr_L1_M1_K5_a0.25_s0"
+    assert TrainConfig(objective="rws", k=8).label() == "rws_L1_M1_K8_s0"
+    with pytest.raises(ValueError, match="alpha=1.5: must be a number in \\[0, 1\\]"):
+        TrainConfig(objective="vr", alpha=1.5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_rws_trains_the_encoder_by_wake_phi_and_the_decoder_by_iwae(layers):
+    torch.manual_seed(4)
+    sizes = {1: ([2], [8]), 2: ([3, 2], [8, 6])}[layers]
+    model = build_model(layers, *sizes, x_dim=10).double()
+    x = random_binary(6, 10, seed=3).double()
+    noise = model.draw_noise(7, len(x), torch.Generator().manual_seed(0))
+    for n in noise:
+        n.data = n.double()
+    encoder, decoder = model.encoder_parameters(), model.decoder_parameters()
+
+    def gradients(loss, params):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    rws = RWS(7).surrogate(model.log_weights(x, noise=noise, detach_samples=True), "wake")
+    # Independently: the samples as plain numbers, log q from torch.distributions with live
+    # parameters, the IWAE weights of those samples as constants.
+    h, log_q = x, 0
+    with torch.no_grad():
+        latents, _ = model.sample_q(x, noise=noise)
+    for encoder_layer, fixed in zip(model.encoders, latents):
+        mean, log_std = encoder_layer(h)
+        log_q = log_q + torch.distributions.Normal(mean, log_std.exp()).log_prob(fixed).sum(-1)
+        h = fixed
+    with torch.no_grad():
+        weights = torch.softmax(model.log_joint(x, latents) - log_q, dim=0)
+    wake_phi = (weights * log_q).sum()  # ascended: sum_k w~_k log q(h_k | x)
+    assert torch.allclose(gradients(rws.encoder_loss, encoder), -gradients(wake_phi, encoder))
+    iwae = IWAE(7).surrogate(model.log_weights(x, noise=noise), "reparam")
+    assert torch.allclose(gradients(rws.decoder_loss, decoder), gradients(iwae.decoder_loss, decoder))
+    assert torch.allclose(rws.decoder_loss, iwae.decoder_loss)  # its reported bound is IWAE_K

@@ -10,15 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from sweep import columns
-from sweep.results import SCHEMA, ResultsError, read_results, write_results
+from sweep.columns import RESULTS
+from sweep.results import ResultsError, read_results, write_results
 
 
 def good_rows():
-    return [{**dict.fromkeys(SCHEMA.names), "trial_name": "iwae_L1_M1_K5_s0", "objective": "iwae"}]
+    return [{**dict.fromkeys(RESULTS.arrow().names), "trial_name": "iwae_L1_M1_K5_s0", "objective": "iwae"}]
 
 
 def write_bad(path, kind):
-    table = pa.Table.from_pylist(good_rows(), schema=SCHEMA)
+    table = pa.Table.from_pylist(good_rows(), schema=RESULTS.arrow())
     if kind == "text":
         path.write_text("trial,nll\n1,2\n")
     elif kind == "empty":

@@ -5,7 +5,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweep.space import SECTIONS, TOP_LEVEL, TRAINING_KEYS, TRIAL_KEYS, SpaceError, load_space
+from sweep.space import SECTIONS, TOP_LEVEL, SpaceError, load_space, training_keys, trial_keys
 
 
 def test_shipped_spaces_expand_to_the_papers_configurations():
@@ -68,7 +68,7 @@ GOOD = {"experiments": [{"objective": "iwae", "k": [1, 5]}], "training": {"passe
             {"experiments": [{"objective": "iwae", "k": 5, "layers": 2, "estimator": "dreg"}]},
             ["experiments[0]", "dreg", "2"],
         ),
-        ({"experiments": [{"objective": "rws", "k": 5}]}, ["experiments[0]", "rws", "iwae"]),
+        ({"experiments": [{"objective": "sleep", "k": 5}]}, ["experiments[0]", "sleep", "iwae"]),
         ({"seeds": "0"}, ["seeds", "list of integers"]),
         ({"resources": {"cpus_per_trial": 0}}, ["resources.cpus_per_trial", "> 0"]),
         ({"evaluation": {"best": "median"}}, ["evaluation.best", "median", "each, top"]),
@@ -78,8 +78,8 @@ GOOD = {"experiments": [{"objective": "iwae", "k": [1, 5]}], "training": {"passe
             ["continue.switch[0].from", "{'objective': 'vae'} matches no first-stage trial", "iwae_L1_M1_K1_s0"],
         ),
         (
-            {"continue": {"switch": [{"from": {"k": 1}, "to": {"objective": "rws"}}]}},
-            ["continue.switch[0]", "rws", "iwae"],
+            {"continue": {"switch": [{"from": {"k": 1}, "to": {"objective": "sleep"}}]}},
+            ["continue.switch[0]", "sleep", "iwae"],
         ),
         ({"continue": {"switch": [{"from": {"k": 1}, "to": {"kk": 5}}]}}, ["continue.switch[0].to.kk", "unknown key"]),
         (
@@ -153,7 +153,7 @@ def test_a_file_that_is_not_text_is_a_clear_error(tmp_path):
 
 # ---- generated documents: each loads, or raises SpaceError naming the file and the field ------
 
-KEYS = sorted({*TOP_LEVEL, *TRAINING_KEYS, *TRIAL_KEYS, "mk", *(k for schema in SECTIONS.values() for k in schema)})
+KEYS = sorted({*TOP_LEVEL, *training_keys(), *trial_keys(), "mk", *(k for schema in SECTIONS.values() for k in schema)})
 EDGES = [
     None,
     True,
@@ -204,7 +204,7 @@ shaped = st.fixed_dictionaries(
     {
         "experiments": st.lists(
             st.dictionaries(
-                st.sampled_from(sorted({*TRIAL_KEYS, "mk", *TRAINING_KEYS})),
+                st.sampled_from(sorted({*trial_keys(), "mk", *training_keys()})),
                 scalars | st.lists(scalars, max_size=3),
                 max_size=4,
             ),
@@ -219,7 +219,7 @@ shaped = st.fixed_dictionaries(
             for section, schema in SECTIONS.items()
         },
         "training": st.dictionaries(
-            st.sampled_from(TRAINING_KEYS), scalars | st.lists(scalars, max_size=3), max_size=4
+            st.sampled_from(training_keys()), scalars | st.lists(scalars, max_size=3), max_size=4
         ),
     },
 )
@@ -250,8 +250,8 @@ def test_generated_byte_strings(tmp_path, content):
 
 SLOTS = (
     [(section, key) for section, schema in SECTIONS.items() for key in schema]
-    + [("training", key) for key in TRAINING_KEYS]
-    + [("experiments", key) for key in (*TRIAL_KEYS, "mk")]
+    + [("training", key) for key in training_keys()]
+    + [("experiments", key) for key in (*trial_keys(), "mk")]
     + [(key,) for key in ("name", "description", "seeds", "mk_product", "experiments", "training")]
 )
 

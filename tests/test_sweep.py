@@ -31,13 +31,13 @@ from test_live_view import assert_each_trial_and_no_noise
 
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
+from sweep.columns import RESULTS
 from sweep.plan import drawn_trials, dry_run, plan_sweep
 from sweep.query import main as query_main
 from sweep.results import (
     PER_IMAGE_FILE,
     PER_IMAGE_SCHEMA,
     RESULTS_FILE,
-    SCHEMA,
     ResultsError,
     read_evaluated,
     read_per_image,
@@ -69,7 +69,7 @@ def test_parquet_has_one_typed_finite_row_per_trial(finished_sweep):
     sweep_dir, path, rows = finished_sweep
     assert path == sweep_dir / "results" / "results.parquet"
     table = read_results(str(sweep_dir))
-    assert table.schema.equals(SCHEMA, check_metadata=True)
+    assert table.schema.equals(RESULTS.arrow(), check_metadata=True)
     assert table.num_rows == 2 == len(rows)
     records = table.to_pylist()
     assert sorted(r["trial_name"] for r in records) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]

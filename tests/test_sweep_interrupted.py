@@ -27,9 +27,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
+from sweep.columns import RESULTS
 from sweep.folder import write_spec
 from sweep.results import (
-    SCHEMA,
     ResultsError,
     read_per_image,
     read_results,
@@ -173,7 +173,7 @@ def test_a_sweep_on_s3_checkpoints_restarts_and_writes_parquet_there(local_ray, 
     )
     assert len(events) > 4  # the curves and images too
     table = read_results(s3_storage("sweeps/on_s3"))
-    assert table.num_rows == 2 and table.schema.equals(SCHEMA)
+    assert table.num_rows == 2 and table.schema.equals(RESULTS.arrow())
 
     _, again, _ = run_sweep(space, s3_storage("sweeps"), str(mnist_dir), resume=True)
     assert_same_evaluations(again, rows)

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ from conftest import Crash, crash_after_first_pass, small_mnist
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
+from iwae_model.config import settings
 from iwae_model.train import parse_args
 from iwae_model.training import InitError, NonFiniteLoss, stage_boundaries, stage_lr, train
 
@@ -305,6 +305,6 @@ def test_the_train_cli_has_a_flag_for_every_setting(tmp_path):
         adam_beta2=0.99, latent_dims=(20,), hidden_dims=(64,), compile=True, train_images=400
     )
     text = run_cli("iwae_model.train", "--help").stdout
-    for field in dataclasses.fields(TrainConfig):
-        if field.name != "init_label":  # read from the --init-from run
-            assert f"--{field.name.replace('_', '-')}" in text, field.name
+    for setting in settings():  # the objectives' parameters too (--beta, --alpha)
+        if setting.name != "init_label":  # read from the --init-from run
+            assert f"--{setting.name.replace('_', '-')}" in text, setting.name

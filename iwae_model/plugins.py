@@ -1,0 +1,183 @@
+"""A researcher's own objectives, from a module outside this package: `--plugin my_bounds.py` on
+the command-line tools, `plugins: [my_bounds.py]` in a space file.
+
+Importing the module is what adds its objectives: each subclass of objectives.Objective with a
+`name` registers itself. A plugin is recorded by its module name, file and SHA-256, so that a
+resumed sweep, a checkpoint and a results row say which code made them, and a changed file is
+found before it trains anything (docs/plugins.md)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .config import parameters
+from .errors import IWAEError
+from .objectives import OBJECTIVES
+
+PACKAGE = __name__.rsplit(".", 1)[0]
+
+
+class PluginError(IWAEError, ValueError):
+    """A plugin that cannot be used; the message names its file and the fix."""
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A loaded plugin: its module name, its file (a .py file or a package's folder) and the
+    SHA-256 of its code."""
+
+    module: str
+    file: str
+    sha256: str
+    objectives: tuple[str, ...]
+
+    def record(self) -> dict[str, str]:
+        return {"module": self.module, "file": self.file, "sha256": self.sha256}
+
+
+_LOADED: dict[str, Plugin] = {}  # by module name
+
+
+def code_digest(path: Path) -> str:
+    """SHA-256 of a module's code: the file, or every .py file of a package folder by name."""
+    digest = hashlib.sha256()
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def load_plugin(spec: str, relative_to: Path | None = None) -> Plugin:
+    """Import plugin `spec`: a `.py` file (relative to `relative_to`, else the working folder) or
+    an importable module's name. Loading one module twice returns the first load."""
+    is_file = spec.endswith(".py") or "/" in spec
+    path = (relative_to or Path.cwd()) / spec if is_file else None
+    if path is not None:
+        path = path.resolve()
+        if not path.is_file():
+            raise PluginError(f"plugin {spec}: no such file ({path}); give a .py file or an importable module's name")
+        name = path.stem
+    else:
+        name = spec
+    if name in _LOADED:
+        loaded = _LOADED[name]
+        if path is not None and Path(loaded.file) != path:
+            raise PluginError(
+                f"plugin {path}: its module name {name!r} is already {loaded.file}'s; rename one of the files"
+            )
+        return loaded
+    if name == PACKAGE or name.startswith(PACKAGE + ".") or (path is not None and name in sys.modules):
+        raise PluginError(f"plugin {path or spec}: module name {name!r} is taken by an installed module; rename it")
+    before = set(OBJECTIVES)
+    where = path or spec
+    digest = code_digest(path) if path is not None else ""  # of the code as it is imported
+    try:
+        module = _import(name, path)
+        parameters()  # a parameter named like a training setting is refused here, not in a trial
+    except Exception as error:  # the user's code: anything
+        for added in set(OBJECTIVES) - before:  # a module that failed half-way registers nothing
+            del OBJECTIVES[added]
+        sys.modules.pop(name, None)
+        if isinstance(error, IWAEError):  # an objective class that cannot be registered
+            raise PluginError(f"plugin {where}: {error}") from None
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        raise PluginError(f"plugin {where}: does not import ({message}); fix the module and run again") from None
+    added = tuple(objective for objective in OBJECTIVES if objective not in before)
+    if not added:
+        sys.modules.pop(name, None)
+        raise PluginError(
+            f"plugin {where}: defines no objective; subclass iwae_model.objectives.Objective with a `name` "
+            f"(docs/plugins.md)"
+        )
+    source = _source_path(module)
+    plugin = Plugin(name, str(source), digest if path is not None else code_digest(source), added)
+    _LOADED[name] = plugin
+    return plugin
+
+
+def _import(name: str, path: Path | None) -> ModuleType:
+    if path is None:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: pickling its classes needs the name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _source_path(module: ModuleType) -> Path:
+    """The file to ship and hash: a plain module's .py file, a package's folder."""
+    file = Path(module.__file__ or "")
+    return file.parent if file.name == "__init__.py" else file
+
+
+def load_recorded(record: dict[str, Any], where: str) -> Plugin:
+    """Load the plugin a sweep, trial or checkpoint recorded, refusing it if its code changed
+    since: by its module name where that imports (what Ray's runtime environment shipped to this
+    node), else from its file. `where` names the record in errors."""
+    name, path, expected = record["module"], Path(record["file"]), record["sha256"]
+    if name not in _LOADED:
+        if importlib.util.find_spec(name) is not None:
+            _LOADED[name] = replace(load_plugin(name), file=str(path))  # recorded as the user's file
+        elif path.exists():
+            load_plugin(str(path)) if path.suffix == ".py" else load_plugin(name)
+        else:
+            raise PluginError(
+                f"{where}: plugin {name} ({path}) is missing: put the file back where it was (its SHA-256 was "
+                f"{expected[:12]}...); on a cluster the sweep ships it to every node itself"
+            )
+    plugin = _LOADED[name]
+    if plugin.sha256 != expected:
+        raise PluginError(
+            f"{where}: plugin {path} changed since the sweep started (SHA-256 {expected[:12]}... then, "
+            f"{plugin.sha256[:12]}... now): its trials must keep the code that trained them; restore the file, "
+            f"or start a new sweep with the new code"
+        )
+    return plugin
+
+
+def source_of(objective: str) -> dict[str, str] | None:
+    """The plugin record of the module defining `objective`; None for this package's own."""
+    module = OBJECTIVES[objective].__module__
+    if module == PACKAGE or module.startswith(PACKAGE + "."):
+        return None
+    if module in _LOADED:
+        return _LOADED[module].record()
+    # Imported some other way (a worker that imported the shipped module by name).
+    source = _source_path(sys.modules[module])
+    return {"module": module, "file": str(source), "sha256": code_digest(source)}
+
+
+def loaded() -> list[Plugin]:
+    return list(_LOADED.values())
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a .py file (or an importable module's name) defining objectives of your own; they join the "
+        "built-in ones (--objective, and their parameters as flags); repeat for several (docs/plugins.md)",
+    )
+
+
+def load_flagged_plugins(argv: list[str] | None) -> list[Plugin]:
+    """Load the plugins --plugin names in `argv`, before the parser that needs their objectives
+    (their parameters are flags) is built."""
+    early = argparse.ArgumentParser(add_help=False)
+    add_plugin_flag(early)
+    return [load_plugin(spec) for spec in early.parse_known_args(argv)[0].plugin]

@@ -1,0 +1,195 @@
+"""Objectives of a researcher's own, from a file outside the repository: loaded, refused with a
+clear error when they cannot work, shipped to Ray's workers, trained and resumed by a real sweep."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import kill_sweep_at_first_checkpoint
+from test_sweep import hparams_sessions
+
+from iwae_model import TrainConfig
+from iwae_model import plugins as plugin_module
+from iwae_model.objectives import OBJECTIVES
+from iwae_model.plugins import PluginError, load_plugin
+
+TEMPERED = '''
+import math
+import os
+
+import torch
+
+from iwae_model.objectives import Objective, Parameter
+
+
+class Tempered(Objective):
+    """tau * log 1/K sum_k w_k^(1/tau): IWAE at tau = 1."""
+
+    name = "tempered"
+    parameters = (Parameter("tau", 1.0, 0.25, 4.0, "temperature of the importance weights", "t", symbol="τ"),)
+    estimators = ("reparam", "stl")
+
+    def __init__(self, k, tau):
+        self.k, self.tau = k, tau
+        self.num_samples = k
+
+    def bound(self, log_w):
+        return self.tau * (torch.logsumexp(log_w / self.tau, 0) - math.log(self.k))
+
+
+if "IMPORTED_FROM" in os.environ:  # where each process found this module (the sweep test reads it)
+    with open(os.environ["IMPORTED_FROM"], "a") as log:
+        log.write(__file__ + "\\n")
+'''
+
+
+@pytest.fixture
+def registry():
+    """The objectives and plugins as they were before the test: a plugin loaded here must not
+    reach the other tests this worker runs (its parameter would join every TrainConfig)."""
+    objectives, loaded, modules = dict(OBJECTIVES), dict(plugin_module._LOADED), set(sys.modules)
+    yield
+    OBJECTIVES.clear()
+    OBJECTIVES.update(objectives)
+    plugin_module._LOADED.clear()
+    plugin_module._LOADED.update(loaded)
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+def write_plugin(folder, name, code):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(code))
+    return path
+
+
+BAD_PLUGINS = {  # file body: words the error must hold
+    "does not import": ("import no_such_package\n", ["does not import", "No module named 'no_such_package'"]),
+    "raises": ("raise RuntimeError('half-written')\n", ["does not import", "RuntimeError: half-written"]),
+    "no bound": (
+        "from iwae_model.objectives import Objective\nclass Nothing(Objective):\n    name = 'nothing'\n",
+        ["class Nothing (name 'nothing')", "has no bound(log_w)"],
+    ),
+    "a built-in's name": (
+        TEMPERED.replace('name = "tempered"', 'name = "iwae"'),
+        ["name 'iwae'", "taken by iwae_model.objectives.IWAE"],
+    ),
+    "a parameter without a range": (
+        TEMPERED.replace(
+            'Parameter("tau", 1.0, 0.25, 4.0, "temperature of the importance weights", "t", symbol="τ")',
+            'Parameter("tau", 1.0, help="temperature", label="t")',
+        ),
+        ["does not import", "missing 2 required positional arguments: 'low' and 'high'"],
+    ),
+    "an unbounded range": (
+        TEMPERED.replace("0.25, 4.0,", "0.25, float('inf'),"),
+        ["Parameter 'tau'", "high=inf", "finite default and range"],
+    ),
+    "a training setting's name": (
+        TEMPERED.replace('Parameter("tau"', 'Parameter("lr"'),
+        ["parameter 'lr' is a training setting's name"],
+    ),
+    "dreg without its coefficients": (
+        TEMPERED.replace('estimators = ("reparam", "stl")', 'estimators = ("reparam", "dreg")'),
+        ["lists dreg", "no dreg_coefficients"],
+    ),
+    "no objective": ("X = 1\n", ["defines no objective", "subclass iwae_model.objectives.Objective"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PLUGINS)
+def test_a_bad_plugin_is_named_with_the_fix_and_registers_nothing(case, tmp_path, registry):
+    code, words = BAD_PLUGINS[case]
+    path = write_plugin(tmp_path, "bad_bounds", code)
+    before = dict(OBJECTIVES)
+    with pytest.raises(PluginError) as error:
+        load_plugin(str(path))
+    assert str(error.value).startswith(f"plugin {path}")
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert OBJECTIVES == before and "bad_bounds" not in sys.modules
+
+
+def test_a_plugin_objective_is_a_setting_like_any_other(tmp_path, registry):
+    plugin = load_plugin(
+        "plugins/my_bounds.py", relative_to=write_plugin(tmp_path / "plugins", "my_bounds", TEMPERED).parents[1]
+    )
+    assert plugin.objectives == ("tempered",) and plugin.module == "my_bounds" and len(plugin.sha256) == 64
+    config = TrainConfig(objective="tempered", tau=2.0, k=4)
+    assert config.label() == "tempered_L1_M1_K4_t2_s0" and config.to_dict()["tau"] == 2.0
+    assert repr(config.build_objective()) == "TEMPERED(tau=2.0, K=4)"
+    with pytest.raises(ValueError, match=r"tau=8: must be a number in \[0.25, 4\] \(temperature"):
+        TrainConfig(objective="tempered", tau=8)
+    with pytest.raises(ValueError, match="objective 'tempered' supports reparam, stl"):
+        TrainConfig(objective="tempered", estimator="dreg")
+    assert load_plugin(str(tmp_path / "plugins" / "my_bounds.py")) is plugin  # loaded once
+
+
+def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp_path, mnist_dir, monkeypatch):
+    """A bound defined outside the repository, in no Ray worker's path: shipped by Ray to the
+    trials, trained by a real sweep killed at its first checkpoint and resumed (the plugin found
+    again from the sweep's spec), ranked by the fair metric against IWAE, in Parquet, the
+    query's table and HParams; its file edited afterwards refuses the next resume, naming it."""
+    plugin = write_plugin(tmp_path / "bounds", "tempered_bound", TEMPERED)
+    monkeypatch.setenv("IMPORTED_FROM", str(tmp_path / "imported_from.txt"))
+    space = {
+        "name": "own",
+        "plugins": ["bounds/tempered_bound.py"],
+        "experiments": [{"objective": "tempered", "tau": [0.5, 2.0], "k": 3}, {"objective": "iwae", "k": 3}],
+        "training": {"passes": 2, "train_images": 400, "test_images": 100, "valid_ll_k": 10},
+        "evaluation": {"k": 20, "images": 20, "best": "top", "top": 3},
+        "checkpoints": {"keep": 1, "every": 1},
+    }
+    command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, mnist_dir, ".")
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    imported_from = set((tmp_path / "imported_from.txt").read_text().split())
+    assert str(plugin) in imported_from  # the drivers
+    assert any("runtime_resources" in where for where in imported_from), imported_from  # Ray's copy, in trials
+    rows = pq.read_table(sweep_dir / "results" / "results.parquet").to_pylist()
+    names = ["iwae_L1_M1_K3_s0", "tempered_L1_M1_K3_t0.5_s0", "tempered_L1_M1_K3_t2_s0"]
+    assert sorted(r["trial_name"] for r in rows) == names
+    record = {
+        "module": "tempered_bound",
+        "file": str(plugin),
+        "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest(),
+    }
+    for row in rows:
+        if row["objective"] == "tempered":
+            assert row["tau"] in (0.5, 2.0) and row["test_bound_name"] == f"TEMPERED(tau={row['tau']}, K=3)"
+            assert json.loads(row["plugin"]) == record and json.loads(row["config"])["tau"] == row["tau"]
+        else:
+            assert row["plugin"] is None and row["tau"] == 1.0  # the parameter's default, as beta's
+    trials = pq.read_table(sweep_dir / "results" / "trials.parquet").to_pylist()
+    assert {t["rank_metric"] for t in trials} == {"valid_ll"}  # objectives differ: the fair metric
+    sessions = hparams_sessions(sweep_dir)
+    taus = sorted(session["tau"] for session, _ in sessions.values() if session["objective"] == "tempered")
+    assert taus == [0.5, 2.0]
+    query = subprocess.run([sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True)
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert all(column in query.stdout for column in ("TEMPERED(τ=0.5)", "TEMPERED(τ=2)", "| IWAE"))
+    plugin.write_text(plugin.read_text() + "# tuned after the sweep\n")
+    refused = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"plugin {plugin} changed since the sweep started" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_a_sweep_with_a_bad_plugin_stops_before_ray_with_the_file_named(tmp_path, mnist_dir):
+    write_plugin(tmp_path / "bounds", "broken", "import no_such_package\n")
+    (tmp_path / "space.yaml").write_text(
+        yaml.safe_dump({"plugins": ["bounds/broken.py"], "experiments": [{"objective": "iwae"}]})
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "sweep.run", "--space", str(tmp_path / "space.yaml"), "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"plugins: plugin {tmp_path / 'bounds' / 'broken.py'}: does not import" in run.stderr, run.stderr
