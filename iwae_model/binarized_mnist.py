@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from .data import DataError, Dataset, default_data_dir, fetch, mirrors_from, sha256
+from .data import DataError, Dataset, DatasetSource, default_data_dir, fetch, mirrors_from, sha256
 
 ROWS = {"binarized_mnist_train.amat": 50_000, "binarized_mnist_valid.amat": 10_000, "binarized_mnist_test.amat": 10_000}
 PIXELS = 784
@@ -87,3 +87,22 @@ def load_binarized_mnist(
         "fixed",
         files,
     )
+
+
+class BinarizedMNIST(DatasetSource):
+    name = "binarized_mnist"
+    title = "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)"
+    splits = (50_000, N_VALIDATION, 10_000)
+    files = tuple(ROWS)
+    binary = True
+    mirrors_variable = MIRRORS_VARIABLE
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        binarization: str = "dynamic",
+        download: bool = True,
+    ) -> Dataset:
+        return load_binarized_mnist(data_dir, device, download)

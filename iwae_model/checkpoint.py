@@ -14,7 +14,7 @@ sweeps, and a full pickle there could run code on load.
                  type, "cpu" or "cuda"}: training draws from that generator alone
   history        the per-epoch metrics rows (the same rows as metrics.jsonl), one per pass
   train_seconds  wall-clock seconds spent in training steps so far
-  plugin         only where a plugin defines the objective: its {module, file, sha256}
+  plugins        only where plugins define the objective or dataset: [{module, file, sha256}]
 
 Every way a file can fail to be such a checkpoint (missing, empty, truncated, not torch's
 format, carrying code, another format version, a field of the wrong type, weights that do not
@@ -39,9 +39,8 @@ import torch
 from .config import TrainConfig
 from .errors import IWAEError
 from .files import write_atomically
-from .models import IWAEModel
-from .objectives import OBJECTIVES
-from .plugins import source_of
+from .models import IWAEModel, build_model
+from .plugins import loaded
 
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -167,7 +166,7 @@ def check_state(state: Any, path: str | os.PathLike) -> None:
         raise bad(
             "rng.device", f"{state['rng'].get('device')!r}, expected 'cpu' or 'cuda' (the training generator's device)"
         )
-    check_plugin(state, path, bad)
+    check_plugins(state, path, bad)
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as error:
@@ -234,30 +233,35 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     """The trained model (in eval mode), its configuration and the raw checkpoint."""
     state = load_checkpoint(path, map_location=device)
     config = TrainConfig.from_dict(state["config"])
-    model = config.build_model().to(device)
+    x_dim = state["model"].get("decoder.out.bias", torch.empty(784)).numel()  # the dataset's pixels
+    model = build_model(config.layers, config.latent_dims, config.hidden_dims, x_dim=x_dim).to(device)
     restore(state, path, model)
     return model.eval(), config, state
 
 
-def check_plugin(state: dict[str, Any], path: str | os.PathLike, bad: Any) -> None:
-    """A checkpoint of a plugin's objective needs that plugin loaded, with the code that trained it."""
-    plugin = state.get("plugin")
-    if plugin is None:
-        return
-    if not isinstance(plugin, dict) or not all(isinstance(plugin.get(k), str) for k in ("module", "file", "sha256")):
-        raise bad("plugin", "expected {module, file, sha256} of the plugin that defines the objective")
-    objective = state["config"].get("objective")
-    if objective not in OBJECTIVES:
-        raise CheckpointError(
-            f"{path}: its objective {objective!r} comes from plugin {plugin['module']} ({plugin['file']}): "
-            f"pass --plugin {plugin['file']}"
+def check_plugins(state: dict[str, Any], path: str | os.PathLike, bad: Any) -> None:
+    """A checkpoint of a plugin's objective or dataset needs that plugin loaded, with the code
+    that trained it."""
+    records = state.get("plugins", [])
+    keys = ("module", "file", "sha256")
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and all(isinstance(r.get(k), str) for k in keys) for r in records
+    ):
+        raise bad(
+            "plugins", "expected a list of {module, file, sha256}: the plugins defining its objective and dataset"
         )
-    found = source_of(objective)
-    if found is not None and found["sha256"] != plugin["sha256"]:
-        raise CheckpointError(
-            f"{path}: trained with plugin {plugin['file']} of SHA-256 {plugin['sha256'][:12]}..., but the loaded "
-            f"{found['file']} is {found['sha256'][:12]}...: load the code that trained it"
-        )
+    for record in records:
+        found = next((p for p in loaded() if p.module == record["module"]), None)
+        if found is None:
+            raise CheckpointError(
+                f"{path}: trained with plugin {record['module']} ({record['file']}), which defines its objective "
+                f"or dataset: pass --plugin {record['file']}"
+            )
+        if found.sha256 != record["sha256"]:
+            raise CheckpointError(
+                f"{path}: trained with plugin {record['file']} of SHA-256 {record['sha256'][:12]}..., but the "
+                f"loaded {found.file} is {found.sha256[:12]}...: load the code that trained it"
+            )
 
 
 def _summary(error: BaseException) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .data import BINARIZATIONS, DATASETS
+from .data import BINARIZATIONS
+from .datasets import DATASETS
 from .models import IWAEModel, build_model
 from .objectives import (
     ESTIMATORS,
@@ -83,14 +84,13 @@ class TrainConfig:
     dataset: str = setting(
         "mnist",
         "mnist and omniglot: grey levels, binarized as --binarization says; "
-        "binarized_mnist: Larochelle & Murray's fixed binarization",
-        choices=DATASETS,
+        "binarized_mnist: Larochelle & Murray's fixed binarization (data.DATASETS; plugins add theirs)",
     )
     binarization: str = setting(
         "dynamic",
-        "how mnist and omniglot become binary: dynamic is the papers' protocol; "
-        "static/threshold are NOT comparable to the papers (binarized_mnist is "
-        "binary already and takes only dynamic, the default)",
+        "how grey-level datasets (mnist, omniglot) become binary: dynamic is the papers' protocol; "
+        "static/threshold are NOT comparable to the papers (binary datasets such as binarized_mnist "
+        "take only dynamic, the default: their bits are used as they are)",
         choices=BINARIZATIONS,
     )
     train_images: int | None = setting(None, "train on the first N images only (not comparable)")
@@ -190,7 +190,7 @@ class TrainConfig:
         for name, choices in (
             ("objective", OBJECTIVES),
             ("schedule", SCHEDULES),
-            ("dataset", DATASETS),
+            ("dataset", tuple(DATASETS)),
             ("binarization", BINARIZATIONS),
         ):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
@@ -215,10 +215,10 @@ class TrainConfig:
             )
         for name, value in self.params:
             parameters()[name].check(value)
-        if self.dataset == "binarized_mnist" and self.binarization != "dynamic":
+        if self.binarization not in DATASETS[self.dataset].binarizations():
             raise fail(
                 "binarization",
-                "binarized_mnist is binary already (Larochelle & Murray's fixed draw); "
+                f"{self.dataset} is binary already (its files' bits are used as they are); "
                 "leave binarization at its default",
             )
         if self.init_from is None and (self.init_label is not None or self.init_optimizer):
@@ -301,7 +301,7 @@ class Setting:
 
 def settings() -> list[Setting]:
     """Every training setting: TrainConfig's fields, then the registered objectives' parameters."""
-    choices = {"objective": list(OBJECTIVES), "estimator": list(ESTIMATORS)}  # plugins add objectives
+    choices = {"objective": list(OBJECTIVES), "estimator": list(ESTIMATORS), "dataset": list(DATASETS)}  # plugins add
     fields = [
         Setting(
             f.name,

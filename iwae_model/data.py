@@ -1,8 +1,9 @@
 """The data a run trains on: grey levels (or bits) in [0, 1], split train / validation / test,
 exactly as Burda et al. (2016) used them, and their binarization.
 
-The datasets themselves are read by `mnist.py` (here: the LeCun IDX files), `omniglot.py` and
-`binarized_mnist.py`; `datasets.load_dataset` picks one by name. The whole data set lives as one
+A dataset is a DatasetSource subclass (`DATASETS` by name): MNIST here (the LeCun IDX files),
+Omniglot in `omniglot.py`, Larochelle & Murray's MNIST in `binarized_mnist.py`, a researcher's
+own in a plugin (iwae_model.plugins); `datasets.load_dataset` picks one by name. The whole data set lives as one
 float tensor on the training device; binarization happens there on whole batches (`binarize`).
 Nothing here iterates over images in Python.
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -51,9 +53,6 @@ TEST_BINARIZATION_SEED = 123  # Burda's evaluation seed: one draw per test image
 STATIC_BINARIZATION_SEED = 0
 
 BINARIZATIONS = ("dynamic", "static", "threshold")  # dynamic is the papers' protocol
-# Burda et al.'s three: MNIST and Omniglot (Table 1, dynamically binarized), and Larochelle &
-# Murray's fixed binarization of MNIST (their appendix).
-DATASETS = ("mnist", "omniglot", "binarized_mnist")
 
 
 class DataError(IWAEError, RuntimeError):
@@ -222,15 +221,29 @@ def grey_levels(
     **labels: torch.Tensor,
 ) -> Dataset:
     """A grey-level dataset (values in [0, 1]) split as Burda did: the last `n_validation`
-    training rows are the validation set. `static` (one fixed Bernoulli draw, seed 0) and
-    `threshold` (pixel > 0.5) binarize the training set once; validation and test sets are
-    always binarized once with seed 123 (see `Dataset.fixed`)."""
+    training rows are the validation set (see `grey_splits` for the binarizations)."""
     if len(train_all) <= n_validation:
         raise DataError(
             f"{name}: {len(train_all)} training images, but the last {n_validation} are the validation "
             f"set: the file is not the dataset's"
         )
     train, valid = train_all[:-n_validation], train_all[-n_validation:]
+    return grey_splits(name, train, valid, test, binarization, device, files, **labels)
+
+
+def grey_splits(
+    name: str,
+    train: torch.Tensor,
+    valid: torch.Tensor,
+    test: torch.Tensor,
+    binarization: str,
+    device: torch.device | str,
+    files: dict[str, str],
+    **labels: torch.Tensor,
+) -> Dataset:
+    """Grey-level splits as a Dataset: `static` (one fixed Bernoulli draw, seed 0) and
+    `threshold` (pixel > 0.5) binarize the training set once; validation and test sets are
+    always binarized once with seed 123 (see `Dataset.binarized_once`)."""
     if binarization == "static":
         train = binarize_once(train, STATIC_BINARIZATION_SEED)
     elif binarization == "threshold":
@@ -285,3 +298,148 @@ def load_mnist(
         train_labels=train_labels[:-N_VALIDATION].long(),
         test_labels=test_labels.long(),
     )
+
+
+DATASETS: dict[str, type[DatasetSource]] = {}  # by name, in the order they were defined
+
+
+class DatasetSource:
+    """A dataset by name, declared once: everything that names datasets (TrainConfig, space
+    files, plans, the query's tables) reads DATASETS, where a subclass with a `name` registers
+    itself. It declares:
+      name       the `dataset` setting's value
+      title      the heading of its table in the query
+      splits     (training, validation, test) images, for plans and checks made without the files
+      files      its files in the data folder
+      shape      an image's (height, width): rows hold height * width pixels, row-major
+      binary     the files hold bits, used as they are (binarization `fixed`); else grey levels
+                 in [0, 1], binarized as the `binarization` setting says
+      published  published test NLLs for the query's tables: {paper, objective, layers, m, k,
+                 nll} each (and active_units, beta, estimator where they matter)
+    and implements `read(folder)` -> (train, valid, test) arrays [N, D]; `load` checks the files,
+    shapes and values and binarizes. The built-ins override `load` (they download and verify
+    their files against known checksums)."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    splits: ClassVar[tuple[int, int, int]]
+    files: ClassVar[tuple[str, ...]] = ()
+    shape: ClassVar[tuple[int, int]] = (28, 28)
+    binary: ClassVar[bool] = False
+    mirrors_variable: ClassVar[str | None] = None  # the variable naming download mirrors, if it has any
+    published: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            _register_dataset(cls)
+
+    @classmethod
+    def binarizations(cls) -> tuple[str, ...]:
+        """What its `binarization` setting may be: bits are used as they are (the default)."""
+        return ("dynamic",) if cls.binary else BINARIZATIONS
+
+    @classmethod
+    def read(cls, folder: Path) -> tuple[Any, Any, Any]:
+        """(train, valid, test), each [N, D] grey levels in [0, 1] (or bits), from `folder`."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        binarization: str = "dynamic",
+        download: bool = True,
+    ) -> Dataset:
+        """Its splits on `device`, each file's SHA-256 recorded; a DataError naming the file or
+        split and the fix for missing files or data that is not what it declares."""
+        if binarization not in cls.binarizations():
+            raise ValueError(f"binarization={binarization!r}: dataset {cls.name!r} takes {cls.binarizations()}")
+        folder = default_data_dir(data_dir)
+        missing = [name for name in cls.files if not (folder / name).is_file()]
+        if missing:
+            raise DataError(
+                f"dataset {cls.name}: {', '.join(missing)} not in {folder}: put the files there, or name the "
+                f"folder that holds them with --data-dir (or IWAE_DATA_DIR)"
+            )
+        files = {name: sha256((folder / name).read_bytes()) for name in cls.files}
+        try:
+            splits = [torch.as_tensor(np.asarray(split, dtype=np.float32)) for split in cls.read(folder)]
+        except Exception as error:  # the reader is the researcher's code: anything
+            message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            raise DataError(
+                f"dataset {cls.name}: reading its files in {folder} failed ({message}); check the files and "
+                f"{cls.__qualname__}.read"
+            ) from None
+        _check_splits(cls, splits)
+        train, valid, test = splits
+        if cls.binary:
+            device = torch.device(device)
+            return Dataset(cls.name, train.to(device), valid.to(device), test.to(device), "fixed", files)
+        return grey_splits(cls.name, train, valid, test, binarization, device, files)
+
+
+def _check_splits(cls: type[DatasetSource], splits: list[torch.Tensor]) -> None:
+    if len(splits) != 3:
+        raise DataError(f"dataset {cls.name}: {cls.__qualname__}.read returned {len(splits)} arrays, not 3")
+    pixels = cls.shape[0] * cls.shape[1]
+    for split, expected, array in zip(("train", "valid", "test"), cls.splits, splits):
+        where = f"dataset {cls.name}: its {split} split"
+        if array.shape != (expected, pixels):
+            raise DataError(
+                f"{where} has shape {tuple(array.shape)}; {cls.__qualname__} declares {expected} images of "
+                f"{pixels} pixels (splits = {cls.splits}, shape = {cls.shape}): fix the files or the declaration"
+            )
+        if not torch.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise DataError(f"{where} has values outside [0, 1]: give grey levels in [0, 1] (or bits)")
+        if cls.binary and not ((array == 0) | (array == 1)).all():
+            raise DataError(f"{where} has values other than 0 and 1, but {cls.__qualname__} declares binary = True")
+
+
+class DatasetDefinitionError(IWAEError, TypeError):
+    """A dataset class that cannot be registered: the message names the class and the fix."""
+
+
+def _register_dataset(cls: type[DatasetSource]) -> None:
+    def fail(message: str) -> DatasetDefinitionError:
+        return DatasetDefinitionError(f"dataset class {cls.__qualname__} (name {cls.name!r}): {message}")
+
+    if not isinstance(cls.name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", cls.name):
+        raise fail("the name must be lower-case letters, digits and '_', starting with a letter")
+    if cls.name in DATASETS:
+        raise fail(f"the name is taken by {DATASETS[cls.name].__module__}.{DATASETS[cls.name].__qualname__}")
+    if not isinstance(getattr(cls, "title", None), str):
+        raise fail("give it a title: the heading of its table in the query")
+    splits = getattr(cls, "splits", None)
+    if not (isinstance(splits, tuple) and len(splits) == 3 and all(isinstance(n, int) and n > 0 for n in splits)):
+        raise fail(f"splits={splits!r}: give (training, validation, test) image counts, three positive integers")
+    if not (len(cls.shape) == 2 and all(isinstance(n, int) and n > 0 for n in cls.shape)):
+        raise fail(f"shape={cls.shape!r}: give an image's (height, width), two positive integers")
+    if cls.read.__func__ is DatasetSource.read.__func__ and cls.load.__func__ is DatasetSource.load.__func__:
+        raise fail("it has no read(folder): define it, returning (train, valid, test) arrays [N, D]")
+    if not isinstance(cls.files, tuple) or not all(isinstance(name, str) and name for name in cls.files):
+        raise fail("files must be a tuple of file names in the data folder")
+    needed = {"paper", "objective", "layers", "m", "k", "nll"}
+    for entry in cls.published:
+        if not isinstance(entry, dict) or not needed <= set(entry):
+            raise fail(f"published entry {entry!r}: each needs {sorted(needed)}")
+    DATASETS[cls.name] = cls
+
+
+class MNIST(DatasetSource):
+    name = "mnist"
+    title = "MNIST, dynamically binarized (Burda et al. Table 1)"
+    splits = (59_600, N_VALIDATION, 10_000)
+    files = tuple(MNIST_SHA256)
+    mirrors_variable = MIRRORS_VARIABLE
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        binarization: str = "dynamic",
+        download: bool = True,
+    ) -> Dataset:
+        return load_mnist(data_dir, device, binarization, download)

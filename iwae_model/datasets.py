@@ -1,4 +1,5 @@
-"""Burda et al.'s three datasets by name (`TrainConfig.dataset`)."""
+"""The datasets by name (`TrainConfig.dataset`): Burda et al.'s three, registered by importing
+their modules, and any a plugin adds (data.DatasetSource)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,12 @@ import os
 
 import torch
 
-from . import binarized_mnist, data, omniglot
-from .binarized_mnist import load_binarized_mnist
-from .data import DATASETS, Dataset, load_mnist
-from .omniglot import load_omniglot
-
-# (train, validation, test) images of each, for plans made without reading the files. Omniglot's
-# are the Cambridge replication's count of the authors' file (24,345 training rows, 8,070 test).
-SPLIT_SIZES = {
-    "mnist": (59_600, 400, 10_000),
-    "omniglot": (23_000, 1_345, 8_070),
-    "binarized_mnist": (50_000, 10_000, 10_000),
-}
-# The environment variable that names each dataset's download mirrors (a private network's).
-MIRRORS_VARIABLES = {
-    "mnist": data.MIRRORS_VARIABLE,
-    "omniglot": omniglot.MIRRORS_VARIABLE,
-    "binarized_mnist": binarized_mnist.MIRRORS_VARIABLE,
-}
+# The built-in datasets register as their modules are imported, in the papers' order.
+# isort: off
+from .data import DATASETS, Dataset
+from . import omniglot  # noqa: F401
+from . import binarized_mnist  # noqa: F401
+# isort: on
 
 
 def load_dataset(
@@ -33,12 +22,8 @@ def load_dataset(
     binarization: str = "dynamic",
     download: bool = True,
 ) -> Dataset:
-    """`mnist`, `omniglot` or `binarized_mnist` (train / validation / test: SPLIT_SIZES), split as
-    Burda et al. did."""
-    if name == "mnist":
-        return load_mnist(data_dir, device, binarization, download)
-    if name == "omniglot":
-        return load_omniglot(data_dir, device, binarization, download)
-    if name == "binarized_mnist":
-        return load_binarized_mnist(data_dir, device, download)
-    raise ValueError(f"dataset={name!r}: choose one of {', '.join(DATASETS)}")
+    """The registered dataset `name`, split as its DatasetSource says (Burda et al.'s splits for
+    the built-in three)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[name].load(data_dir, device, binarization, download)

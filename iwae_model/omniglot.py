@@ -18,7 +18,17 @@ import numpy as np
 import scipy.io
 import torch
 
-from .data import DataError, Dataset, check_binarization, default_data_dir, fetch, grey_levels, mirrors_from, sha256
+from .data import (
+    DataError,
+    Dataset,
+    DatasetSource,
+    check_binarization,
+    default_data_dir,
+    fetch,
+    grey_levels,
+    mirrors_from,
+    sha256,
+)
 
 FILE = "chardata.mat"
 # The git blob id (SHA-1 of b"blob <size>\0" + content) of datasets/OMNIGLOT/chardata.mat in
@@ -96,3 +106,22 @@ def load_omniglot(
         device,
         {FILE: sha256(raw)},
     )
+
+
+class Omniglot(DatasetSource):
+    name = "omniglot"
+    title = "Omniglot, dynamically binarized (Burda et al. Table 1)"
+    # The Cambridge replication's count of the authors' file (24,345 training rows, 8,070 test).
+    splits = (23_000, N_VALIDATION, 8_070)
+    files = (FILE,)
+    mirrors_variable = MIRRORS_VARIABLE
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        binarization: str = "dynamic",
+        download: bool = True,
+    ) -> Dataset:
+        return load_omniglot(data_dir, device, binarization, download)

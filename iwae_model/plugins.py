@@ -1,8 +1,8 @@
-"""A researcher's own objectives, from a module outside this package: `--plugin my_bounds.py` on
-the command-line tools, `plugins: [my_bounds.py]` in a space file.
+"""A researcher's own objectives and datasets, from a module outside this package: `--plugin
+my_bounds.py` on the command-line tools, `plugins: [my_bounds.py]` in a space file.
 
-Importing the module is what adds its objectives: each subclass of objectives.Objective with a
-`name` registers itself. A plugin is recorded by its module name, file and SHA-256, so that a
+Importing the module is what adds them: each subclass of objectives.Objective or
+data.DatasetSource with a `name` registers itself. A plugin is recorded by its module name, file and SHA-256, so that a
 resumed sweep, a checkpoint and a results row say which code made them, and a changed file is
 found before it trains anything (docs/plugins.md)."""
 
@@ -18,7 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import parameters
+from .config import TrainConfig, parameters
+from .datasets import DATASETS
 from .errors import IWAEError
 from .objectives import OBJECTIVES
 
@@ -37,7 +38,7 @@ class Plugin:
     module: str
     file: str
     sha256: str
-    objectives: tuple[str, ...]
+    defines: tuple[str, ...]  # e.g. ("objective tempered", "dataset synthetic")
 
     def record(self) -> dict[str, str]:
         return {"module": self.module, "file": self.file, "sha256": self.sha256}
@@ -78,26 +79,32 @@ def load_plugin(spec: str, relative_to: Path | None = None) -> Plugin:
         return loaded
     if name == PACKAGE or name.startswith(PACKAGE + ".") or (path is not None and name in sys.modules):
         raise PluginError(f"plugin {path or spec}: module name {name!r} is taken by an installed module; rename it")
-    before = set(OBJECTIVES)
+    before = {*OBJECTIVES, *DATASETS}
     where = path or spec
     digest = code_digest(path) if path is not None else ""  # of the code as it is imported
     try:
         module = _import(name, path)
         parameters()  # a parameter named like a training setting is refused here, not in a trial
     except Exception as error:  # the user's code: anything
-        for added in set(OBJECTIVES) - before:  # a module that failed half-way registers nothing
-            del OBJECTIVES[added]
+        for registry in (OBJECTIVES, DATASETS):  # a module that failed half-way registers nothing
+            for added in set(registry) - before:
+                del registry[added]
         sys.modules.pop(name, None)
         if isinstance(error, IWAEError):  # an objective class that cannot be registered
             raise PluginError(f"plugin {where}: {error}") from None
         message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         raise PluginError(f"plugin {where}: does not import ({message}); fix the module and run again") from None
-    added = tuple(objective for objective in OBJECTIVES if objective not in before)
+    added = tuple(
+        f"{kind} {key}"
+        for kind, registry in (("objective", OBJECTIVES), ("dataset", DATASETS))
+        for key in registry
+        if key not in before
+    )
     if not added:
         sys.modules.pop(name, None)
         raise PluginError(
-            f"plugin {where}: defines no objective; subclass iwae_model.objectives.Objective with a `name` "
-            f"(docs/plugins.md)"
+            f"plugin {where}: defines no objective or dataset; subclass iwae_model.objectives.Objective or "
+            f"iwae_model.data.DatasetSource with a `name` (docs/plugins.md)"
         )
     source = _source_path(module)
     plugin = Plugin(name, str(source), digest if path is not None else code_digest(source), added)
@@ -148,16 +155,17 @@ def load_recorded(record: dict[str, Any], where: str) -> Plugin:
     return plugin
 
 
-def source_of(objective: str) -> dict[str, str] | None:
-    """The plugin record of the module defining `objective`; None for this package's own."""
-    module = OBJECTIVES[objective].__module__
-    if module == PACKAGE or module.startswith(PACKAGE + "."):
-        return None
-    if module in _LOADED:
-        return _LOADED[module].record()
-    # Imported some other way (a worker that imported the shipped module by name).
-    source = _source_path(sys.modules[module])
-    return {"module": module, "file": str(source), "sha256": code_digest(source)}
+def sources_of(config: TrainConfig) -> list[dict[str, str]]:
+    """The records of the plugins defining `config`'s objective and dataset ([] for this
+    package's own): what its checkpoints and results rows say made them."""
+    modules = {OBJECTIVES[config.objective].__module__, DATASETS[config.dataset].__module__}
+    records = []
+    for module in sorted(m for m in modules if m != PACKAGE and not m.startswith(PACKAGE + ".")):
+        if module not in _LOADED:  # imported some other way: recorded where it lies
+            source = _source_path(sys.modules[module])
+            _LOADED[module] = Plugin(module, str(source), code_digest(source), ())
+        records.append(_LOADED[module].record())
+    return records
 
 
 def loaded() -> list[Plugin]:

@@ -58,7 +58,7 @@ from .files import write_atomically
 from .likelihood import burda_active_units
 from .models import IWAEModel
 from .objectives import GradientEstimator, Objective, Surrogate
-from .plugins import source_of
+from .plugins import sources_of
 from .snr import gradient_snr
 from .torch_private import deterministic_inductor
 
@@ -183,7 +183,7 @@ class TrainingRun:
         self.steps_per_epoch = len(self.train_x) // config.batch_size
         self.boundaries = stage_boundaries(self.steps_per_epoch, config.passes, config.schedule)
         self.objective, self.estimator = config.build_objective(), config.build_estimator()
-        self.plugin = source_of(config.objective)  # the plugin that defines the objective, if any
+        self.plugins = sources_of(config)  # those defining the objective and dataset, if any
         torch.manual_seed(config.seed)
         self.model = config.build_model(train_mean=self.train_x.mean(0).cpu()).to(self.device)
         self.optimizer = build_optimizer(self.model, config)
@@ -348,7 +348,7 @@ class TrainingRun:
             "rng": rng_state(self.generator),
             "history": self.history,
             "train_seconds": self.train_seconds,
-            **({"plugin": self.plugin} if self.plugin else {}),
+            **({"plugins": self.plugins} if self.plugins else {}),
         }
 
     def save(self, folder: str | os.PathLike, durable: bool = True) -> None:

@@ -116,10 +116,10 @@ RESULTS = Schema(
         ("timestamp", pa.timestamp("ms", tz="UTC"), "UTC time of the evaluation"),
         ("config", STRING, "the trial's whole iwae_model.TrainConfig as JSON (lr, schedule, ...)"),
         (
-            "plugin",
+            "plugins",
             STRING,
-            "the plugin that defines the trial's objective, as JSON {module, file, sha256} (null: a built-in "
-            "objective)",
+            "the plugins that define the trial's objective and dataset, as a JSON list of {module, file, sha256} "
+            "(null: built-in ones)",
             True,
         ),
         ("ess_mean", FLOAT, "effective sample size of the k importance weights, mean over test images"),

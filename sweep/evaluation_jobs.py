@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import tune
 
-from iwae_model.datasets import SPLIT_SIZES
+from iwae_model.datasets import DATASETS
 
 from .space import AISSettings, SweepSpace
 from .storage import is_local
@@ -44,7 +44,7 @@ def same_evaluation(row: dict[str, Any], checkpoint: tune.Checkpoint, space: Swe
     """Whether results `row` is `checkpoint` evaluated as `space` asks: k, test images and the AIS
     settings (AIS off, or its steps, chains, start and images). A row is one evaluation, IS and
     AIS together under one evaluation id, so other AIS settings evaluate the checkpoint anew."""
-    test_images = SPLIT_SIZES.get(row["dataset"], (0, 0, 0))[2]
+    test_images = DATASETS[row["dataset"]].splits[2] if row["dataset"] in DATASETS else 0
     images = min(space.evaluation.images or test_images, test_images)
     return (row["checkpoint_uri"], row["eval_k"], row["eval_images"], *ais_settings(row)) == (
         checkpoint_uri(checkpoint),

@@ -26,7 +26,7 @@ import torch
 
 from iwae_model import TrainConfig
 from iwae_model.config import parameters, settings
-from iwae_model.datasets import SPLIT_SIZES
+from iwae_model.datasets import DATASETS
 from iwae_model.timing import (
     ais_seconds_per_image,
     bound_seconds_per_image,
@@ -100,7 +100,7 @@ class SweepPlan:
 
 
 def steps_per_pass(config: TrainConfig) -> int:
-    return (config.train_images or SPLIT_SIZES[config.dataset][0]) // config.batch_size
+    return (config.train_images or DATASETS[config.dataset].splits[0]) // config.batch_size
 
 
 def drawn_trials(space: SweepSpace) -> list[TrainConfig]:
@@ -167,7 +167,7 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
             step = timed(("step", key), partial(training_step_seconds, key, device, CALIBRATION_STEPS, warmup=3))
             per_image = timed(("bound", key), partial(bound_seconds_per_image, key, device))
             steps = steps_per_pass(config) * config.passes
-            _, valid_images, all_test = SPLIT_SIZES[config.dataset]
+            _, valid_images, all_test = DATASETS[config.dataset].splits
             test_images = config.test_images or all_test
             test_passes = math.ceil(config.passes / config.eval_every)
             bounds = (config.passes * valid_images + test_passes * test_images) * per_image
@@ -206,7 +206,7 @@ def plan_sweep(space: SweepSpace, device: torch.device, concurrent: int, eval_th
         evaluation = space.evaluation
         trials = [*trials, *space.continued]
         chosen = trials if evaluation.best == "each" else trials[: evaluation.top]
-        images = [evaluation.images or SPLIT_SIZES[t.dataset][2] for t in chosen]
+        images = [evaluation.images or DATASETS[t.dataset].splits[2] for t in chosen]
         layers = {t.layers for t in chosen}
         per_image = {
             n: likelihood_seconds_per_image(TrainConfig(layers=n), device, evaluation.k, CALIBRATION_IMAGES)

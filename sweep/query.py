@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         frame = where(read_results(args.location).to_pandas(), args.where, "--where")
-        for record in {value for value in frame.get("plugin", []) if isinstance(value, str)}:
-            load_recorded(json.loads(record), f"{args.location}: its rows' objective")  # for the tables' columns
+        for records in {value for value in frame.get("plugins", []) if isinstance(value, str)}:
+            for record in json.loads(records):  # the rows' objectives and datasets, for the tables
+                load_recorded(record, f"{args.location}: its rows' plugins")
         if frame.empty:
             raise ResultsError(f"{args.location}: no rows match {' '.join(args.where)}")
         if args.compare:

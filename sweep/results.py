@@ -28,7 +28,7 @@ from iwae_model import TrainConfig
 from iwae_model.ais import AISComparison
 from iwae_model.errors import IWAEError
 from iwae_model.evaluation import Evaluation, comparable_to_papers
-from iwae_model.plugins import source_of
+from iwae_model.plugins import sources_of
 
 from . import columns
 from .storage import filesystem_and_path, write_whole
@@ -101,7 +101,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
         "project_version": iwae_model.__version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0),
         "config": json.dumps(config.to_dict()),
-        "plugin": json.dumps(plugin) if (plugin := source_of(config.objective)) else None,
+        "plugins": json.dumps(plugins) if (plugins := sources_of(config)) else None,
         "ess_mean": result.ess_mean,
         "ess_median": result.ess_median,
         "pareto_k_above_0_7": result.pareto_k_above,

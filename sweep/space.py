@@ -96,7 +96,7 @@ import yaml
 from iwae_model import TrainConfig, build_model
 from iwae_model.ais import STARTS, TUNING_CHAINS
 from iwae_model.config import parameters, settings
-from iwae_model.datasets import SPLIT_SIZES
+from iwae_model.datasets import DATASETS
 from iwae_model.errors import IWAEError
 from iwae_model.likelihood import default_image_batch
 from iwae_model.objectives import OBJECTIVES
@@ -592,7 +592,7 @@ def _check_ais_images(space: SweepSpace) -> None:
     if space.search and "dataset" in space.search.distributions:
         datasets |= set(_probes(space.search.distributions["dataset"]))
     for dataset in sorted(datasets):
-        test_images = SPLIT_SIZES[dataset][2]
+        test_images = DATASETS[dataset].splits[2]
         if ais.images > test_images:
             raise SpaceError(
                 f"{space.source}: evaluation.ais.images: {ais.images}: the {dataset} test set has "

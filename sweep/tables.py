@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from iwae_model.config import parameters
+from iwae_model.datasets import DATASETS
 from iwae_model.importance import PARETO_K_THRESHOLD
 from iwae_model.objectives import OBJECTIVES
 
@@ -27,11 +28,6 @@ from .results import TRIALS_SCHEMA, ResultsError
 from .study import search_table
 
 KEY = ["layers", "m", "k"]
-DATASET_TITLES = {
-    "mnist": "MNIST, dynamically binarized (Burda et al. Table 1)",
-    "omniglot": "Omniglot, dynamically binarized (Burda et al. Table 1)",
-    "binarized_mnist": "MNIST, Larochelle & Murray's fixed binarization (Burda et al. Appendix D)",
-}
 
 
 def variant(row: pd.Series) -> str:
@@ -70,13 +66,16 @@ def published() -> dict:
 
 
 def reference_values() -> pd.DataFrame:
-    """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml)."""
+    """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml),
+    and those a plugin's dataset declares (data.DatasetSource.published)."""
+    defaults = {"beta": 0.5, "estimator": "reparam", "active_units": None}
     rows = [
-        {"paper": paper, "dataset": "mnist", "beta": 0.5, "estimator": "reparam", "active_units": None, **entry}
+        {"paper": paper, "dataset": "mnist", **defaults, **entry}
         for paper, entries in published().items()
         if paper != TABLE_2
         for entry in entries
     ]
+    rows += [{"dataset": name, **defaults, **entry} for name, cls in DATASETS.items() for entry in cls.published]
     frame = pd.DataFrame(rows)
     frame["variant"] = frame.apply(variant, axis=1)
     return frame
@@ -171,7 +170,7 @@ def summarise(frame: pd.DataFrame, baseline: tuple[pd.DataFrame, pd.Series] | No
     summary["difference"] = summary["test_nll"] - summary["paper_nll"]
     order = {name.upper(): i for i, name in enumerate(OBJECTIVES)}
     summary["_order"] = summary["variant"].map(lambda v: order.get(v.split("(")[0].split("+")[0], 99))
-    summary["_dataset"] = summary["dataset"].map(lambda d: list(DATASET_TITLES).index(d))
+    summary["_dataset"] = summary["dataset"].map(lambda d: list(DATASETS).index(d))
     return (
         summary.sort_values(["_dataset", *KEY, "_order", "variant"])
         .drop(columns=["_dataset", "_order"])
@@ -243,7 +242,7 @@ def markdown_table(summary: pd.DataFrame, baseline: str | None = None) -> str:
         variants = list(dict.fromkeys(part["variant"]))
         lines += [
             *([""] if lines else []),
-            f"{DATASET_TITLES[dataset]}:",
+            f"{DATASETS[dataset].title}:",
             "| layers | M | K | " + " | ".join(variants) + " |",
             "|---|---|---|" + "---|" * len(variants),
         ]

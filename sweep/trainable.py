@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from iwae_model import Dataset, IWAEModel, TrainConfig
 from iwae_model.checkpoint import CheckpointError, load_checkpoint
 from iwae_model.data import DataError
-from iwae_model.datasets import MIRRORS_VARIABLES, load_dataset
+from iwae_model.datasets import DATASETS, load_dataset
 from iwae_model.device import device_record, pin_float32
 from iwae_model.files import held_folder, remove_abandoned_folders, write_atomically
 from iwae_model.plugins import load_recorded
@@ -73,11 +73,11 @@ def curves(result: dict) -> dict[str, float]:
     return tags
 
 
-def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
-    """`[N, 784]` images in [0, 1] as one `[1, H, W]` grid, `columns` across."""
-    rows = images.shape[0] // columns
-    grid = images[: rows * columns].reshape(rows, columns, 28, 28).permute(0, 2, 1, 3)
-    return grid.reshape(1, rows * 28, columns * 28)
+def image_grid(images: torch.Tensor, columns: int, shape: tuple[int, int]) -> torch.Tensor:
+    """`[N, H*W]` images in [0, 1] of `shape` (H, W) as one `[1, rows*H, columns*W]` grid."""
+    rows, (height, width) = images.shape[0] // columns, shape
+    grid = images[: rows * columns].reshape(rows, columns, height, width).permute(0, 2, 1, 3)
+    return grid.reshape(1, rows * height, columns * width)
 
 
 def write_images(writer: SummaryWriter, model: IWAEModel, data: Dataset, epoch: int) -> None:
@@ -85,8 +85,9 @@ def write_images(writer: SummaryWriter, model: IWAEModel, data: Dataset, epoch: 
     samples = model.sample(IMAGE_GRID * IMAGE_GRID, generator)
     x = data.binarized_once("test")[: IMAGE_GRID * IMAGE_GRID // 2]
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).reshape(-1, x.shape[1])
-    writer.add_image("samples", image_grid(samples.cpu(), IMAGE_GRID), epoch)
-    writer.add_image("reconstructions", image_grid(pairs.cpu(), IMAGE_GRID), epoch)
+    shape = DATASETS[data.name].shape
+    writer.add_image("samples", image_grid(samples.cpu(), IMAGE_GRID, shape), epoch)
+    writer.add_image("reconstructions", image_grid(pairs.cpu(), IMAGE_GRID, shape), epoch)
     writer.flush()
 
 
@@ -100,9 +101,12 @@ def load_node_data(config: TrainConfig, data_dir: str, device: torch.device) -> 
         raise DataError(
             f"on node {node['hostname']} ({node['node_ip']}, Ray node {node['node_id']}): {error}\nEvery "
             f"node needs {config.dataset} at {data_dir} or a way to download it: put it on a mount every "
-            f"node shares at that path, copy it there in the cluster's setup_commands, or set "
-            f"{MIRRORS_VARIABLES[config.dataset]} to a mirror the nodes reach (e.g. your bucket's https "
-            f"URL)"
+            f"node shares at that path or copy it there in the cluster's setup_commands"
+            + (
+                f", or set {variable} to a mirror the nodes reach (e.g. your bucket's https URL)"
+                if (variable := DATASETS[config.dataset].mirrors_variable)
+                else ""
+            )
         ) from None
 
 

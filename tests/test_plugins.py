@@ -3,10 +3,12 @@ clear error when they cannot work, shipped to Ray's workers, trained and resumed
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -15,6 +17,8 @@ from test_sweep import hparams_sessions
 
 from iwae_model import TrainConfig
 from iwae_model import plugins as plugin_module
+from iwae_model.data import DataError
+from iwae_model.datasets import DATASETS, load_dataset
 from iwae_model.objectives import OBJECTIVES
 from iwae_model.plugins import PluginError, load_plugin
 
@@ -22,8 +26,10 @@ TEMPERED = '''
 import math
 import os
 
+import numpy as np
 import torch
 
+from iwae_model.data import DatasetSource
 from iwae_model.objectives import Objective, Parameter
 
 
@@ -42,6 +48,22 @@ class Tempered(Objective):
         return self.tau * (torch.logsumexp(log_w / self.tau, 0) - math.log(self.k))
 
 
+class Synthetic(DatasetSource):
+    """Grey blobs on an 8x8 grid (the test writes its file)."""
+
+    name = "synthetic"
+    title = "Synthetic 8x8 blobs (a test plugin's dataset)"
+    splits = (400, 100, 100)
+    shape = (8, 8)
+    files = ("synthetic.npz",)
+    published = ({"paper": "nobody 2026", "objective": "iwae", "layers": 1, "m": 1, "k": 3, "nll": 30.0},)
+
+    @classmethod
+    def read(cls, folder):
+        arrays = np.load(folder / "synthetic.npz")
+        return arrays["train"], arrays["valid"], arrays["test"]
+
+
 if "IMPORTED_FROM" in os.environ:  # where each process found this module (the sweep test reads it)
     with open(os.environ["IMPORTED_FROM"], "a") as log:
         log.write(__file__ + "\\n")
@@ -52,10 +74,12 @@ if "IMPORTED_FROM" in os.environ:  # where each process found this module (the s
 def registry():
     """The objectives and plugins as they were before the test: a plugin loaded here must not
     reach the other tests this worker runs (its parameter would join every TrainConfig)."""
-    objectives, loaded, modules = dict(OBJECTIVES), dict(plugin_module._LOADED), set(sys.modules)
+    objectives, datasets = dict(OBJECTIVES), dict(DATASETS)
+    loaded, modules = dict(plugin_module._LOADED), set(sys.modules)
     yield
-    OBJECTIVES.clear()
-    OBJECTIVES.update(objectives)
+    for registry, before in ((OBJECTIVES, objectives), (DATASETS, datasets)):
+        registry.clear()
+        registry.update(before)
     plugin_module._LOADED.clear()
     plugin_module._LOADED.update(loaded)
     for name in set(sys.modules) - modules:
@@ -99,7 +123,13 @@ BAD_PLUGINS = {  # file body: words the error must hold
         TEMPERED.replace('estimators = ("reparam", "stl")', 'estimators = ("reparam", "dreg")'),
         ["lists dreg", "no dreg_coefficients"],
     ),
-    "no objective": ("X = 1\n", ["defines no objective", "subclass iwae_model.objectives.Objective"]),
+    "a dataset without read": (
+        TEMPERED.replace(
+            "    @classmethod\n    def read(cls, folder):", "    @classmethod\n    def reader(cls, folder):"
+        ),
+        ["dataset class Synthetic (name 'synthetic')", "has no read(folder)"],
+    ),
+    "no objective": ("X = 1\n", ["defines no objective or dataset", "subclass iwae_model.objectives.Objective"]),
 }
 
 
@@ -107,20 +137,20 @@ BAD_PLUGINS = {  # file body: words the error must hold
 def test_a_bad_plugin_is_named_with_the_fix_and_registers_nothing(case, tmp_path, registry):
     code, words = BAD_PLUGINS[case]
     path = write_plugin(tmp_path, "bad_bounds", code)
-    before = dict(OBJECTIVES)
+    before = dict(OBJECTIVES), dict(DATASETS)
     with pytest.raises(PluginError) as error:
         load_plugin(str(path))
     assert str(error.value).startswith(f"plugin {path}")
     for word in words:
         assert word in str(error.value), (word, str(error.value))
-    assert OBJECTIVES == before and "bad_bounds" not in sys.modules
+    assert (OBJECTIVES, DATASETS) == before and "bad_bounds" not in sys.modules
 
 
 def test_a_plugin_objective_is_a_setting_like_any_other(tmp_path, registry):
     plugin = load_plugin(
         "plugins/my_bounds.py", relative_to=write_plugin(tmp_path / "plugins", "my_bounds", TEMPERED).parents[1]
     )
-    assert plugin.objectives == ("tempered",) and plugin.module == "my_bounds" and len(plugin.sha256) == 64
+    assert plugin.defines == ("objective tempered", "dataset synthetic") and plugin.module == "my_bounds"
     config = TrainConfig(objective="tempered", tau=2.0, k=4)
     assert config.label() == "tempered_L1_M1_K4_t2_s0" and config.to_dict()["tau"] == 2.0
     assert repr(config.build_objective()) == "TEMPERED(tau=2.0, K=4)"
@@ -129,31 +159,60 @@ def test_a_plugin_objective_is_a_setting_like_any_other(tmp_path, registry):
     with pytest.raises(ValueError, match="objective 'tempered' supports reparam, stl"):
         TrainConfig(objective="tempered", estimator="dreg")
     assert load_plugin(str(tmp_path / "plugins" / "my_bounds.py")) is plugin  # loaded once
+    with pytest.raises(DataError, match=f"synthetic.npz not in {tmp_path}: put the files there"):
+        load_dataset("synthetic", tmp_path)
+    write_synthetic(tmp_path, test=np.full((100, 65), 0.5))
+    with pytest.raises(DataError, match=r"its test split has shape \(100, 65\); Synthetic declares 100 images of 64"):
+        load_dataset("synthetic", tmp_path)
+    write_synthetic(tmp_path, valid=np.full((100, 64), 2.0))
+    with pytest.raises(DataError, match=r"its valid split has values outside \[0, 1\]"):
+        load_dataset("synthetic", tmp_path)
+    write_synthetic(tmp_path)
+    data = load_dataset("synthetic", tmp_path, binarization="static")
+    assert data.train.shape == (400, 64) and set(data.train.unique().tolist()) == {0.0, 1.0}
+    assert data.files == {"synthetic.npz": hashlib.sha256((tmp_path / "synthetic.npz").read_bytes()).hexdigest()}
+
+
+def write_synthetic(folder, **replaced):
+    """The synthetic dataset's file: blobs of grey levels, 8x8."""
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 1, (4, 64))
+    splits = {name: centres[rng.integers(0, 4, n)] * 0.9 for name, n in (("train", 400), ("valid", 100), ("test", 100))}
+    np.savez(folder / "synthetic.npz", **{**splits, **replaced})
 
 
 def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp_path, mnist_dir, monkeypatch):
-    """A bound defined outside the repository, in no Ray worker's path: shipped by Ray to the
-    trials, trained by a real sweep killed at its first checkpoint and resumed (the plugin found
-    again from the sweep's spec), ranked by the fair metric against IWAE, in Parquet, the
-    query's table and HParams; its file edited afterwards refuses the next resume, naming it."""
+    """A bound and a dataset defined outside the repository, in no Ray worker's path: shipped by
+    Ray to the trials, trained by a real sweep (real MNIST and the synthetic data) killed at its
+    first checkpoint and resumed (the plugin found again from the sweep's spec), ranked by the
+    fair metric against IWAE, in Parquet, the query's tables and HParams; its file edited
+    afterwards refuses the next resume, naming it."""
     plugin = write_plugin(tmp_path / "bounds", "tempered_bound", TEMPERED)
     monkeypatch.setenv("IMPORTED_FROM", str(tmp_path / "imported_from.txt"))
+    data_dir = tmp_path / "data"  # one folder holds every dataset's files
+    data_dir.mkdir()
+    for file in mnist_dir.iterdir():
+        (data_dir / file.name).symlink_to(file)
+    write_synthetic(data_dir)
     space = {
         "name": "own",
         "plugins": ["bounds/tempered_bound.py"],
-        "experiments": [{"objective": "tempered", "tau": [0.5, 2.0], "k": 3}, {"objective": "iwae", "k": 3}],
+        "experiments": [
+            {"objective": "tempered", "tau": [0.5, 2.0], "k": 3},
+            {"objective": "iwae", "k": 3, "dataset": ["mnist", "synthetic"]},
+        ],
         "training": {"passes": 2, "train_images": 400, "test_images": 100, "valid_ll_k": 10},
-        "evaluation": {"k": 20, "images": 20, "best": "top", "top": 3},
+        "evaluation": {"k": 20, "images": 20, "best": "top", "top": 4},
         "checkpoints": {"keep": 1, "every": 1},
     }
-    command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, mnist_dir, ".")
+    command, sweep_dir = kill_sweep_at_first_checkpoint(space, tmp_path, data_dir, ".")
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     imported_from = set((tmp_path / "imported_from.txt").read_text().split())
     assert str(plugin) in imported_from  # the drivers
     assert any("runtime_resources" in where for where in imported_from), imported_from  # Ray's copy, in trials
     rows = pq.read_table(sweep_dir / "results" / "results.parquet").to_pylist()
-    names = ["iwae_L1_M1_K3_s0", "tempered_L1_M1_K3_t0.5_s0", "tempered_L1_M1_K3_t2_s0"]
+    names = ["iwae_L1_M1_K3_s0", "synthetic_iwae_L1_M1_K3_s0", "tempered_L1_M1_K3_t0.5_s0", "tempered_L1_M1_K3_t2_s0"]
     assert sorted(r["trial_name"] for r in rows) == names
     record = {
         "module": "tempered_bound",
@@ -163,9 +222,12 @@ def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp
     for row in rows:
         if row["objective"] == "tempered":
             assert row["tau"] in (0.5, 2.0) and row["test_bound_name"] == f"TEMPERED(tau={row['tau']}, K=3)"
-            assert json.loads(row["plugin"]) == record and json.loads(row["config"])["tau"] == row["tau"]
+            assert json.loads(row["config"])["tau"] == row["tau"]
         else:
-            assert row["plugin"] is None and row["tau"] == 1.0  # the parameter's default, as beta's
+            assert row["tau"] == 1.0  # the parameter's default, as beta's
+        plugin_made = row["objective"] == "tempered" or row["dataset"] == "synthetic"
+        assert (json.loads(row["plugins"]) if plugin_made else row["plugins"]) == ([record] if plugin_made else None)
+        assert row["eval_images"] == 20 and math.isfinite(row["test_nll"])
     trials = pq.read_table(sweep_dir / "results" / "trials.parquet").to_pylist()
     assert {t["rank_metric"] for t in trials} == {"valid_ll"}  # objectives differ: the fair metric
     sessions = hparams_sessions(sweep_dir)
@@ -174,6 +236,8 @@ def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp
     query = subprocess.run([sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True)
     assert query.returncode == 0, query.stderr[-2000:]
     assert all(column in query.stdout for column in ("TEMPERED(τ=0.5)", "TEMPERED(τ=2)", "| IWAE"))
+    synthetic = query.stdout[query.stdout.index("Synthetic 8x8 blobs (a test plugin's dataset):") :]
+    assert "30.00" in synthetic.split("\n\n")[0]  # the dataset's published value beside its row
     plugin.write_text(plugin.read_text() + "# tuned after the sweep\n")
     refused = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
