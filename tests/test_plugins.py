@@ -7,20 +7,24 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import kill_sweep_at_first_checkpoint
+from conftest import kill_sweep_at_first_checkpoint, small_mnist
 from test_sweep import hparams_sessions
 
 from iwae_model import TrainConfig
 from iwae_model import plugins as plugin_module
+from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import DataError
 from iwae_model.datasets import DATASETS, load_dataset
 from iwae_model.objectives import OBJECTIVES
-from iwae_model.plugins import PluginError, load_plugin
+from iwae_model.plugins import PluginError, load_plugin, load_recorded
+from iwae_model.train import parse_args
+from iwae_model.training import train
 
 TEMPERED = '''
 import math
@@ -179,6 +183,36 @@ def write_synthetic(folder, **replaced):
     centres = rng.uniform(0, 1, (4, 64))
     splits = {name: centres[rng.integers(0, 4, n)] * 0.9 for name, n in (("train", 400), ("valid", 100), ("test", 100))}
     np.savez(folder / "synthetic.npz", **{**splits, **replaced})
+
+
+def test_the_train_and_evaluate_clis_take_a_plugin_and_its_checkpoints_name_it(tmp_path, mnist, registry):
+    path = write_plugin(tmp_path / "bounds", "cli_bounds", TEMPERED)
+    config, _ = parse_args(["--plugin", str(path), "--objective", "tempered", "--tau", "2", "--out", str(tmp_path)])
+    assert (config.objective, config.tau) == ("tempered", 2.0)
+    run_dir = tmp_path / "run"
+    train(replace(config, passes=1, train_images=200, test_images=50), run_dir, small_mnist(mnist), progress=False)
+    record = {"module": "cli_bounds", "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert load_checkpoint(run_dir)["plugins"] == [record]
+    evaluate = [sys.executable, "-m", "iwae_model.evaluate", str(run_dir), "--k", "5", "--images", "10"]
+    without = subprocess.run(evaluate, capture_output=True, text=True, timeout=300)
+    assert without.returncode == 1 and "Traceback" not in without.stderr
+    assert f"trained with plugin cli_bounds ({path}), which defines its objective or dataset: pass --plugin" in (
+        without.stderr
+    )
+    with_plugin = subprocess.run([*evaluate, "--plugin", str(path)], capture_output=True, text=True, timeout=300)
+    assert with_plugin.returncode == 0, with_plugin.stderr[-2000:]
+    assert "test TEMPERED(tau=2.0, K=5) bound" in with_plugin.stdout
+
+
+def test_a_recorded_plugin_that_is_missing_or_changed_is_named(tmp_path, registry):
+    path = write_plugin(tmp_path, "recorded_bounds", TEMPERED)
+    record = {"module": "recorded_bounds", "file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    path.rename(tmp_path / "elsewhere.py")
+    with pytest.raises(PluginError, match=f"the sweep's spec: plugin recorded_bounds \\({path}\\) is missing: put the"):
+        load_recorded(record, "the sweep's spec")
+    path.write_text(TEMPERED + "# edited\n")
+    with pytest.raises(PluginError, match=f"plugin {path} changed since the sweep started"):
+        load_recorded(record, "the sweep's spec")
 
 
 def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp_path, mnist_dir, monkeypatch):
