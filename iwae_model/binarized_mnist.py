@@ -57,10 +57,14 @@ def read_amat(raw: bytes, source: str, rows: int) -> np.ndarray:
 def load_binarized_mnist(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
+    binarization: str = "dynamic",
     download: bool = True,
     mirrors: tuple[str, ...] | None = None,
     timeout: float = 60.0,
 ) -> Dataset:
+    """Larochelle & Murray's bits, used as they are: `binarization` takes only its default."""
+    if binarization != "dynamic":
+        raise ValueError(f"binarization={binarization!r}: binarized_mnist is binary already; leave it at dynamic")
     folder = default_data_dir(data_dir)
     mirrors = mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS)
     splits, files = [], {}
@@ -96,13 +100,4 @@ class BinarizedMNIST(DatasetSource):
     files = tuple(ROWS)
     binary = True
     mirrors_variable = MIRRORS_VARIABLE
-
-    @classmethod
-    def load(
-        cls,
-        data_dir: str | os.PathLike | None = None,
-        device: torch.device | str = "cpu",
-        binarization: str = "dynamic",
-        download: bool = True,
-    ) -> Dataset:
-        return load_binarized_mnist(data_dir, device, download)
+    loader = staticmethod(load_binarized_mnist)

@@ -317,8 +317,8 @@ class DatasetSource:
       published  published test NLLs for the query's tables: {paper, objective, layers, m, k,
                  nll} each (and active_units, beta, estimator where they matter)
     and implements `read(folder)` -> (train, valid, test) arrays [N, D]; `load` checks the files,
-    shapes and values and binarizes. The built-ins override `load` (they download and verify
-    their files against known checksums)."""
+    shapes and values and binarizes. The built-ins have a `loader` of their own instead (they
+    download and verify their files against known checksums)."""
 
     name: ClassVar[str]
     title: ClassVar[str]
@@ -328,6 +328,8 @@ class DatasetSource:
     binary: ClassVar[bool] = False
     mirrors_variable: ClassVar[str | None] = None  # the variable naming download mirrors, if it has any
     published: ClassVar[tuple[dict[str, Any], ...]] = ()
+    # load_*(data_dir, device, binarization, download) of a built-in: instead of read
+    loader: ClassVar[Callable[..., Dataset] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -354,6 +356,8 @@ class DatasetSource:
     ) -> Dataset:
         """Its splits on `device`, each file's SHA-256 recorded; a DataError naming the file or
         split and the fix for missing files or data that is not what it declares."""
+        if cls.loader is not None:
+            return cls.loader(data_dir, device, binarization, download)
         if binarization not in cls.binarizations():
             raise ValueError(f"binarization={binarization!r}: dataset {cls.name!r} takes {cls.binarizations()}")
         folder = default_data_dir(data_dir)
@@ -416,7 +420,7 @@ def _register_dataset(cls: type[DatasetSource]) -> None:
         raise fail(f"splits={splits!r}: give (training, validation, test) image counts, three positive integers")
     if not (len(cls.shape) == 2 and all(isinstance(n, int) and n > 0 for n in cls.shape)):
         raise fail(f"shape={cls.shape!r}: give an image's (height, width), two positive integers")
-    if cls.read.__func__ is DatasetSource.read.__func__ and cls.load.__func__ is DatasetSource.load.__func__:
+    if cls.read.__func__ is DatasetSource.read.__func__ and cls.loader is None:
         raise fail("it has no read(folder): define it, returning (train, valid, test) arrays [N, D]")
     if not isinstance(cls.files, tuple) or not all(isinstance(name, str) and name for name in cls.files):
         raise fail("files must be a tuple of file names in the data folder")
@@ -433,13 +437,4 @@ class MNIST(DatasetSource):
     splits = (59_600, N_VALIDATION, 10_000)
     files = tuple(MNIST_SHA256)
     mirrors_variable = MIRRORS_VARIABLE
-
-    @classmethod
-    def load(
-        cls,
-        data_dir: str | os.PathLike | None = None,
-        device: torch.device | str = "cpu",
-        binarization: str = "dynamic",
-        download: bool = True,
-    ) -> Dataset:
-        return load_mnist(data_dir, device, binarization, download)
+    loader = staticmethod(load_mnist)

@@ -115,13 +115,4 @@ class Omniglot(DatasetSource):
     splits = (23_000, N_VALIDATION, 8_070)
     files = (FILE,)
     mirrors_variable = MIRRORS_VARIABLE
-
-    @classmethod
-    def load(
-        cls,
-        data_dir: str | os.PathLike | None = None,
-        device: torch.device | str = "cpu",
-        binarization: str = "dynamic",
-        download: bool = True,
-    ) -> Dataset:
-        return load_omniglot(data_dir, device, binarization, download)
+    loader = staticmethod(load_omniglot)
