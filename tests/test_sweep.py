@@ -32,6 +32,7 @@ from test_live_view import assert_each_trial_and_no_noise
 from iwae_model.checkpoint import load_checkpoint
 from sweep.cluster import LOOPBACK_SWITCH, ClusterError, check_gpus
 from sweep.columns import RESULTS
+from sweep.evaluate import main as evaluate_main
 from sweep.plan import drawn_trials, dry_run, plan_sweep
 from sweep.query import main as query_main
 from sweep.results import (
@@ -454,37 +455,22 @@ def test_a_second_stage_continues_another_finished_sweep(finished_sweep, local_r
     # Stage 1 is read from the other sweep, never trained or written to here.
     assert trial_dirs(tmp_path / "continued") == [] and len(trial_dirs(tmp_path / "continued" / "stage2")) == 1
     assert {path: path.stat().st_mtime_ns for path in parent_dir.rglob("*")} == untouched
-    again = subprocess.run(
-        [sys.executable, "-m", "sweep.evaluate", str(tmp_path / "continued"), "--k", "20", "--images", "10"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert len(read_results(str(tmp_path / "continued")).to_pylist()) == 3
+    # `python -m sweep.evaluate` in this process, on this module's Ray (a second Ray costs more than
+    # the evaluation): it reads the two-stage sweep from its files, never from this driver's memory.
+    evaluate_main([str(tmp_path / "continued"), "--k", "20", "--images", "10"])
+    again = read_results(str(tmp_path / "continued")).to_pylist()
+    assert len(again) == 3 and {row["eval_k"] for row in again} == {20}  # all three evaluated anew
     unknown = replace(
         parse_space({**continued, "name": "unknown", "experiments": [{"objective": "vae", "k": 7}]}, "<unknown>"),
         init_from_sweep=str(parent_dir),
     )
     with pytest.raises(SpaceError, match="no finished trial labelled vae_L1_M1_K7_s0 to continue"):
         run_sweep(unknown, str(tmp_path), str(mnist_dir))
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sweep.run",
-            "--space",
-            "quick",
-            "--init-from-sweep",
-            str(parent_dir),
-            "--storage",
-            str(tmp_path / "cli"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert cli.returncode == 1 and "has no `continue` section" in cli.stderr and "Traceback" not in cli.stderr
+    # The command in this process: a user's error ends it as exit_with does (status 1, the message on
+    # stderr); any other exception would fail this test, as a traceback would.
+    with pytest.raises(SystemExit) as refused:
+        run_main(["--space", "quick", "--init-from-sweep", str(parent_dir), "--storage", str(tmp_path / "cli")])
+    assert str(refused.value.code).startswith("error: ") and "has no `continue` section" in str(refused.value.code)
 
 
 def test_asha_stops_trials_worse_than_the_ones_before_them(local_ray, mnist_dir, tmp_path):
