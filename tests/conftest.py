@@ -50,6 +50,7 @@ LONGEST_FIRST = (
     "test_killed_driver.py",
     "test_hostile_folder.py",
     "test_trackers.py",
+    "test_plugins.py",
     "test_datasets.py",
 )
 
