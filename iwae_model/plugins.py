@@ -130,29 +130,44 @@ def _source_path(module: ModuleType) -> Path:
     return file.parent if file.name == "__init__.py" else file
 
 
-def load_recorded(record: dict[str, Any], where: str) -> Plugin:
-    """Load the plugin a sweep, trial or checkpoint recorded, refusing it if its code changed
-    since: by its module name where that imports (what Ray's runtime environment shipped to this
-    node), else from its file. `where` names the record in errors."""
+def load_recorded(record: dict[str, Any], where: str, shipped: bool = False) -> Plugin:
+    """Load the plugin a sweep's spec or a trial recorded, refusing it if its code changed since,
+    before running it. From its file; with `shipped` (a trial or an evaluation on a Ray node),
+    by its module name where that imports: the copy Ray's runtime environment shipped. A record
+    read from a file names code to run, so it is never imported by name on the driver: a sweep
+    folder from elsewhere could name any installed module. `where` names the record in errors."""
     name, path, expected = record["module"], Path(record["file"]), record["sha256"]
+
+    def changed(found: str) -> PluginError:
+        return PluginError(
+            f"{where}: plugin {path} changed since the sweep started (SHA-256 {expected[:12]}... then, "
+            f"{found[:12]}... now): its trials must keep the code that trained them; restore the file, or start "
+            f"a new sweep with the new code"
+        )
+
     if name not in _LOADED:
-        if importlib.util.find_spec(name) is not None:
+        if shipped and importlib.util.find_spec(name) is not None:
             _LOADED[name] = replace(load_plugin(name), file=str(path))  # recorded as the user's file
-        elif path.exists():
-            load_plugin(str(path)) if path.suffix == ".py" else load_plugin(name)
-        else:
+        elif not path.exists():
             raise PluginError(
                 f"{where}: plugin {name} ({path}) is missing: put the file back where it was (its SHA-256 was "
                 f"{expected[:12]}...); on a cluster the sweep ships it to every node itself"
             )
-    plugin = _LOADED[name]
-    if plugin.sha256 != expected:
-        raise PluginError(
-            f"{where}: plugin {path} changed since the sweep started (SHA-256 {expected[:12]}... then, "
-            f"{plugin.sha256[:12]}... now): its trials must keep the code that trained them; restore the file, "
-            f"or start a new sweep with the new code"
-        )
-    return plugin
+        elif (found := code_digest(path)) != expected:
+            raise changed(found)
+        elif path.is_dir():  # a package given by its module name: it must import from that folder
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None or Path(spec.origin).parent != path:
+                raise PluginError(
+                    f"{where}: plugin {name} is the package {path}, which `import {name}` does not find here; "
+                    f"put its parent folder on PYTHONPATH"
+                )
+            load_plugin(name)
+        else:
+            load_plugin(str(path))
+    if _LOADED[name].sha256 != expected:
+        raise changed(_LOADED[name].sha256)
+    return _LOADED[name]
 
 
 def sources_of(config: TrainConfig) -> list[dict[str, str]]:

@@ -37,7 +37,7 @@ def evaluate_checkpoint(job: EvaluationJob) -> tuple[dict[str, Any], dict[str, A
     pin_float32()
     device = ray_device()
     for record in job.plugins:
-        load_recorded(record, f"the evaluation of {job.uri}")
+        load_recorded(record, f"the evaluation of {job.uri}", shipped=True)
     with job.checkpoint.as_directory() as folder:  # on object storage: downloaded to /tmp
         try:
             model, config, state = load_model(Path(folder) / CHECKPOINT_NAME, device)

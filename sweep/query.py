@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from pyarrow import fs as pafs
 
 from iwae_model.errors import IWAEError, end_without_shutdown, exit_with
-from iwae_model.plugins import load_recorded
+from iwae_model.plugins import add_plugin_flag, load_plugin, loaded
 
 from .compare import beside_results, comparison_text, load_per_image, select_one, where
 from .folder import SPEC_FILE, read_spec
@@ -28,6 +29,9 @@ from .storage import filesystem_and_path
 from .study import importance_text, save_plots, search_table, searched
 from .tables import plot, snr_plot, summarise, table_text
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 def search_distributions(location: str) -> dict[str, Distribution]:
     """The distributions of the search in sweep folder `location` ({} for a Parquet file)."""
@@ -36,6 +40,27 @@ def search_distributions(location: str) -> dict[str, Distribution]:
         return {}
     space, _ = read_spec(path, filesystem)
     return space.search.distributions if space.search else {}
+
+
+def require_plugins(frame: pd.DataFrame, location: str) -> None:
+    """Rows made with plugins need them loaded (--plugin): their objectives' parameters and
+    datasets' titles lay out the tables. Never loaded from the rows themselves: a results file
+    from elsewhere could name any code to run."""
+    have = {plugin.module: plugin for plugin in loaded()}
+    for records in {value for value in frame.get("plugins", []) if isinstance(value, str)}:
+        for record in json.loads(records):
+            plugin = have.get(record["module"])
+            if plugin is None:
+                raise ResultsError(
+                    f"{location}: rows made with plugin {record['module']} ({record['file']}): pass --plugin "
+                    f"{record['file']} to lay them out (it runs that file's code)"
+                )
+            if plugin.sha256 != record["sha256"]:
+                print(
+                    f"note: rows made with {record['file']} of SHA-256 {record['sha256'][:12]}..., laid out with "
+                    f"{plugin.file} of {plugin.sha256[:12]}...",
+                    file=sys.stderr,
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,12 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         help="print NLL(A) - NLL(B) with its paired and unpaired standard errors instead of the table; "
         "A and B as for --baseline",
     )
+    add_plugin_flag(parser)
     args = parser.parse_args(argv)
     try:
+        for spec in args.plugin:
+            load_plugin(spec)
         frame = where(read_results(args.location).to_pandas(), args.where, "--where")
-        for records in {value for value in frame.get("plugins", []) if isinstance(value, str)}:
-            for record in json.loads(records):  # the rows' objectives and datasets, for the tables
-                load_recorded(record, f"{args.location}: its rows' plugins")
+        require_plugins(frame, args.location)
         if frame.empty:
             raise ResultsError(f"{args.location}: no rows match {' '.join(args.where)}")
         if args.compare:

@@ -129,7 +129,7 @@ def train_trial(config: dict[str, Any]) -> None:
     if config.get("storage_marker"):  # this node may have joined after the driver checked the others
         verify_storage_marker(config["storage_marker"])
     for record in config.get("plugins") or []:
-        load_recorded(record, "this trial")
+        load_recorded(record, "this trial", shipped=True)
     train_config = trial_config(config)
     pin_float32()
     device = ray_device()

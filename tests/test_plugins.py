@@ -267,7 +267,10 @@ def test_a_plugin_trains_through_a_sweep_resumes_and_is_refused_once_changed(tmp
     sessions = hparams_sessions(sweep_dir)
     taus = sorted(session["tau"] for session, _ in sessions.values() if session["objective"] == "tempered")
     assert taus == [0.5, 2.0]
-    query = subprocess.run([sys.executable, "-m", "sweep.query", str(sweep_dir)], capture_output=True, text=True)
+    query = [sys.executable, "-m", "sweep.query", str(sweep_dir)]
+    refused = subprocess.run(query, capture_output=True, text=True)  # a results file never runs code by itself
+    assert refused.returncode == 1 and f"made with plugin tempered_bound ({plugin}): pass --plugin" in refused.stderr
+    query = subprocess.run([*query, "--plugin", str(plugin)], capture_output=True, text=True)
     assert query.returncode == 0, query.stderr[-2000:]
     assert all(column in query.stdout for column in ("TEMPERED(τ=0.5)", "TEMPERED(τ=2)", "| IWAE"))
     synthetic = query.stdout[query.stdout.index("Synthetic 8x8 blobs (a test plugin's dataset):") :]
