@@ -15,13 +15,12 @@ from .models import IWAEModel, build_model
 from .objectives import (
     ESTIMATORS,
     OBJECTIVES,
+    RESERVED_NAMES,
     GradientEstimator,
     Objective,
-    ObjectiveDefinitionError,
-    Parameter,
     build_estimator,
     build_objective,
-    objective_parameters,
+    parameters,
 )
 
 FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
@@ -57,8 +56,9 @@ class TrainConfig:
     m: int = setting(1, "groups M for miwae/piwae (vae uses M*K samples)")
     estimator: str | None = setting(
         None,
-        "encoder gradient: reparam (standard), stl (Roeder et al. 2017), dreg (Tucker et al. 2019; "
-        "1 layer only), wake (RWS's wake-phi); default: the objective's own (wake for rws, else reparam)",
+        "encoder gradient: "
+        + ", ".join(f"{e.name}, {e.help}" for e in ESTIMATORS.values())
+        + "; default: the objective's own (wake for rws, else reparam)",
     )
     passes: int = setting(
         FULL_SCHEDULE_PASSES,
@@ -256,9 +256,22 @@ class TrainConfig:
         return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean, **x_dim)
 
     def to_dict(self) -> dict:
-        """Every setting by name, the objectives' parameters among them."""
+        """Every setting by name: the fields, the objective's own parameters, and any other
+        objective's parameter set away from its default (a checkpoint of a built-in objective
+        trained beside a plugin's then loads without that plugin)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
-        return {**fields, **dict(self.params)}
+        own = {p.name for p in OBJECTIVES[self.objective].parameters}
+        declared = parameters()
+        return {**fields, **{k: v for k, v in self.params if k in own or v != declared[k].default}}
+
+    def with_changes(self, **changes: Any) -> TrainConfig:
+        """This configuration with `changes`. Where they change the objective but not the
+        estimator, and this one trains by its objective's own, so does the new one (RWS by wake)."""
+        values = self.to_dict()
+        same = self.estimator == OBJECTIVES[self.objective].default_estimator
+        if "objective" in changes and "estimator" not in changes and same:
+            values["estimator"] = None
+        return TrainConfig(**{**values, **changes})
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -275,16 +288,8 @@ class TrainConfig:
         return f"{dataset}{self.objective}_L{self.layers}_M{self.m}_K{self.k}{extra}_s{self.seed}{parent}"
 
 
-def parameters() -> dict[str, Parameter]:
-    """The registered objectives' parameters by name, none named like a TrainConfig field."""
-    declared = objective_parameters()
-    for name in declared.keys() & {f.name for f in dataclasses.fields(TrainConfig)}:
-        owner = next(cls for cls in OBJECTIVES.values() if any(p.name == name for p in cls.parameters))
-        raise ObjectiveDefinitionError(
-            f"objective class {owner.__qualname__} (name {owner.name!r}): its parameter {name!r} is a training "
-            f"setting's name; rename it"
-        )
-    return declared
+# No objective's parameter may take a field's name (objectives._register checks plugins').
+RESERVED_NAMES.update(f.name for f in dataclasses.fields(TrainConfig))
 
 
 @dataclass(frozen=True)

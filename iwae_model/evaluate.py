@@ -27,7 +27,7 @@ from .errors import IWAEError, exit_with
 from .evaluation import Evaluation, comparable_to_papers, evaluate_model
 from .importance import PARETO_K_THRESHOLD
 from .models import IWAEModel
-from .plugins import PluginError, add_plugin_flag, load_flagged_plugins
+from .plugins import PluginError, add_plugin_flag, load_plugin
 
 AIS_IMAGES = 100  # default --ais-images (at most --images) and --bdmc-images
 
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        load_flagged_plugins(argv)
+        for spec in args.plugin:
+            load_plugin(spec)
     except PluginError as error:
         parser.error(str(error))
     if args.k < 1:

@@ -57,6 +57,8 @@ class Parameter:
             value = getattr(self, key)
             if not _is_number(value) or not math.isfinite(value):
                 raise fail(f"{key}={value!r}: every parameter needs a finite default and range [low, high]")
+        if self.integer and not all(isinstance(getattr(self, key), int) for key in ("default", "low", "high")):
+            raise fail("an integer parameter needs an integer default, low and high")
         if not self.low <= self.default <= self.high:
             raise fail(f"default {self.default} outside its range [{self.low}, {self.high}]")
         if not isinstance(self.help, str) or not self.help:
@@ -136,6 +138,9 @@ def build_estimator(name: str, layers: int) -> GradientEstimator:
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}  # by name, in the order they were defined
+# Names a parameter may not take: TrainConfig's fields (config.py adds them when it is imported,
+# before any objective but the built-ins registers).
+RESERVED_NAMES: set[str] = set()
 
 
 class Objective:
@@ -158,7 +163,7 @@ class Objective:
     name: ClassVar[str]
     parameters: ClassVar[tuple[Parameter, ...]] = ()
     grouped: ClassVar[bool] = False
-    estimators: ClassVar[tuple[str, ...]] = ("reparam", "stl", "dreg")
+    estimators: ClassVar[tuple[str, ...]] = ("reparam", "stl")
     default_estimator: ClassVar[str] = "reparam"
     num_samples: int
 
@@ -239,6 +244,8 @@ def _register(cls: type[Objective]) -> None:
     names = [p.name for p in cls.parameters]
     if len(set(names)) != len(names):
         raise fail(f"parameters {names} name one twice")
+    if taken := sorted(set(names) & RESERVED_NAMES):
+        raise fail(f"its parameter(s) {taken} are training settings' names; rename them")
     for parameter in cls.parameters:
         for other in OBJECTIVES.values():
             if any(p.name == parameter.name and p != parameter for p in other.parameters):
@@ -246,7 +253,7 @@ def _register(cls: type[Objective]) -> None:
     OBJECTIVES[cls.name] = cls
 
 
-def objective_parameters() -> dict[str, Parameter]:
+def parameters() -> dict[str, Parameter]:
     """Every registered objective's parameters by name (objectives may share one declaration)."""
     return {p.name: p for cls in OBJECTIVES.values() for p in cls.parameters}
 
@@ -256,7 +263,9 @@ class _Groups(Objective):
     IWAE_K is MIWAE(1, K); the k-sample Monte-Carlo ELBO (Burda's 'VAE' with k samples, no
     analytic KL) is MIWAE(k, 1)."""
 
-    def __init__(self, m: int, k: int):
+    estimators = ("reparam", "stl", "dreg")
+
+    def __init__(self, m: int, k: int) -> None:
         if m < 1 or k < 1:
             raise ValueError(f"MIWAE needs M >= 1 and K >= 1, got M={m}, K={k}")
         self.m, self.k = m, k
@@ -286,7 +295,7 @@ class ELBO(_Groups):
     name = "vae"
     grouped = True
 
-    def __init__(self, k: int):
+    def __init__(self, k: int) -> None:
         super().__init__(k, 1)
 
     @classmethod
@@ -302,7 +311,7 @@ class IWAE(_Groups):
 
     name = "iwae"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int) -> None:
         super().__init__(1, k)
 
     @classmethod
@@ -331,7 +340,9 @@ class CIWAE(Objective):
         Parameter("beta", 0.5, 0.0, 1.0, "CIWAE's mixing weight of the ELBO (0 is IWAE, 1 the ELBO)", "b", symbol="β"),
     )
 
-    def __init__(self, beta: float, k: int):
+    estimators = ("reparam", "stl", "dreg")
+
+    def __init__(self, beta: float, k: int) -> None:
         self.beta, self.k = beta, k
         self.elbo, self.iwae = ELBO(k), IWAE(k)
         self.num_samples = k
@@ -353,7 +364,9 @@ class PIWAE(Objective):
     name = "piwae"
     grouped = True
 
-    def __init__(self, m: int, k: int):
+    estimators = ("reparam", "stl", "dreg")
+
+    def __init__(self, m: int, k: int) -> None:
         self._encoder, self._decoder = MIWAE(m, k), IWAE(m * k)
         self.m, self.k = m, k
         self.num_samples = m * k
@@ -384,6 +397,10 @@ def build_objective(name: str, k: int, m: int = 1, **parameters: float) -> Objec
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r}: choose one of {', '.join(OBJECTIVES)}")
     cls = OBJECTIVES[name]
+    if unknown := sorted(set(parameters) - {p.name for p in cls.parameters}):
+        raise ValueError(
+            f"objective {name!r} takes no parameter(s) {unknown}; its own: {[p.name for p in cls.parameters]}"
+        )
     values = {}
     for parameter in cls.parameters:
         values[parameter.name] = parameters.get(parameter.name, parameter.default)
@@ -404,7 +421,7 @@ class VR(Objective):
     )
     estimators = ("reparam", "stl")
 
-    def __init__(self, alpha: float, k: int):
+    def __init__(self, alpha: float, k: int) -> None:
         self.alpha, self.k = alpha, k
         self.num_samples = k
 
@@ -413,7 +430,12 @@ class VR(Objective):
         if self.alpha == 1:
             return log_w.mean(0)
         scale = 1 - self.alpha
-        return (torch.logsumexp(scale * log_w, dim=0) - math.log(self.k)) / scale
+        if scale >= 0.1:
+            return (torch.logsumexp(scale * log_w, dim=0) - math.log(self.k)) / scale
+        # Near alpha = 1, logsumexp - log K cancels to O(scale) and the division magnifies its
+        # float32 rounding (0.05 nats at alpha = 0.99999); log1p(mean(expm1(.))) keeps it exact.
+        top = log_w.max(dim=0).values
+        return top + torch.log1p(torch.expm1(scale * (log_w - top)).mean(0)) / scale
 
     def __repr__(self) -> str:
         return f"VR(alpha={self.alpha}, K={self.k})"
@@ -429,7 +451,7 @@ class RWS(Objective):
     estimators = ("wake",)
     default_estimator = "wake"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int) -> None:
         self.k, self.iwae = k, IWAE(k)
         self.num_samples = k
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import TrainConfig, parameters
+from .config import TrainConfig
 from .datasets import DATASETS
 from .errors import IWAEError
 from .objectives import OBJECTIVES
@@ -38,7 +38,7 @@ class Plugin:
     module: str
     file: str
     sha256: str
-    defines: tuple[str, ...]  # e.g. ("objective tempered", "dataset synthetic")
+    defines: tuple[str, ...]  # what it registered, e.g. ("objective tempered", "dataset synthetic")
 
     def record(self) -> dict[str, str]:
         return {"module": self.module, "file": self.file, "sha256": self.sha256}
@@ -60,16 +60,19 @@ def code_digest(path: Path) -> str:
 
 def load_plugin(spec: str, relative_to: Path | None = None) -> Plugin:
     """Import plugin `spec`: a `.py` file (relative to `relative_to`, else the working folder) or
-    an importable module's name. Loading one module twice returns the first load."""
+    the name of an importable top-level module or package. Loading one module twice returns the
+    first load."""
     is_file = spec.endswith(".py") or "/" in spec
-    path = (relative_to or Path.cwd()) / spec if is_file else None
-    if path is not None:
-        path = path.resolve()
-        if not path.is_file():
-            raise PluginError(f"plugin {spec}: no such file ({path}); give a .py file or an importable module's name")
-        name = path.stem
-    else:
-        name = spec
+    path = ((relative_to or Path.cwd()) / Path(spec).expanduser()).resolve() if is_file else None
+    if path is not None and not path.is_file():
+        raise PluginError(f"plugin {spec}: no such file ({path}); give a .py file or an importable module's name")
+    name = path.stem if path is not None else spec
+    where = path or spec
+    if not name.isidentifier():
+        raise PluginError(
+            f"plugin {where}: {name!r} is not a top-level module name (Ray's nodes import the plugin by it); "
+            f"name the file like a Python module, e.g. my_bounds.py, or give a package's name without dots"
+        )
     if name in _LOADED:
         loaded = _LOADED[name]
         if path is not None and Path(loaded.file) != path:
@@ -77,20 +80,22 @@ def load_plugin(spec: str, relative_to: Path | None = None) -> Plugin:
                 f"plugin {path}: its module name {name!r} is already {loaded.file}'s; rename one of the files"
             )
         return loaded
-    if name == PACKAGE or name.startswith(PACKAGE + ".") or (path is not None and name in sys.modules):
-        raise PluginError(f"plugin {path or spec}: module name {name!r} is taken by an installed module; rename it")
+    if path is not None and _taken(name, path):
+        raise PluginError(
+            f"plugin {path}: its module name {name!r} is an installed module's, which it would hide from "
+            f"everything else in this process; rename the file"
+        )
     before = {*OBJECTIVES, *DATASETS}
-    where = path or spec
     digest = code_digest(path) if path is not None else ""  # of the code as it is imported
     try:
         module = _import(name, path)
-        parameters()  # a parameter named like a training setting is refused here, not in a trial
+        source = _source_path(module)
     except Exception as error:  # the user's code: anything
         for registry in (OBJECTIVES, DATASETS):  # a module that failed half-way registers nothing
             for added in set(registry) - before:
                 del registry[added]
-        sys.modules.pop(name, None)
-        if isinstance(error, IWAEError):  # an objective class that cannot be registered
+        _forget(name)
+        if isinstance(error, IWAEError):  # a class that cannot be registered, a module without a file
             raise PluginError(f"plugin {where}: {error}") from None
         message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
         raise PluginError(f"plugin {where}: does not import ({message}); fix the module and run again") from None
@@ -101,15 +106,33 @@ def load_plugin(spec: str, relative_to: Path | None = None) -> Plugin:
         if key not in before
     )
     if not added:
-        sys.modules.pop(name, None)
+        _forget(name)
         raise PluginError(
             f"plugin {where}: defines no objective or dataset; subclass iwae_model.objectives.Objective or "
             f"iwae_model.data.DatasetSource with a `name` (docs/plugins.md)"
         )
-    source = _source_path(module)
-    plugin = Plugin(name, str(source), digest if path is not None else code_digest(source), added)
+    plugin = Plugin(name, str(source), digest or code_digest(source), added)
     _LOADED[name] = plugin
     return plugin
+
+
+def _forget(name: str) -> None:
+    """Drop module `name` and its submodules, half-imported, so that a fixed file loads anew.
+    Only its own: the modules it imported (torch's, say) stay, as re-importing them can fail."""
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+
+
+def _taken(name: str, path: Path) -> bool:
+    """Whether module `name` is another module than the file `path`: the standard library's, an
+    installed package's, or one this process imported."""
+    if name in sys.stdlib_module_names or name == PACKAGE:
+        return True
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return found is not None and (found.origin is None or Path(found.origin).resolve() != path)
 
 
 def _import(name: str, path: Path | None) -> ModuleType:
@@ -126,7 +149,9 @@ def _import(name: str, path: Path | None) -> ModuleType:
 
 def _source_path(module: ModuleType) -> Path:
     """The file to ship and hash: a plain module's .py file, a package's folder."""
-    file = Path(module.__file__ or "")
+    if not getattr(module, "__file__", None):
+        raise PluginError(f"module {module.__name__} has no file (a namespace package?): give its .py file")
+    file = Path(module.__file__)
     return file.parent if file.name == "__init__.py" else file
 
 
@@ -171,16 +196,11 @@ def load_recorded(record: dict[str, Any], where: str, shipped: bool = False) -> 
 
 
 def sources_of(config: TrainConfig) -> list[dict[str, str]]:
-    """The records of the plugins defining `config`'s objective and dataset ([] for this
-    package's own): what its checkpoints and results rows say made them."""
-    modules = {OBJECTIVES[config.objective].__module__, DATASETS[config.dataset].__module__}
-    records = []
-    for module in sorted(m for m in modules if m != PACKAGE and not m.startswith(PACKAGE + ".")):
-        if module not in _LOADED:  # imported some other way: recorded where it lies
-            source = _source_path(sys.modules[module])
-            _LOADED[module] = Plugin(module, str(source), code_digest(source), ())
-        records.append(_LOADED[module].record())
-    return records
+    """The records of the loaded plugins that define `config`'s objective and dataset ([] for
+    this package's own, or classes defined without a plugin): what its checkpoints and results
+    rows say made them."""
+    made = {f"objective {config.objective}", f"dataset {config.dataset}"}
+    return [plugin.record() for plugin in _LOADED.values() if made & set(plugin.defines)]
 
 
 def loaded() -> list[Plugin]:
@@ -193,8 +213,9 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="a .py file (or an importable module's name) defining objectives of your own; they join the "
-        "built-in ones (--objective, and their parameters as flags); repeat for several (docs/plugins.md)",
+        help="a .py file (or an importable module's name) defining objectives or datasets of your own; they "
+        "join the built-in ones (--objective, --dataset, their parameters as flags); repeat for several "
+        "(docs/plugins.md)",
     )
 
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from iwae_model.config import parameters
-from iwae_model.objectives import OBJECTIVES
+from iwae_model.objectives import OBJECTIVES, ObjectiveDefinitionError, parameters
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,15 @@ class Schema:
 
 def parameter_columns() -> tuple[Column, ...]:
     """One column per objective parameter: its value on every row, the default where the row's
-    objective does not take it (as TrainConfig holds it)."""
+    objective does not take it (as TrainConfig holds it). A parameter named like another column
+    (or a space file's `mk`) is refused, naming its class."""
+    taken = {c.name for schema in SCHEMAS for c in schema.columns} | {"mk"}
+    for cls in OBJECTIVES.values():
+        if clash := sorted(taken & {p.name for p in cls.parameters}):
+            raise ObjectiveDefinitionError(
+                f"objective class {cls.__qualname__} (name {cls.name!r}): its parameter(s) {clash} are the names of "
+                f"results columns or space-file keys; rename them"
+            )
     return tuple(
         Column(
             p.name,

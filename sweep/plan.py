@@ -25,8 +25,9 @@ import ray
 import torch
 
 from iwae_model import TrainConfig
-from iwae_model.config import parameters, settings
+from iwae_model.config import settings
 from iwae_model.datasets import DATASETS
+from iwae_model.objectives import parameters
 from iwae_model.timing import (
     ais_seconds_per_image,
     bound_seconds_per_image,
@@ -42,8 +43,8 @@ CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
 AIS_CALIBRATION_STEPS = 10  # AIS's time grows in proportion to its steps
 # Only the model, objective and estimator set the cost: a configuration is calibrated with these
-# fields as here (and the objectives' parameters at their defaults: none changes a step's work),
-# once for all the trials that differ only in them.
+# fields as here (and the objectives' parameters at their defaults, taken not to change a step's
+# work), once for all the trials that differ only in them.
 CALIBRATED_AS = {
     "seed": 0,
     "lr": TrainConfig.lr,
@@ -110,7 +111,7 @@ def drawn_trials(space: SweepSpace) -> list[TrainConfig]:
         return space.trials
     rng = np.random.default_rng(space.search.seed)
     return [
-        replace(trial, **{key: draw(d, rng) for key, d in space.search.distributions.items()})
+        trial.with_changes(**{key: draw(d, rng) for key, d in space.search.distributions.items()})
         for _ in range(space.search.samples)
         for trial in space.trials
     ]

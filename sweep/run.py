@@ -32,7 +32,7 @@ from iwae_model.data import default_data_dir
 from iwae_model.datasets import load_dataset
 from iwae_model.errors import IWAEError, exit_with
 from iwae_model.files import WriteError
-from iwae_model.plugins import add_plugin_flag, load_flagged_plugins
+from iwae_model.plugins import add_plugin_flag, load_plugin
 
 from .cluster import check_gpus, check_storage_shared, init_ray, plugin_environment, storage_marker
 from .evaluation import evaluate_sweep
@@ -496,6 +496,8 @@ def resumed_plugins(args: argparse.Namespace) -> None:
     except (SpaceError, OSError, UnicodeDecodeError, yaml.YAMLError):
         return  # load_space names the problem
     name = args.name or (raw.get("name") if isinstance(raw, dict) else None) or Path(args.space).stem
+    if not is_folder_name(name):
+        return  # refused by name later
     filesystem, root = filesystem_and_path(storage_location(args.storage))
     experiment = f"{root.rstrip('/')}/{name}"
     if filesystem.get_file_info(f"{experiment}/{SPEC_FILE}").type == pafs.FileType.File:
@@ -510,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.resume:
             resumed_plugins(args)
-        flagged = [plugin.record() for plugin in load_flagged_plugins(argv)]
+        flagged = [load_plugin(spec).record() for spec in args.plugin]
         space = load_space(args.space)
         space = replace(space, plugins=tuple({r["module"]: r for r in (*space.plugins, *flagged)}.values()))
         overrides = {

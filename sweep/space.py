@@ -86,6 +86,7 @@ import dataclasses
 import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,14 @@ import yaml
 
 from iwae_model import TrainConfig, build_model
 from iwae_model.ais import STARTS, TUNING_CHAINS
-from iwae_model.config import parameters, settings
+from iwae_model.config import settings
 from iwae_model.datasets import DATASETS
 from iwae_model.errors import IWAEError
 from iwae_model.likelihood import default_image_batch
-from iwae_model.objectives import OBJECTIVES
+from iwae_model.objectives import OBJECTIVES, ObjectiveDefinitionError, parameters
 from iwae_model.plugins import PluginError, load_plugin, load_recorded
+
+from .columns import parameter_columns
 
 SPACES_DIR = Path(__file__).resolve().parent / "search_spaces"  # the checkout's search_spaces/, linked
 DEFAULT_SPACE = "quick"
@@ -513,7 +516,7 @@ def parse_space(raw: Any, source: str) -> SweepSpace:
         grid = _take_distributions(grid, where, distributions, fail)
         for point in _expand(grid, where, mk_product, fail):
             for seed in seeds:
-                config = _config({**training, **point, "seed": seed}, where, point, fail)
+                config = _config(TrainConfig, {**training, **point, "seed": seed}, where, point, fail)
                 unique.setdefault(config)
     trials = list(unique)
     search = _search(raw.get("search"), distributions, trials, fail)
@@ -544,9 +547,11 @@ def _plugins(specs: Any, folder: Path, fail) -> tuple[dict[str, str], ...]:
     if not isinstance(specs, list) or not all(isinstance(s, str) and s for s in specs):
         raise fail("plugins", f"{specs!r}: expected a list of .py files (relative to this file) or module names")
     try:
-        return tuple(load_plugin(spec, folder).record() for spec in specs)
-    except PluginError as error:
+        records = tuple(load_plugin(spec, folder).record() for spec in specs)
+        parameter_columns()  # a parameter named like a results column is refused before anything runs
+    except (PluginError, ObjectiveDefinitionError) as error:
         raise fail("plugins", str(error)) from None
+    return records
 
 
 def _ais(section: dict | None, evaluated: int | None, fail) -> AISSettings | None:
@@ -713,7 +718,7 @@ def _search(section: Any, found: dict[str, tuple[str, Distribution]], trials: li
             )
         for trial in trials:
             for value in _probes(distribution):
-                _config({**trial.to_dict(), key: value}, where, {key: value}, fail)
+                _config(trial.with_changes, {key: value}, where, {key: value}, fail)
     return search
 
 
@@ -775,30 +780,17 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
                     f"first-stage trials share the label {parent.label()!r} (they differ only "
                     f"in a training setting), so a second stage cannot name its parent",
                 )
-            inherited = parent.to_dict()
-            if "objective" in switch["to"] and "estimator" not in switch["to"]:
-                if parent.estimator == OBJECTIVES[parent.objective].default_estimator:
-                    inherited["estimator"] = None  # the new objective's own (RWS trains by wake)
-            child = _config(
-                {
-                    **inherited,
-                    **training,
-                    **switch["to"],
-                    "init_from": STAGE_1 + parent.label(),
-                    "init_label": parent.label(),
-                },
-                where,
-                switch["to"],
-                fail,
-            )
+            changes = {**training, **switch["to"], "init_from": STAGE_1 + parent.label(), "init_label": parent.label()}
+            child = _config(parent.with_changes, changes, where, switch["to"], fail)
             continued.setdefault(child)
     return list(continued)
 
 
-def _config(values: dict, where: str, shown: dict, fail) -> TrainConfig:
-    """The TrainConfig of `values`, or an error naming `where` and the settings `shown` there."""
+def _config(make: Callable[..., TrainConfig], values: dict, where: str, shown: dict, fail) -> TrainConfig:
+    """`make(**values)` (TrainConfig, or a configuration's with_changes), or an error naming
+    `where` and the settings `shown` there."""
     try:
-        return TrainConfig(**values)
+        return make(**values)
     except (ValueError, TypeError) as error:
         raise fail(where, f"{shown}: {error}") from None
 
@@ -866,10 +858,11 @@ _SIZES: dict[tuple, _Sizes] = {}
 
 
 def _sizes(config: TrainConfig) -> _Sizes:
-    key = (config.layers, config.latent_dims, config.hidden_dims)
+    height, width = DATASETS[config.dataset].shape
+    key = (config.layers, config.latent_dims, config.hidden_dims, height * width)
     if key not in _SIZES:
         with torch.device("meta"):  # shapes only: nothing is allocated
-            model = build_model(*key)
+            model = build_model(*key[:3], x_dim=key[3])
         sampled = [*model.encoders[1:], *model.priors, model.decoder]  # run once per sample
         outputs = sum(m.out_features for part in sampled for m in part.modules() if isinstance(m, torch.nn.Linear))
         latents = sum(model.latent_dims)
@@ -956,7 +949,7 @@ def check_memory(space: SweepSpace) -> None:
         where = f"{space.source}: search: {key} ~ {distribution}"
         for value in _probes(distribution):
             for config in space.trials:
-                _check_trial_memory(dataclasses.replace(config, **{key: value}), where, gpus)
+                _check_trial_memory(config.with_changes(**{key: value}), where, gpus)
     eval_gpus = space.resources.eval_gpus
     images = _image_batch(eval_gpus)
     configs = space.trials + space.continued

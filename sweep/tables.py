@@ -18,10 +18,9 @@ from importlib import resources
 import pandas as pd
 import yaml
 
-from iwae_model.config import parameters
 from iwae_model.datasets import DATASETS
 from iwae_model.importance import PARETO_K_THRESHOLD
-from iwae_model.objectives import OBJECTIVES
+from iwae_model.objectives import OBJECTIVES, parameters
 
 from .compare import difference, mean_image_nll
 from .results import TRIALS_SCHEMA, ResultsError
@@ -68,14 +67,19 @@ def published() -> dict:
 def reference_values() -> pd.DataFrame:
     """The papers' Table-1-style numbers shipped with the package (sweep/reference_values.yaml),
     and those a plugin's dataset declares (data.DatasetSource.published)."""
-    defaults = {"beta": 0.5, "estimator": "reparam", "active_units": None}
-    rows = [
-        {"paper": paper, "dataset": "mnist", **defaults, **entry}
-        for paper, entries in published().items()
+    entries = [
+        {"dataset": "mnist", "paper": paper, **entry}
+        for paper, listed in published().items()
         if paper != TABLE_2
-        for entry in entries
+        for entry in listed
     ]
-    rows += [{"dataset": name, **defaults, **entry} for name, cls in DATASETS.items() for entry in cls.published]
+    entries += [{"dataset": name, **entry} for name, cls in DATASETS.items() for entry in cls.published]
+    defaults = {**{p.name: p.default for p in parameters().values()}, "active_units": None}
+    rows = [
+        {"estimator": OBJECTIVES[entry["objective"]].default_estimator, **defaults, **entry}
+        for entry in entries
+        if entry["objective"] in OBJECTIVES
+    ]
     frame = pd.DataFrame(rows)
     frame["variant"] = frame.apply(variant, axis=1)
     return frame

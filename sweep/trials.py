@@ -27,7 +27,7 @@ NODES_FILE = "nodes.json"  # in each checkpoint: every node the trial ran on, fr
 
 def trial_config(config: dict[str, Any]) -> TrainConfig:
     """A Ray trial's TrainConfig: its grid point, with the values the searcher drew for it."""
-    return TrainConfig.from_dict({**config["train"], **(config.get("search") or {})})
+    return TrainConfig.from_dict(config["train"]).with_changes(**(config.get("search") or {}))
 
 
 def trial_name(config: TrainConfig, searched: Iterable[str], trial_id: str | None) -> str:

@@ -289,6 +289,11 @@ def test_vr_is_iwae_at_alpha_0_the_elbo_near_1_and_falls_with_alpha(log_w, offse
     # A power mean falls with its order (1 - alpha): the bound never rises as alpha grows.
     assert (values.diff(dim=0) <= 1e-9 * (1 + abs(offset))).all()
     assert torch.isfinite(VR(0.5, 24).bound(log_w.float())).all()
+    # Near alpha = 1 the bound is O(1 - alpha) over O(1 - alpha): float32 stays as exact as at alpha = 0.
+    for alpha in (0.0, 0.9999):
+        assert torch.allclose(
+            VR(alpha, 24).bound(log_w.float()).double(), VR(alpha, 24).bound(log_w), atol=2e-3, rtol=0
+        )
 
 
 def test_vr_gradient_weighs_log_weights_by_powered_self_normalised_weights():
@@ -304,6 +309,9 @@ def test_vr_and_rws_refuse_estimators_they_do_not_support():
     with pytest.raises(ValueError, match="objective 'rws' supports wake"):
         TrainConfig(objective="rws", estimator="reparam")
     assert TrainConfig(objective="rws").estimator == "wake" and TrainConfig(objective="vr").estimator == "reparam"
+    # A search or a second stage that changes the objective takes the new one's own estimator.
+    assert TrainConfig(k=5).with_changes(objective="rws").estimator == "wake"
+    assert TrainConfig(k=5, estimator="stl").with_changes(objective="vr").estimator == "stl"
     assert TrainConfig(objective="vr", alpha=0.25).label() == "vr_L1_M1_K5_a0.25_s0"
     assert TrainConfig(objective="rws", k=8).label() == "rws_L1_M1_K8_s0"
     with pytest.raises(ValueError, match="alpha=1.5: must be a number in \\[0, 1\\]"):

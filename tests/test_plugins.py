@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,9 +23,11 @@ from iwae_model.checkpoint import load_checkpoint
 from iwae_model.data import DataError
 from iwae_model.datasets import DATASETS, load_dataset
 from iwae_model.objectives import OBJECTIVES
-from iwae_model.plugins import PluginError, load_plugin, load_recorded
+from iwae_model.plugins import PluginError, load_plugin, load_recorded, sources_of
 from iwae_model.train import parse_args
 from iwae_model.training import train
+from sweep.plan import drawn_trials
+from sweep.space import SpaceError, parse_space
 
 TEMPERED = '''
 import math
@@ -75,7 +78,7 @@ if "IMPORTED_FROM" in os.environ:  # where each process found this module (the s
 
 
 @pytest.fixture
-def registry():
+def registry(tmp_path):
     """The objectives and plugins as they were before the test: a plugin loaded here must not
     reach the other tests this worker runs (its parameter would join every TrainConfig)."""
     objectives, datasets = dict(OBJECTIVES), dict(DATASETS)
@@ -86,8 +89,9 @@ def registry():
         registry.update(before)
     plugin_module._LOADED.clear()
     plugin_module._LOADED.update(loaded)
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
+    for name in set(sys.modules) - modules:  # the plugins' modules: files the test wrote
+        if Path(getattr(sys.modules[name], "__file__", None) or "/").is_relative_to(tmp_path):
+            del sys.modules[name]
 
 
 def write_plugin(folder, name, code):
@@ -121,7 +125,7 @@ BAD_PLUGINS = {  # file body: words the error must hold
     ),
     "a training setting's name": (
         TEMPERED.replace('Parameter("tau"', 'Parameter("lr"'),
-        ["parameter 'lr' is a training setting's name"],
+        ["class Tempered (name 'tempered'): its parameter(s) ['lr'] are training settings' names; rename them"],
     ),
     "dreg without its coefficients": (
         TEMPERED.replace('estimators = ("reparam", "stl")', 'estimators = ("reparam", "dreg")'),
@@ -132,6 +136,10 @@ BAD_PLUGINS = {  # file body: words the error must hold
             "    @classmethod\n    def read(cls, folder):", "    @classmethod\n    def reader(cls, folder):"
         ),
         ["dataset class Synthetic (name 'synthetic')", "has no read(folder)"],
+    ),
+    "an integer parameter with a real default": (
+        TEMPERED.replace('"t", symbol="τ")', '"t", integer=True, symbol="τ")'),
+        ["Parameter 'tau'", "an integer parameter needs an integer default, low and high"],
     ),
     "no objective": ("X = 1\n", ["defines no objective or dataset", "subclass iwae_model.objectives.Objective"]),
 }
@@ -158,6 +166,10 @@ def test_a_plugin_objective_is_a_setting_like_any_other(tmp_path, registry):
     config = TrainConfig(objective="tempered", tau=2.0, k=4)
     assert config.label() == "tempered_L1_M1_K4_t2_s0" and config.to_dict()["tau"] == 2.0
     assert repr(config.build_objective()) == "TEMPERED(tau=2.0, K=4)"
+    # A built-in objective's configuration does not carry the plugin's parameter at its default:
+    # its checkpoints load without the plugin.
+    assert "tau" not in TrainConfig(objective="iwae").to_dict() and sources_of(TrainConfig()) == []
+    assert sources_of(config) == [plugin.record()]
     with pytest.raises(ValueError, match=r"tau=8: must be a number in \[0.25, 4\] \(temperature"):
         TrainConfig(objective="tempered", tau=8)
     with pytest.raises(ValueError, match="objective 'tempered' supports reparam, stl"):
@@ -183,6 +195,30 @@ def write_synthetic(folder, **replaced):
     centres = rng.uniform(0, 1, (4, 64))
     splits = {name: centres[rng.integers(0, 4, n)] * 0.9 for name, n in (("train", 400), ("valid", 100), ("test", 100))}
     np.savez(folder / "synthetic.npz", **{**splits, **replaced})
+
+
+def test_a_plugin_may_not_hide_an_installed_module_or_reuse_a_column_name(tmp_path, registry):
+    with pytest.raises(PluginError, match=r"its module name 'yaml' is an installed module's, which it would hide"):
+        load_plugin(str(write_plugin(tmp_path, "yaml", TEMPERED)))
+    path = write_plugin(
+        tmp_path / "columns", "column_bounds", TEMPERED.replace('Parameter("tau"', 'Parameter("test_nll"')
+    )
+    with pytest.raises(
+        SpaceError, match=r"plugins: objective class Tempered .* \['test_nll'\] are the names of results"
+    ):
+        parse_space({"plugins": [str(path)], "experiments": [{"objective": "iwae"}]}, str(tmp_path / "space.yaml"))
+
+
+def test_a_search_over_objectives_takes_each_one_s_own_estimator():
+    space = parse_space(
+        {
+            "name": "search",
+            "experiments": [{"objective": {"choice": ["iwae", "rws"]}, "k": 3}],
+            "search": {"algorithm": "random", "samples": 2},
+        },
+        "<search>",
+    )
+    assert {t.estimator for t in drawn_trials(space)} <= {"reparam", "wake"} and space.metric == "valid_ll"
 
 
 def test_the_train_and_evaluate_clis_take_a_plugin_and_its_checkpoints_name_it(tmp_path, mnist, registry):
