@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from .data import DataError, Dataset, DatasetSource, default_data_dir, fetch, mirrors_from, sha256
+from .data import FIXED, DataError, Dataset, DatasetSource, default_data_dir, fetch, mirrors_from, sha256
 
 ROWS = {"binarized_mnist_train.amat": 50_000, "binarized_mnist_valid.amat": 10_000, "binarized_mnist_test.amat": 10_000}
 PIXELS = 784
@@ -57,14 +57,14 @@ def read_amat(raw: bytes, source: str, rows: int) -> np.ndarray:
 def load_binarized_mnist(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
-    binarization: str = "dynamic",
+    binarization: str = FIXED,
     download: bool = True,
     mirrors: tuple[str, ...] | None = None,
     timeout: float = 60.0,
 ) -> Dataset:
     """Larochelle & Murray's bits, used as they are: `binarization` takes only its default."""
-    if binarization != "dynamic":
-        raise ValueError(f"binarization={binarization!r}: binarized_mnist is binary already; leave it at dynamic")
+    if binarization != FIXED:
+        raise ValueError(f"binarization={binarization!r}: binarized_mnist is binary already; its binarization is fixed")
     folder = default_data_dir(data_dir)
     mirrors = mirrors or mirrors_from(MIRRORS_VARIABLE, DEFAULT_MIRRORS)
     splits, files = [], {}
@@ -88,7 +88,7 @@ def load_binarized_mnist(
         train_all[:-N_VALIDATION].to(device),
         train_all[-N_VALIDATION:].to(device),
         test.to(device),
-        "fixed",
+        FIXED,
         files,
     )
 

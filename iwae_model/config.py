@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .data import BINARIZATIONS
+from .data import BINARIZATIONS, FIXED
 from .datasets import DATASETS
 from .models import IWAEModel, build_model
 from .objectives import (
@@ -86,12 +86,12 @@ class TrainConfig:
         "mnist and omniglot: grey levels, binarized as --binarization says; "
         "binarized_mnist: Larochelle & Murray's fixed binarization (data.DATASETS; plugins add theirs)",
     )
-    binarization: str = setting(
-        "dynamic",
-        "how grey-level datasets (mnist, omniglot) become binary: dynamic is the papers' protocol; "
-        "static/threshold are NOT comparable to the papers (binary datasets such as binarized_mnist "
-        "take only dynamic, the default: their bits are used as they are)",
-        choices=BINARIZATIONS,
+    binarization: str | None = setting(
+        None,
+        "how grey-level datasets (mnist, omniglot) become binary: dynamic (the default) is the papers' "
+        "protocol, static/threshold are NOT comparable to the papers; a binary dataset's bits are used "
+        "as they are: fixed, its only (and default) binarization (binarized_mnist)",
+        choices=(*BINARIZATIONS, FIXED),
     )
     train_images: int | None = setting(None, "train on the first N images only (not comparable)")
     test_images: int | None = setting(None, "per-pass test bound on the first N test images only")
@@ -117,7 +117,11 @@ class TrainConfig:
         "--init-optimizer",
         metavar="RUN_DIR",
     )
-    init_label: str | None = setting(None, "the label of the run init_from names (read from its checkpoint)")
+    init_label: str | None = setting(
+        None,
+        "the label of the run this one continues (read from init_from's checkpoint; a sweep's second-stage "
+        "trial has it before its parent's checkpoint is known, and init_from once it is)",
+    )
     init_optimizer: bool = setting(False, "with --init-from: also continue its Adam state")
     latent_dims: tuple[int, ...] | None = setting(None, "latent units per stochastic layer (default: Burda's)")
     hidden_dims: tuple[int, ...] | None = setting(None, "hidden units per stochastic layer (default: Burda's)")
@@ -191,7 +195,6 @@ class TrainConfig:
             ("objective", OBJECTIVES),
             ("schedule", SCHEDULES),
             ("dataset", tuple(DATASETS)),
-            ("binarization", BINARIZATIONS),
         ):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise fail(name, f"choose one of {', '.join(choices)}")
@@ -215,14 +218,19 @@ class TrainConfig:
             )
         for name, value in self.params:
             parameters()[name].check(value)
-        if self.binarization not in DATASETS[self.dataset].binarizations():
+        own = DATASETS[self.dataset].binarizations()
+        if self.binarization is None or (self.binarization == "dynamic" and own == (FIXED,)):
+            # A binary dataset's "dynamic": what configurations written before `fixed` existed say.
+            object.__setattr__(self, "binarization", own[0])
+        if self.binarization not in own:
             raise fail(
                 "binarization",
-                f"{self.dataset} is binary already (its files' bits are used as they are); "
-                "leave binarization at its default",
+                f"{self.dataset} is binary already (its files' bits are used as they are); leave binarization out"
+                if own == (FIXED,)
+                else f"choose one of {', '.join(own)}",
             )
-        if self.init_from is None and (self.init_label is not None or self.init_optimizer):
-            raise ValueError("init_label and init_optimizer describe a continued run: they need init_from")
+        if self.init_from is None and self.init_optimizer:
+            raise ValueError("init_optimizer continues the Adam state of init_from's run: it needs init_from")
         for name in ("latent_dims", "hidden_dims"):
             value = getattr(self, name)
             if value is None:
@@ -239,9 +247,10 @@ class TrainConfig:
 
     @property
     def comparable_to_papers(self) -> bool:
-        """Trained with the papers' protocol: the dataset's binarization (dynamic; binarized_mnist's
-        own), the whole training set, the full 3,280-pass schedule."""
-        return self.binarization == "dynamic" and self.train_images is None and self.passes == FULL_SCHEDULE_PASSES
+        """Trained with the papers' protocol: the dataset's own binarization (dynamic; a binary
+        dataset's fixed bits), the whole training set, the full 3,280-pass schedule."""
+        papers = self.binarization == DATASETS[self.dataset].binarizations()[0]
+        return papers and self.train_images is None and self.passes == FULL_SCHEDULE_PASSES
 
     def build_objective(self) -> Objective:
         own = {p.name: getattr(self, p.name) for p in OBJECTIVES[self.objective].parameters}

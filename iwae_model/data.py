@@ -52,7 +52,8 @@ N_VALIDATION = 400  # Burda holds out the *last* 400 training images (datasets.p
 TEST_BINARIZATION_SEED = 123  # Burda's evaluation seed: one draw per test image, shared by all k samples
 STATIC_BINARIZATION_SEED = 0
 
-BINARIZATIONS = ("dynamic", "static", "threshold")  # dynamic is the papers' protocol
+BINARIZATIONS = ("dynamic", "static", "threshold")  # of grey levels; dynamic is the papers' protocol
+FIXED = "fixed"  # a binary dataset's: its files' bits, used as they are
 
 
 class DataError(IWAEError, RuntimeError):
@@ -187,7 +188,7 @@ class Dataset:
 
     @property
     def as_in_papers(self) -> bool:
-        return self.binarization in ("dynamic", "fixed")
+        return self.binarization in ("dynamic", FIXED)
 
     def training_batch(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.binarization == "dynamic":
@@ -198,7 +199,7 @@ class Dataset:
         """A split binarized once with Burda's evaluation seed (123): the same bits on every
         device and every call, so evaluations of different models see the same test set."""
         images = getattr(self, split)
-        if self.binarization == "fixed" or (self.binarization != "dynamic" and split == "train"):
+        if self.binarization == FIXED or (self.binarization != "dynamic" and split == "train"):
             return images
         return binarize_once(images, TEST_BINARIZATION_SEED)
 
@@ -338,8 +339,8 @@ class DatasetSource:
 
     @classmethod
     def binarizations(cls) -> tuple[str, ...]:
-        """What its `binarization` setting may be: bits are used as they are (the default)."""
-        return ("dynamic",) if cls.binary else BINARIZATIONS
+        """What its `binarization` setting may be, its default (the papers' protocol) first."""
+        return (FIXED,) if cls.binary else BINARIZATIONS
 
     @classmethod
     def read(cls, folder: Path) -> tuple[Any, Any, Any]:
@@ -351,11 +352,13 @@ class DatasetSource:
         cls,
         data_dir: str | os.PathLike | None = None,
         device: torch.device | str = "cpu",
-        binarization: str = "dynamic",
+        binarization: str | None = None,
         download: bool = True,
     ) -> Dataset:
-        """Its splits on `device`, each file's SHA-256 recorded; a DataError naming the file or
-        split and the fix for missing files or data that is not what it declares."""
+        """Its splits on `device` (`binarization` None: its own), each file's SHA-256 recorded;
+        a DataError naming the file or split and the fix for missing files or data that is not what
+        it declares."""
+        binarization = binarization or cls.binarizations()[0]
         if cls.loader is not None:
             return cls.loader(data_dir, device, binarization, download)
         if binarization not in cls.binarizations():
@@ -380,7 +383,7 @@ class DatasetSource:
         train, valid, test = splits
         if cls.binary:
             device = torch.device(device)
-            return Dataset(cls.name, train.to(device), valid.to(device), test.to(device), "fixed", files)
+            return Dataset(cls.name, train.to(device), valid.to(device), test.to(device), FIXED, files)
         return grey_splits(cls.name, train, valid, test, binarization, device, files)
 
 

@@ -19,11 +19,11 @@ def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
-    binarization: str = "dynamic",
+    binarization: str | None = None,
     download: bool = True,
 ) -> Dataset:
     """The registered dataset `name`, split as its DatasetSource says (Burda et al.'s splits for
-    the built-in three)."""
+    the built-in three), binarized as `binarization` says (None: the dataset's own)."""
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r}: choose one of {', '.join(DATASETS)}")
     return DATASETS[name].load(data_dir, device, binarization, download)

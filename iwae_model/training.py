@@ -203,6 +203,11 @@ class TrainingRun:
     ) -> TrainingRun:
         """A new run; with `parent` (a checked checkpoint state: Burda's Table 2), from its final
         weights, and its Adam state with `init_optimizer`."""
+        if config.init_label is not None and parent is None:
+            raise InitError(
+                f"{config.label()} continues {config.init_label}, but no checkpoint of it is given (init_from): "
+                f"a continued run never starts from random weights"
+            )
         run = cls(config, data, device)
         if parent is not None:
             run._continue_from(parent)

@@ -114,7 +114,7 @@ def results_row(record: EvaluationRecord, result: Evaluation, ais: AISComparison
             for name in ("encoder_mean", "encoder_median", "decoder_mean", "decoder_median")
         },
         "snr": json.dumps(snr) if snr else None,
-        "sweep_stage": 2 if config.init_from else 1,
+        "sweep_stage": 2 if config.init_label or config.init_from else 1,
         "parent_trial_name": config.init_label,
         "parent_checkpoint_uri": config.init_from,
         **{

@@ -143,7 +143,9 @@ DISTRIBUTIONS = (*RANGES, "choice")
 # Trials that differ in likelihood_key (their bounds differ) are ranked by valid_ll, never by their
 # own bounds. FAIR_K is that estimate's k (docs/search.md: the k=5000 order at a fifth of its cost).
 FAIR_K = 1000
-STAGE_1 = "stage 1: "  # a stage-2 trial's init_from until its parent's best checkpoint is known
+# What a stage-2 trial's init_from held, in the specs of sweeps started before init_label alone
+# named its parent until its best checkpoint is known.
+STAGE_1 = "stage 1: "
 BEST_MODES = ("each", "top")
 TRACKERS = ("mlflow", "wandb")  # sweep.trackers
 
@@ -316,8 +318,8 @@ class SweepSpace:
     resources: Resources = field(default_factory=Resources)
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     description: str = ""
-    # Stage 2: trials that start from a stage-1 trial's best checkpoint; init_label names it,
-    # init_from is STAGE_1 + that label until the sweep knows the checkpoint.
+    # Stage 2: trials that start from a stage-1 trial's best checkpoint; init_label names it, and
+    # init_from is None until the sweep knows the checkpoint.
     continued: list[TrainConfig] = field(default_factory=list)
     # sweep.run --init-from-sweep: stage 1 is that sweep's (finished) trials, not trained here.
     init_from_sweep: str | None = None
@@ -401,7 +403,10 @@ class SweepSpace:
             evaluation=EvaluationSettings.from_dict(d["evaluation"]),
             resources=Resources(**d["resources"]),
             checkpoints=Checkpoints(**d["checkpoints"]),
-            continued=[TrainConfig.from_dict(t) for t in d.get("continued", [])],
+            continued=[
+                TrainConfig.from_dict({**t, "init_from": None} if str(t.get("init_from")).startswith(STAGE_1) else t)
+                for t in d.get("continued", [])
+            ],
             init_from_sweep=d.get("init_from_sweep"),
             search=Search.from_dict(d["search"]) if d.get("search") else None,
             asha=d.get("asha", False),
@@ -780,7 +785,7 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
                     f"first-stage trials share the label {parent.label()!r} (they differ only "
                     f"in a training setting), so a second stage cannot name its parent",
                 )
-            changes = {**training, **switch["to"], "init_from": STAGE_1 + parent.label(), "init_label": parent.label()}
+            changes = {**training, **switch["to"], "init_label": parent.label()}
             child = _config(parent.with_changes, changes, where, switch["to"], fail)
             continued.setdefault(child)
     return list(continued)

@@ -47,8 +47,11 @@ def variant(row: pd.Series) -> str:
 
 
 def other_settings(frame: pd.DataFrame) -> pd.Series:
-    """Training settings beyond the table's own axes that differ between rows (e.g. lr), as a
-    suffix of the column name, so that only seeds of one configuration are ever averaged."""
+    """Training settings beyond the table's own axes that differ between rows of one dataset's
+    table (e.g. lr), as a suffix of the column name, so that only seeds of one configuration are
+    ever averaged."""
+    if frame["dataset"].nunique() > 1:
+        return pd.concat([other_settings(part) for _, part in frame.groupby("dataset", sort=False)])
     configs = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
     shown = {"dataset", "objective", "m", "k", "layers", "estimator", "seed", *parameters()}
     varying = [c for c in configs.columns if c not in shown and configs[c].astype(str).nunique() > 1]

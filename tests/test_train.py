@@ -260,8 +260,10 @@ def test_init_from_refuses_another_architecture_and_a_missing_parent(tiny_data, 
         InitError, match=r"\(iwae_L1_M1_K5_s3: latent sizes \[50\].*than this run.s \(latent sizes \[100, 50\]"
     ):
         train(TrainConfig(**dict(TINY, layers=2, init_from=str(uninterrupted[0]))), tmp_path, tiny_data, progress=False)
-    with pytest.raises(ValueError, match="need init_from"):
-        TrainConfig(init_label="vae_L1_M1_K1_s0")
+    with pytest.raises(InitError, match="continues vae_L1_M1_K1_s0, but no checkpoint of it is given"):
+        train(TrainConfig(**TINY, init_label="vae_L1_M1_K1_s0"), tmp_path / "orphan", tiny_data, progress=False)
+    with pytest.raises(ValueError, match="init_optimizer continues the Adam state of init_from's run: it needs"):
+        TrainConfig(init_optimizer=True)
     cli = subprocess.run(
         [
             sys.executable,
