@@ -5,7 +5,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sweep.space import SECTIONS, TOP_LEVEL, SpaceError, load_space, training_keys, trial_keys
+from iwae_model import TrainConfig
+from sweep.space import SECTIONS, TOP_LEVEL, SpaceError, SweepSpace, load_space, training_keys, trial_keys
 
 
 def test_shipped_spaces_expand_to_the_papers_configurations():
@@ -40,6 +41,21 @@ def test_shipped_spaces_expand_to_the_papers_configurations():
     ]
     assert all(
         (t.passes, t.lr, t.schedule, t.init_optimizer) == (2187, 1e-4, "constant", False) for t in table2.continued
+    )
+
+
+def test_a_spec_written_before_fixed_and_init_label_alone_reads_as_its_trials():
+    """Older sweeps' specs: a stage-2 trial's init_from held "stage 1: <parent>" until its parent's
+    checkpoint was known, and binarized_mnist's binarization was "dynamic"."""
+    table2 = load_space("burda2016_table2")
+    assert all(t.init_from is None and t.init_label for t in table2.continued)
+    old = table2.to_dict()
+    old["continued"] = [{**t, "init_from": "stage 1: " + t["init_label"]} for t in old["continued"]]
+    assert SweepSpace.from_dict(old).continued == table2.continued
+    config = TrainConfig(dataset="binarized_mnist")
+    assert (
+        config.binarization == "fixed"
+        and TrainConfig.from_dict({**config.to_dict(), "binarization": "dynamic"}) == config
     )
 
 
