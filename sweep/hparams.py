@@ -44,13 +44,13 @@ def hparam_rows(grids: list[list[tune.Result]]) -> tuple[dict[str, dict], list[s
     """({trial label: its shown settings} of every trial that reported a pass, the settings that
     vary across them)."""
     results = [result for grid in grids for result in grid if result.metrics]
-    configs = {trial_label(result): trial_config(result.config).to_dict() for result in results}
+    configs = {trial_label(result): trial_config(result.config) for result in results}
     names = [setting.name for setting in settings()]
-    varying = [name for name in names if len({str(config.get(name)) for config in configs.values()}) > 1]
+    varying = [name for name in names if len({str(getattr(config, name)) for config in configs.values()}) > 1]
     # An objective's parameters wherever a trial trains that objective (CIWAE's beta).
-    own = {p.name for config in configs.values() for p in OBJECTIVES[config["objective"]].parameters}
+    own = {p.name for config in configs.values() for p in OBJECTIVES[config.objective].parameters}
     shown = [name for name in names if name in (*ALWAYS_SHOWN, *varying, *own)]
-    return {label: {key: _value(config[key]) for key in shown} for label, config in configs.items()}, varying
+    return {label: {key: _value(getattr(config, key)) for key in shown} for label, config in configs.items()}, varying
 
 
 def _with_plugin_data(summary: Any, change: Any) -> Any:
