@@ -27,9 +27,11 @@ FULL_SCHEDULE_PASSES = 3280  # sum of 3^i for i = 0..7
 SCHEDULES = ("compressed", "truncated", "constant")
 
 
-def setting(default, help: str, **argparse_options):
-    """A TrainConfig field with its command-line help (the train CLI is made from the fields)."""
-    return field(default=default, metadata={"help": help, **argparse_options})
+def setting(default, help: str, step_cost: bool = True, **argparse_options):
+    """A TrainConfig field with its command-line help (the train CLI is made from the fields).
+    `step_cost`: whether it can change the work of one optimizer step or of one evaluated image
+    (a sweep's plan times one configuration for all that differ only in settings that cannot)."""
+    return field(default=default, metadata={"help": help, "step_cost": step_cost, **argparse_options})
 
 
 @dataclass(frozen=True, init=False)
@@ -63,6 +65,7 @@ class TrainConfig:
     passes: int = setting(
         FULL_SCHEDULE_PASSES,
         f"passes over the training set; fewer than {FULL_SCHEDULE_PASSES} compresses the schedule proportionally",
+        step_cost=False,
     )
     schedule: str = setting(
         "compressed",
@@ -70,17 +73,19 @@ class TrainConfig:
         "stage's share; truncated runs the first N passes of the full schedule; "
         "constant holds --lr throughout",
         choices=SCHEDULES,
+        step_cost=False,
     )
     batch_size: int = setting(20, "images per optimizer step")
-    lr: float = setting(1e-3, "learning rate of stage 0")
+    lr: float = setting(1e-3, "learning rate of stage 0", step_cost=False)
     adam_beta1: float = setting(
         0.9,
         "Adam beta1: 0.9 is textbook Adam (and the Cambridge replication's reading of "
         "the paper); the authors' code used 0.99",
+        step_cost=False,
     )
-    adam_beta2: float = setting(0.999, "Adam beta2")
-    adam_eps: float = setting(1e-4, "Adam epsilon (Burda's 1e-4)")
-    seed: int = setting(0, "seed of the weights and of the training noise")
+    adam_beta2: float = setting(0.999, "Adam beta2", step_cost=False)
+    adam_eps: float = setting(1e-4, "Adam epsilon (Burda's 1e-4)", step_cost=False)
+    seed: int = setting(0, "seed of the weights and of the training noise", step_cost=False)
     dataset: str = setting(
         "mnist",
         "mnist and omniglot: grey levels, binarized as --binarization says; "
@@ -93,10 +98,12 @@ class TrainConfig:
         "as they are: fixed, its only (and default) binarization (binarized_mnist)",
         choices=(*BINARIZATIONS, FIXED),
     )
-    train_images: int | None = setting(None, "train on the first N images only (not comparable)")
-    test_images: int | None = setting(None, "per-pass test bound on the first N test images only")
+    train_images: int | None = setting(None, "train on the first N images only (not comparable)", step_cost=False)
+    test_images: int | None = setting(None, "per-pass test bound on the first N test images only", step_cost=False)
     eval_every: int = setting(1, "passes between test-bound evaluations (the last pass always has one)")
-    nll_every: int = setting(0, "passes between k-sample NLL estimates on --nll-images test images (0: never)")
+    nll_every: int = setting(
+        0, "passes between k-sample NLL estimates on --nll-images test images (0: never)", step_cost=False
+    )
     nll_k: int = setting(5000, "importance samples of those NLL estimates")
     nll_images: int = setting(500, "test images of those NLL estimates")
     valid_ll_k: int = setting(
@@ -105,7 +112,9 @@ class TrainConfig:
         "(valid_ll: ranks trials of different objectives, K or M fairly; 0: never)",
     )
     snr_every: int = setting(
-        0, "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; 0: never)"
+        0,
+        "passes between gradient-SNR measurements (Rainforth et al. 2018; and at the last; 0: never)",
+        step_cost=False,
     )
     snr_draws: int = setting(100, "gradient draws per SNR measurement")
     snr_images: int = setting(100, "the SNR's fixed minibatch: the first N training images, binarized once")
@@ -116,13 +125,15 @@ class TrainConfig:
         "--schedule constant); the optimizer starts fresh unless "
         "--init-optimizer",
         metavar="RUN_DIR",
+        step_cost=False,
     )
     init_label: str | None = setting(
         None,
         "the label of the run this one continues (read from init_from's checkpoint; a sweep's second-stage "
         "trial has it before its parent's checkpoint is known, and init_from once it is)",
+        step_cost=False,
     )
-    init_optimizer: bool = setting(False, "with --init-from: also continue its Adam state")
+    init_optimizer: bool = setting(False, "with --init-from: also continue its Adam state", step_cost=False)
     latent_dims: tuple[int, ...] | None = setting(None, "latent units per stochastic layer (default: Burda's)")
     hidden_dims: tuple[int, ...] | None = setting(None, "hidden units per stochastic layer (default: Burda's)")
     # At batch 20 most of a small model's step is per-op Python overhead, which compiling removes.
@@ -311,6 +322,7 @@ class Setting:
     help: str
     default: Any
     options: dict[str, Any]
+    step_cost: bool  # see `setting`; objectives' parameters are taken not to change a step's work
 
 
 def settings() -> list[Setting]:
@@ -323,13 +335,14 @@ def settings() -> list[Setting]:
             f.metadata["help"],
             f.default,
             {
-                **{k: v for k, v in f.metadata.items() if k != "help"},
+                **{k: v for k, v in f.metadata.items() if k not in ("help", "step_cost")},
                 **({"choices": choices[f.name]} if f.name in choices else {}),
             },
+            f.metadata["step_cost"],
         )
         for f in dataclasses.fields(TrainConfig)
         if f.name != "params"
     ]
     return fields + [
-        Setting(p.name, "int" if p.integer else "float", p.help, p.default, {}) for p in parameters().values()
+        Setting(p.name, "int" if p.integer else "float", p.help, p.default, {}, False) for p in parameters().values()
     ]

@@ -27,7 +27,6 @@ import torch
 from iwae_model import TrainConfig
 from iwae_model.config import settings
 from iwae_model.datasets import DATASETS
-from iwae_model.objectives import parameters
 from iwae_model.timing import (
     ais_seconds_per_image,
     bound_seconds_per_image,
@@ -42,33 +41,17 @@ from .trials import trial_name
 CALIBRATION_STEPS = 15
 CALIBRATION_IMAGES = 4
 AIS_CALIBRATION_STEPS = 10  # AIS's time grows in proportion to its steps
-# Only the model, objective and estimator set the cost: a configuration is calibrated with these
-# fields as here (and the objectives' parameters at their defaults, taken not to change a step's
-# work), once for all the trials that differ only in them.
-CALIBRATED_AS = {
-    "seed": 0,
-    "lr": TrainConfig.lr,
-    "adam_beta1": TrainConfig.adam_beta1,
-    "adam_beta2": TrainConfig.adam_beta2,
-    "adam_eps": TrainConfig.adam_eps,
-    "passes": 1,
-    "schedule": "compressed",
-    "train_images": None,
-    "test_images": None,
-    "nll_every": 0,
-    "snr_every": 0,
-    "init_from": None,
-    "init_label": None,
-    "init_optimizer": False,
-}
 
 
 def calibrated_as() -> dict[str, Any]:
-    return {**CALIBRATED_AS, **{p.name: p.default for p in parameters().values()}}
+    """The settings that cannot change the work of one step or one evaluated image
+    (config.setting's step_cost), at their defaults: a configuration is calibrated so, once for
+    all the trials that differ only in them."""
+    return {s.name: s.default for s in settings() if not s.step_cost}
 
 
 def cost_fields() -> list[str]:
-    return [s.name for s in settings() if s.name not in calibrated_as()]
+    return [s.name for s in settings() if s.step_cost]
 
 
 @dataclass(frozen=True)
