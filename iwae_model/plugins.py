@@ -2,9 +2,9 @@
 my_bounds.py` on the command-line tools, `plugins: [my_bounds.py]` in a space file.
 
 Importing the module is what adds them: each subclass of objectives.Objective or
-data.DatasetSource with a `name` registers itself. A plugin is recorded by its module name, file and SHA-256, so that a
-resumed sweep, a checkpoint and a results row say which code made them, and a changed file is
-found before it trains anything (docs/plugins.md)."""
+data.DatasetSource with a `name` registers itself. A plugin is recorded by its module name, file
+and SHA-256, so that a resumed sweep, a checkpoint and a results row say which code made them,
+and a changed file is found before any of it runs again (docs/plugins.md)."""
 
 from __future__ import annotations
 
