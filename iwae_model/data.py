@@ -3,9 +3,9 @@ exactly as Burda et al. (2016) used them, and their binarization.
 
 A dataset is a DatasetSource subclass (`DATASETS` by name): MNIST here (the LeCun IDX files),
 Omniglot in `omniglot.py`, Larochelle & Murray's MNIST in `binarized_mnist.py`, a researcher's
-own in a plugin (iwae_model.plugins); `datasets.load_dataset` picks one by name. The whole data set lives as one
-float tensor on the training device; binarization happens there on whole batches (`binarize`).
-Nothing here iterates over images in Python.
+own in a plugin (iwae_model.plugins); `datasets.load_dataset` picks one by name. The whole data
+set lives as one float tensor on the training device; binarization happens there on whole
+batches (`binarize`). Nothing here iterates over images in Python.
 
 Where the files come from, in order: the `data_dir` argument (the CLIs' `--data-dir`), the
 `IWAE_DATA_DIR` environment variable, then `~/.cache/iwae-sweep/data`. One folder holds every
