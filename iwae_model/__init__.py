@@ -1,5 +1,6 @@
 """Importance Weighted Autoencoders in pure PyTorch: Burda et al. (2016)'s models, data protocol
-and k=5000 evaluation, and Rainforth et al. (2018)'s MIWAE / CIWAE / PIWAE objectives."""
+and k=5000 evaluation, Rainforth et al. (2018)'s MIWAE / CIWAE / PIWAE objectives, the VR bound and
+reweighted wake-sleep, and any objective or dataset a plugin registers."""
 
 # The AIS functions by their own names: a function called `ais` here would hide the submodule
 # iwae_model.ais as an attribute of the package.

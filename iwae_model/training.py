@@ -1,4 +1,5 @@
-"""Train one VAE / IWAE / MIWAE / CIWAE / PIWAE on MNIST with Burda et al.'s schedule
+"""Train one model (any registered objective: VAE / IWAE / MIWAE / CIWAE / PIWAE / VR / RWS, or a
+plugin's) with Burda et al.'s schedule
 (the command line: python -m iwae_model.train).
 
 Schedule: stage i = 0..7 runs 3^i passes at lr 0.001 * 10^(-i/7) (3,280 passes in all),

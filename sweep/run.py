@@ -396,8 +396,9 @@ def storage_location(storage: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sweep.run",
-        description="Train a VAE / IWAE / MIWAE / CIWAE / PIWAE sweep with Ray Tune, evaluate the best checkpoints "
-        "with k=5000 importance samples and write Parquet results. With no arguments: the quick sweep "
+        description="Train a sweep of VAE / IWAE / MIWAE / CIWAE / PIWAE / VR / RWS models (or your own "
+        "objectives, --plugin) with Ray Tune, evaluate the best checkpoints with k=5000 importance samples and "
+        "write Parquet results. With no arguments: the quick sweep "
         "(about 4 minutes on a 2-core laptop) on a local Ray.",
         epilog="Then: tensorboard --logdir STORAGE/NAME, and python -m sweep.query STORAGE/NAME.",
     )
