@@ -39,7 +39,7 @@ import torch
 from .config import TrainConfig
 from .errors import IWAEError
 from .files import write_atomically
-from .models import IWAEModel, build_model
+from .models import IWAEModel
 from .plugins import loaded
 
 CHECKPOINT_FORMAT = 2
@@ -233,8 +233,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     """The trained model (in eval mode), its configuration and the raw checkpoint."""
     state = load_checkpoint(path, map_location=device)
     config = TrainConfig.from_dict(state["config"])
-    x_dim = state["model"].get("decoder.out.bias", torch.empty(784)).numel()  # the dataset's pixels
-    model = build_model(config.layers, config.latent_dims, config.hidden_dims, x_dim=x_dim).to(device)
+    model = config.build_model().to(device)
     restore(state, path, model)
     return model.eval(), config, state
 

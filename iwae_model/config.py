@@ -270,10 +270,16 @@ class TrainConfig:
     def build_estimator(self) -> GradientEstimator:
         return build_estimator(self.estimator, self.layers)
 
+    @property
+    def pixels(self) -> int:
+        """Pixels per image of its dataset: the model's input size."""
+        height, width = DATASETS[self.dataset].shape
+        return height * width
+
     def build_model(self, train_mean: torch.Tensor | None = None) -> IWAEModel:
-        """The model; given the training set's mean, its input size and output bias come from it."""
-        x_dim = {} if train_mean is None else {"x_dim": train_mean.numel()}
-        return build_model(self.layers, self.latent_dims, self.hidden_dims, train_mean=train_mean, **x_dim)
+        """The model for its dataset's images; given the training set's mean, its output bias
+        starts from it."""
+        return build_model(self.layers, self.latent_dims, self.hidden_dims, x_dim=self.pixels, train_mean=train_mean)
 
     def to_dict(self) -> dict:
         """Every setting by name: the fields, the objective's own parameters, and any other

@@ -46,7 +46,7 @@ def training_steps(config: TrainConfig, device: torch.device) -> Callable[[int],
     """A function that runs n optimizer steps of `config` (its model, objective, estimator,
     batch size and compile setting) on random images, as train() does."""
     torch.manual_seed(0)
-    images = torch.rand(config.batch_size * BATCHES, 784, device=device)
+    images = torch.rand(config.batch_size * BATCHES, config.pixels, device=device)
     model = config.build_model(train_mean=images.mean(0).cpu()).to(device)
     optimizer = build_optimizer(model, config)
     objective, estimator = config.build_objective(), config.build_estimator()
@@ -76,7 +76,7 @@ def training_step_seconds(config: TrainConfig, device: torch.device, steps: int,
 def bound_seconds_per_image(config: TrainConfig, device: torch.device, images: int = 200) -> float:
     """Seconds per image of the objective's bound (the per-pass validation and test bounds)."""
     model = config.build_model().to(device).eval()
-    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    x = torch.bernoulli(torch.full((images, config.pixels), 0.13, device=device))
     objective = config.build_objective()
     bound(model, x[:2], objective)
     sync(device)
@@ -94,7 +94,7 @@ def likelihood_seconds_per_image(
     batch at the same k (kernel selection, the allocator's pools); the CPU needs one small call."""
     torch.manual_seed(0)
     model = config.build_model().to(device).eval()
-    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    x = torch.bernoulli(torch.full((images, config.pixels), 0.13, device=device))
     if device.type == "cuda":
         importance_sampling(model, x[: default_image_batch(device)], k, diagnostics=diagnostics)
     else:
@@ -114,7 +114,7 @@ def ais_seconds_per_image(
     untrained model times it; the time grows in proportion to `steps`."""
     torch.manual_seed(0)
     model = config.build_model().to(device).eval()
-    x = torch.bernoulli(torch.full((images, 784), 0.13, device=device))
+    x = torch.bernoulli(torch.full((images, config.pixels), 0.13, device=device))
     ais(model, x[:1], 2, chains, start)  # kernels and allocator pools, as the IS timing's first call
     sync(device)
     began = time.perf_counter()

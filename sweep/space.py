@@ -863,8 +863,7 @@ _SIZES: dict[tuple, _Sizes] = {}
 
 
 def _sizes(config: TrainConfig) -> _Sizes:
-    height, width = DATASETS[config.dataset].shape
-    key = (config.layers, config.latent_dims, config.hidden_dims, height * width)
+    key = (config.layers, config.latent_dims, config.hidden_dims, config.pixels)
     if key not in _SIZES:
         with torch.device("meta"):  # shapes only: nothing is allocated
             model = build_model(*key[:3], x_dim=key[3])
