@@ -227,8 +227,9 @@ class TrainConfig:
                 if known
                 else f"choose one of {', '.join(ESTIMATORS)}",
             )
+        declared = parameters()
         for name, value in self.params:
-            parameters()[name].check(value)
+            declared[name].check(value)
         own = DATASETS[self.dataset].binarizations()
         if self.binarization is None or (self.binarization == "dynamic" and own == (FIXED,)):
             # A binary dataset's "dynamic": what configurations written before `fixed` existed say.

@@ -115,8 +115,10 @@ def build_surrogate(
     """(binary images, q-noise) -> the estimator's surrogate losses; with `compile`, forward and
     backward become a few fused kernels instead of ~100 small ops."""
 
+    sampling = estimator.sampling_options
+
     def surrogate(x: torch.Tensor, noise: list[torch.Tensor]) -> Surrogate:
-        log_w = model.log_weights(x, noise=noise, **estimator.sampling_options)
+        log_w = model.log_weights(x, noise=noise, **sampling)
         return objective.surrogate(log_w, estimator.name)
 
     if not compile:

@@ -619,12 +619,12 @@ def _number_keys() -> dict[str, type]:
 def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, Distribution]], fail) -> dict:
     """`mapping` without its distributions (`{uniform: [0, 1]}` and the like), which go to `found`."""
     plain = {}
+    searchable, numbers = (*trial_keys(), *training_keys()), _number_keys()
     for key, value in mapping.items():
         if not isinstance(value, dict):
             plain[key] = value
             continue
         here = f"{where}.{key}"
-        searchable = (*trial_keys(), *training_keys())
         if key not in searchable:
             raise fail(
                 here,
@@ -649,7 +649,7 @@ def _take_distributions(mapping: dict, where: str, found: dict[str, tuple[str, D
                 + (" of choices" if kind == "choice" else ", [low, high]"),
             )
         if kind in RANGES:
-            expected, number = RANGES[kind], _number_keys().get(key)
+            expected, number = RANGES[kind], numbers.get(key)
             if number is not expected:
                 takes = {
                     int: "an integer: randint, lograndint or choice",
@@ -746,9 +746,10 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
     training = section.get("training") or {}
     if not isinstance(training, dict):
         raise fail("continue.training", "expected a mapping of TrainConfig fields")
+    trial_allowed, training_allowed = (*trial_keys(), "seed"), training_keys()
     for key, value in training.items():
-        if key not in training_keys():
-            raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(training_keys())}")
+        if key not in training_allowed:
+            raise fail(f"continue.training.{key}", f"unknown key; allowed: {', '.join(training_allowed)}")
         if isinstance(value, dict):
             raise fail(
                 f"continue.training.{key}",
@@ -770,10 +771,10 @@ def _continued(section: Any, trials: list[TrainConfig], fail) -> list[TrainConfi
             raise fail(where, "expected {from: {objective: vae, k: 1}, to: {objective: iwae, k: 50}}")
         for side in ("from", "to"):
             for key in switch[side]:
-                if key not in (*trial_keys(), "seed", *training_keys()):
+                if key not in (*trial_allowed, *training_allowed):
                     raise fail(
                         f"{where}.{side}.{key}",
-                        f"unknown key; allowed: {', '.join((*trial_keys(), 'seed'))} and training keys",
+                        f"unknown key; allowed: {', '.join(trial_allowed)} and training keys",
                     )
         parents = [t for t in trials if all(getattr(t, k) == v for k, v in switch["from"].items())]
         if not parents:
