@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import os
+import pickletools
 import secrets
 import tempfile
 import threading
@@ -55,6 +56,21 @@ STATE_FILES = {
     "callback-states-*.pkl": "pickle",
 }
 UNPICKLED = ("tuner.pkl", "error.pkl", *STATE_FILES)
+
+
+def cut_short(name: str, data: bytes) -> ValueError | None:
+    """Why the state file `name` holding `data` is not whole (empty, or cut mid-write), or None.
+    Nothing is unpickled: a pickle's opcodes are read, never run."""
+    kind = next((kind for pattern, kind in STATE_FILES.items() if fnmatch.fnmatchcase(name, pattern)), "pickle")
+    try:
+        if kind == "json":
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+    except ValueError as error:
+        return error
+    return None
 
 
 class UntrustedState(SweepFolderError):
@@ -283,7 +299,11 @@ class _Landing(io.BytesIO):
         if not self.closed:
             data = self.getvalue()
             super().close()
-            self.signer.land(self.path, data, self.metadata)
+            # Ray Tune rewrites its state in its staging folder in place while an earlier upload
+            # may still be copying that folder: a copy cut short is dropped, the previous state
+            # stays, and the next upload brings the new one whole.
+            if cut_short(self.path.rsplit("/", 1)[-1], data) is None:
+                self.signer.land(self.path, data, self.metadata)
 
     def __del__(self) -> None:  # a stream dropped unclosed (a failed copy) lands nothing
         super().close()

@@ -6,8 +6,6 @@ sweep.saved_trials reads them without unpickling anything."""
 from __future__ import annotations
 
 import fnmatch
-import json
-import pickletools
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -25,6 +23,7 @@ from .trust import (
     SigningKeyError,
     UntrustedState,
     check_state_signed,
+    cut_short,
     signed_storage,
     unsigned,
 )
@@ -65,20 +64,13 @@ def check_state_whole(experiment_path: str, filesystem: pafs.FileSystem) -> None
     itself would log the failure and start the whole sweep again with an empty configuration.
     Nothing is unpickled: a pickle's opcodes are read, never run."""
     names = [info.base_name for info in filesystem.get_file_info(pafs.FileSelector(experiment_path))]
-    for pattern, kind in STATE_FILES.items():
+    for pattern in STATE_FILES:
         if not (matching := fnmatch.filter(names, pattern)):
             continue
-        path = f"{experiment_path}/{max(matching)}"  # Tune restores the newest of each (by name)
-        with filesystem.open_input_stream(path) as stream:
-            data = stream.readall()
-        try:
-            if kind == "json":
-                json.loads(data)
-            else:
-                for _ in pickletools.genops(data):  # reads the opcodes, runs nothing
-                    pass
-        except ValueError as error:
-            raise unreadable_state(path, error) from None
+        name = max(matching)  # Tune restores the newest of each (by name)
+        with filesystem.open_input_stream(f"{experiment_path}/{name}") as stream:
+            if (error := cut_short(name, stream.readall())) is not None:
+                raise unreadable_state(f"{experiment_path}/{name}", error)
 
 
 def unreadable_state(experiment_path: str, error: Exception) -> SweepFolderError:

@@ -21,6 +21,7 @@ from sweep.folder import read_spec
 from sweep.results import read_results
 from sweep.space import parse_space
 from sweep.storage import filesystem_and_path
+from sweep.trust import check_state_signed, signed_storage
 
 TESTS = Path(__file__).parent
 TINY = dict(train_images=200, test_images=100, passes=2, k=2, latent_dims=(4,), hidden_dims=(16,))
@@ -133,6 +134,7 @@ def test_killed_while_ray_tune_rewrites_its_state_in_a_sweep_folder(tmp_path):
     run_killed(f"""
 import os, signal
 from sweep.storage import filesystem_and_path
+from sweep.trust import check_state_signed, signed_storage
 filesystem, _ = filesystem_and_path({str(tmp_path)!r})
 with filesystem.open_output_stream({path!r}) as out:
     out.write(b'{{"before": 1}}')
@@ -144,6 +146,18 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert json.loads(Path(path).read_text()) == {"before": 1}
     (partial,) = tmp_path.glob(".experiment_state-x.json.*.partial")
     assert partial.read_bytes() == b'{"after": '
+
+
+def test_a_state_file_copied_while_ray_tune_rewrites_it_leaves_the_previous_one(tmp_path):
+    # Ray Tune rewrites its staging copy in place while an earlier upload may still be copying
+    # it: the upload can read it empty or cut short. That copy must not replace the whole state.
+    filesystem = signed_storage(filesystem_and_path(str(tmp_path))[0])
+    path = str(tmp_path / "experiment_state-x.json")
+    for data in (b'{"before": 1}', b"", b'{"after": '):
+        with filesystem.open_output_stream(path) as out:
+            out.write(data)
+    assert json.loads(Path(path).read_text()) == {"before": 1}
+    check_state_signed(str(tmp_path), filesystem_and_path(str(tmp_path))[0])  # still its signature's
 
 
 def test_the_sweep_filesystem_copies_folders_as_ray_uploads_them_and_travels_to_workers(tmp_path):
