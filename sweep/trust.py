@@ -59,9 +59,12 @@ UNPICKLED = ("tuner.pkl", "error.pkl", *STATE_FILES)
 
 
 def cut_short(name: str, data: bytes) -> ValueError | None:
-    """Why the state file `name` holding `data` is not whole (empty, or cut mid-write), or None.
-    Nothing is unpickled: a pickle's opcodes are read, never run."""
-    kind = next((kind for pattern, kind in STATE_FILES.items() if fnmatch.fnmatchcase(name, pattern)), "pickle")
+    """Why the state file `name` (one of STATE_FILES, which Ray Tune rewrites as it runs) holding
+    `data` is not whole (empty, or cut mid-write), or None; None for any other file. Nothing is
+    unpickled: a pickle's opcodes are read, never run."""
+    kind = next((kind for pattern, kind in STATE_FILES.items() if fnmatch.fnmatchcase(name, pattern)), None)
+    if kind is None:
+        return None
     try:
         if kind == "json":
             json.loads(data)
