@@ -23,6 +23,7 @@ try:
     from sweep.cluster import keep_local_ray_on_loopback
     from sweep.local_cluster import session_processes
     from sweep.results import read_results
+    from sweep.run import main as run_main
     from sweep.space import SweepSpace, parse_space
     from sweep.trials import NODES_FILE
 except ModuleNotFoundError as missing:  # a GPU host with torch and no Ray: the model-level checks still run
@@ -219,6 +220,15 @@ def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path,
     finally:
         kill_driver(driver)
     return command, sweep_dir
+
+
+def resume_in_process(command: list[str], capfd) -> tuple[str, str]:
+    """`command --resume` (a `python -m sweep.run` command line) in this process, on its Ray (use
+    with `local_ray`): the resume reads the sweep's files alone, as a new driver's does, without
+    the seconds of CPU a second Ray's start costs. Returns what it printed (stdout, stderr)."""
+    capfd.readouterr()
+    run_main([*command[3:], "--resume"])
+    return capfd.readouterr()
 
 
 @pytest.fixture(scope="module")

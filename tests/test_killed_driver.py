@@ -1,16 +1,24 @@
-"""A driver killed mid-sweep (SIGKILL, with the local Ray it started) and resumed, from each state
-Ray Tune can leave: nothing lost, nothing run twice. One kill serves every case: its folder is
-kept as it was left and laid back in place for each (Ray Tune's state names absolute paths)."""
+"""A driver killed mid-sweep (SIGKILL, with the local Ray it started) and resumed by a new driver
+(in the test's process), from each state Ray Tune can leave: nothing lost, nothing run twice. One
+kill serves every case: its folder is kept as it was left and laid back in place for each (Ray
+Tune's state names absolute paths)."""
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+import ray
 import torch
-from conftest import TINY_SPACE, assert_complete_history, kill_sweep_at_first_checkpoint, trial_dirs
+from conftest import (
+    TINY_SPACE,
+    assert_complete_history,
+    kill_sweep_at_first_checkpoint,
+    resume_in_process,
+    trial_dirs,
+)
 from pyarrow import fs as pafs
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from iwae_model import TrainConfig
 from iwae_model.checkpoint import load_checkpoint
@@ -33,6 +41,15 @@ def killed_sweep(mnist_dir, tmp_path_factory) -> tuple[list[str], Path, Path]:
     command, sweep_dir = kill_sweep_at_first_checkpoint(DRIVER_SPACE, folder, mnist_dir, "")  # work to lose
     shutil.copytree(folder / "store", folder / "as_killed", symlinks=True)
     return command, sweep_dir, folder / "as_killed"
+
+
+@pytest.fixture
+def own_ray():
+    """A local Ray for one resume: Ray Tune stages a trial's files in its Ray session's folder under
+    the start time the sweep's state records, the same for every resume of the one kill."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
 
 
 def delete_checkpoints_the_state_names(sweep_dir: Path) -> None:
@@ -63,7 +80,7 @@ def as_written_on_a_gpu(sweep_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("tune_state", ["saved", "not saved yet", "names a deleted checkpoint", "written on a GPU"])
-def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state):
+def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state, own_ray, capfd):
     # "not saved yet": Ray Tune writes tuner.pkl at once but its experiment state only at its
     # first sync; a driver killed before that left a folder whose
     # restore made a trial with an empty config, and the resumed sweep crashed.
@@ -90,19 +107,19 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state):
         }
         moved = [trial for trial in moved if trial in named]
     begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("stopped before Ray Tune first saved its state" in resumed.stderr) == bool(begun)
+    out, err = resume_in_process(command, capfd)
+    assert ("stopped before Ray Tune first saved its state" in err) == bool(begun)
     if tune_state == "names a deleted checkpoint":  # (a kill can also land in that instant by itself)
-        assert "continue from their newest checkpoint" in resumed.stderr
-    assert "| layers | M | K | VAE | IWAE |" in resumed.stdout
+        assert "continue from their newest checkpoint" in err
+    assert "| layers | M | K | VAE | IWAE |" in out
     table = read_results(str(sweep_dir))
     assert sorted(table.column("trial_name").to_pylist()) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"]
     assert table.column("epochs").to_pylist() == [PASSES, PASSES]
     for trial in set(trial_dirs(sweep_dir)) - set(begun):
         assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=PASSES)
     # Resumed on the CPU from a GPU's checkpoint: same weights and position, a reseeded generator,
-    # and the node record, Parquet and the trial's log say from which pass it is not bit-identical.
+    # and the node record, Parquet and the trial's TensorBoard say from which pass it is not
+    # bit-identical (the trial's console line: test_devices; Ray merges such lines across trials).
     reseeded_at = dict(zip(table.column("trial_name").to_pylist(), table.column("generator_reseeded_at").to_pylist()))
     assert bool(moved) == (tune_state == "written on a GPU")
     for trial in moved:
@@ -111,6 +128,8 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state):
         assert [run["generator_reseeded"] for run in runs] == [False, True]
         label = TrainConfig.from_dict(load_checkpoint(last)["config"]).label()
         assert reseeded_at[label] == runs[1]["first_epoch"]
-    assert resumed.stderr.count("resumed on cpu from a checkpoint written on cuda") == len(moved)
+        events = EventAccumulator(str(trial), size_guidance={"tensors": 0}).Reload()
+        texts = [event.tensor_proto.string_val[0].decode() for event in events.Tensors("run/node/text_summary")]
+        assert ["generator reseeded" in text for text in texts] == [False, True]
     if tune_state != "written on a GPU":
         assert set(reseeded_at.values()) == {None}

@@ -16,6 +16,7 @@ from conftest import (
     assert_same_evaluations,
     kill_driver,
     kill_sweep_at_first_checkpoint,
+    resume_in_process,
     sweep_cli,
     tiny_space,
     trial_dirs,
@@ -28,6 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from iwae_model import TrainConfig, likelihood
 from iwae_model.checkpoint import load_checkpoint, load_model
 from sweep.columns import RESULTS
+from sweep.evaluate import main as evaluate_main
 from sweep.folder import write_spec
 from sweep.results import (
     ResultsError,
@@ -79,7 +81,7 @@ TWO_STAGE = {
     **TINY_SPACE,
     "name": "two_stage",
     "continue": {
-        "training": {"passes": 6, "train_images": 2000, "lr": 1e-4, "schedule": "constant"},
+        "training": {"passes": 4, "train_images": 1000, "lr": 1e-4, "schedule": "constant"},
         "switch": [
             {"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}},
             {"from": {"objective": "iwae"}, "to": {"objective": "vae", "k": 1}},
@@ -89,7 +91,7 @@ TWO_STAGE = {
 
 
 def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retraining_stage_1(
-    mnist_dir, mnist, tmp_path
+    local_ray, mnist_dir, mnist, tmp_path, capfd
 ):
     command, sweep_dir = kill_sweep_at_first_checkpoint(TWO_STAGE, tmp_path, mnist_dir, "stage2")  # stage 2 midway
 
@@ -104,8 +106,7 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
     first_stage = training_files()
     assert sum(path.name == "checkpoint.pt" for path in first_stage) >= 2
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out, _ = resume_in_process(command, capfd)
     # Stage 1 was not trained again: not a file of its trials was written or added.
     assert training_files() == first_stage
     rows = {r["trial_name"]: r for r in read_results(str(sweep_dir)).to_pylist()}
@@ -126,9 +127,9 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
         assert json.loads(child["config"])["init_from"] == rows[parent]["checkpoint_uri"]
         checkpoints = sorted(Path(child["checkpoint_uri"]).parent.glob("checkpoint_*"))
         state = load_checkpoint(checkpoints[-1])
-        assert_complete_history(checkpoints[-1], passes=6)
+        assert_complete_history(checkpoints[-1], passes=4)
         assert {row["lr"] for row in state["history"]} == {1e-4}
-        # Its first pass (100 steps at lr 1e-4) starts where the parent's weights are on the child's
+        # Its first pass (50 steps at lr 1e-4) starts where the parent's weights are on the child's
         # objective, hundreds of nats from where a fresh model starts.
         objective = TrainConfig.from_dict(json.loads(child["config"])).build_objective()
         parent_model, _, _ = load_model(Path(rows[parent]["checkpoint_uri"]), "cpu")
@@ -139,16 +140,11 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
             .item()
         )
         assert abs(state["history"][0]["valid_bound"] - start) < 0.1 * abs(fresh - start)
-    assert "Table 2: second stage continued from the first stage's best checkpoint" in resumed.stdout
-    assert "| vae_L1_M1_K1_s0 | " in resumed.stdout and "| iwae_L1_M1_K3_s0 | " in resumed.stdout
-    # Re-running the evaluation stage alone finds both stages' checkpoints.
-    again = subprocess.run(
-        [sys.executable, "-m", "sweep.evaluate", str(sweep_dir), "--k", "20", "--images", "10"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Table 2: second stage continued from the first stage's best checkpoint" in out
+    assert "| vae_L1_M1_K1_s0 | " in out and "| iwae_L1_M1_K3_s0 | " in out
+    # Re-running the evaluation stage alone (`python -m sweep.evaluate`, here in this process) finds
+    # both stages' checkpoints.
+    evaluate_main([str(sweep_dir), "--k", "20", "--images", "10"])
     table = read_results(str(sweep_dir)).to_pylist()
     assert sorted(r["trial_name"] for r in table) == sorted(rows) and {r["eval_k"] for r in table} == {20}
 
@@ -203,7 +199,9 @@ def evaluated_rows(sweep_dir: Path) -> list[dict]:
         return []
 
 
-def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps_it(mnist_dir, tmp_path):
+def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps_it(
+    local_ray, mnist_dir, tmp_path, capfd
+):
     # One trial at a time, the one-pass VAE first: its evaluation runs on the core it left free
     # while the IWAE trains its 40 passes.
     space = {
@@ -234,8 +232,7 @@ def test_a_finished_trial_is_evaluated_while_the_others_train_and_a_resume_keeps
     assert query.returncode == 0 and f"{before[0]['test_nll']:.2f}" in query.stdout, query.stderr
     assert "vae_L1_M1_K1_s0 evaluated: test NLL" in log.read_text()
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_in_process(command, capfd)
     rows = {row["trial_name"]: row for row in read_results(str(sweep_dir)).to_pylist()}
     assert sorted(rows) == ["iwae_L1_M1_K3_s0", "vae_L1_M1_K1_s0"] and rows["iwae_L1_M1_K3_s0"]["epochs"] == 40
     kept = rows["vae_L1_M1_K1_s0"]
