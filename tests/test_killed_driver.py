@@ -45,8 +45,9 @@ def killed_sweep(mnist_dir, tmp_path_factory) -> tuple[list[str], Path, Path]:
 
 @pytest.fixture
 def own_ray():
-    """A local Ray for one resume: Ray Tune stages a trial's files in its Ray session's folder under
-    the start time the sweep's state records, the same for every resume of the one kill."""
+    """A local Ray for one resume (the test may shut it down first): Ray Tune stages a trial's files
+    in its Ray session's folder under the start time the sweep's state records, the same for
+    every resume of the one kill."""
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
@@ -108,6 +109,8 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state, 
         moved = [trial for trial in moved if trial in named]
     begun = trial_dirs(sweep_dir) if tune_state == "not saved yet" else []
     out, err = resume_in_process(command, capfd)
+    ray.shutdown()  # as a driver's exit does, prints the trials' lines Ray held back as repeats
+    err += capfd.readouterr().err
     assert ("stopped before Ray Tune first saved its state" in err) == bool(begun)
     if tune_state == "names a deleted checkpoint":  # (a kill can also land in that instant by itself)
         assert "continue from their newest checkpoint" in err
@@ -118,8 +121,8 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state, 
     for trial in set(trial_dirs(sweep_dir)) - set(begun):
         assert_complete_history(sorted(trial.glob("checkpoint_*"))[-1], passes=PASSES)
     # Resumed on the CPU from a GPU's checkpoint: same weights and position, a reseeded generator,
-    # and the node record, Parquet and the trial's TensorBoard say from which pass it is not
-    # bit-identical (the trial's console line: test_devices; Ray merges such lines across trials).
+    # and the node record, Parquet, the trial's TensorBoard and its console line say from which
+    # pass it is not bit-identical.
     reseeded_at = dict(zip(table.column("trial_name").to_pylist(), table.column("generator_reseeded_at").to_pylist()))
     assert bool(moved) == (tune_state == "written on a GPU")
     for trial in moved:
@@ -131,5 +134,6 @@ def test_a_killed_driver_is_resumed_with_nothing_lost(killed_sweep, tune_state, 
         events = EventAccumulator(str(trial), size_guidance={"tensors": 0}).Reload()
         texts = [event.tensor_proto.string_val[0].decode() for event in events.Tensors("run/node/text_summary")]
         assert ["generator reseeded" in text for text in texts] == [False, True]
+    assert err.count("resumed on cpu from a checkpoint written on cuda") == len(moved)
     if tune_state != "written on a GPU":
         assert set(reseeded_at.values()) == {None}
