@@ -211,21 +211,24 @@ def kill_driver(driver: subprocess.Popen) -> None:
 
 def kill_sweep_at_first_checkpoint(space: dict, tmp_path: Path, mnist_dir: Path, stage: str) -> tuple[list[str], Path]:
     """Start `python -m sweep.run` on `space` and SIGKILL it (and the local Ray it started) once a
-    trial in `<sweep>/<stage>` has written its first checkpoint; return the command and the sweep folder."""
+    trial in `<sweep>/<stage>` has written its second checkpoint, or a later one (with `keep: 1`
+    each lasts a pass); return the command and the sweep folder."""
     command = sweep_cli(space, tmp_path, mnist_dir)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "store" / space["name"]
     try:
-        wait_for_checkpoint(driver, sweep_dir / stage, "checkpoint_000001")
+        wait_for_checkpoint(driver, sweep_dir / stage, "checkpoint_00000[1-9]")
     finally:
         kill_driver(driver)
     return command, sweep_dir
 
 
 def resume_in_process(command: list[str], capfd) -> tuple[str, str]:
-    """`command --resume` (a `python -m sweep.run` command line) in this process, on its Ray (use
-    with `local_ray`): the resume reads the sweep's files alone, as a new driver's does, without
-    the seconds of CPU a second Ray's start costs. Returns what it printed (stdout, stderr)."""
+    """`command --resume` (a `python -m sweep.run` command line) in this process, on the Ray it has
+    started (`local_ray`, or a test's own): the resume reads the sweep's files alone, as a new
+    driver's does, without the seconds of CPU a second Ray's start costs. Returns what it printed
+    (stdout, stderr)."""
+    assert ray.is_initialized(), "start this process's Ray first: the resume would start one and leave it"
     capfd.readouterr()
     run_main([*command[3:], "--resume"])
     return capfd.readouterr()

@@ -81,7 +81,7 @@ TWO_STAGE = {
     **TINY_SPACE,
     "name": "two_stage",
     "continue": {
-        "training": {"passes": 4, "train_images": 1000, "lr": 1e-4, "schedule": "constant"},
+        "training": {"passes": 4, "train_images": 2000, "lr": 1e-4, "schedule": "constant"},
         "switch": [
             {"from": {"objective": "vae"}, "to": {"objective": "iwae", "k": 3}},
             {"from": {"objective": "iwae"}, "to": {"objective": "vae", "k": 1}},
@@ -129,7 +129,7 @@ def test_a_two_stage_sweep_continues_from_its_parents_and_resumes_without_retrai
         state = load_checkpoint(checkpoints[-1])
         assert_complete_history(checkpoints[-1], passes=4)
         assert {row["lr"] for row in state["history"]} == {1e-4}
-        # Its first pass (50 steps at lr 1e-4) starts where the parent's weights are on the child's
+        # Its first pass (100 steps at lr 1e-4) starts where the parent's weights are on the child's
         # objective, hundreds of nats from where a fresh model starts.
         objective = TrainConfig.from_dict(json.loads(child["config"])).build_objective()
         parent_model, _, _ = load_model(Path(rows[parent]["checkpoint_uri"]), "cpu")
