@@ -206,20 +206,21 @@ def test_a_lost_node_s_trial_restarts_from_its_checkpoint_on_another_node(cluste
         driver = subprocess.Popen(sweep_command(space, tmp_path, mnist_dir), stdout=log, stderr=subprocess.STDOUT)
         timeline = [(time.time(), "sweep started")]
         wait_for_checkpoint(driver, tmp_path / "node_loss", "checkpoint_000000")
-        # The trial with the most passes still to run, its node killed in-process once the driver
-        # holds that checkpoint (Tune writes the files first, then reports the pass): the CLI takes
-        # seconds to start, in which a small trial can finish (a fresh-clone CI run lost the race).
+        # The trial with the most passes still to run. Its node is killed in-process once the driver
+        # shows the pass after that checkpoint's: Tune registers a checkpoint by a save call to the
+        # trial after the pass is reported, and asks for the next pass only then. (The CLI takes
+        # seconds to start, in which a small trial can finish: a fresh-clone CI run lost that race.)
         victim = min(
             (t for t in trial_dirs(tmp_path / "node_loss") if list(t.glob("checkpoint_*/checkpoint.pt"))),
             key=lambda t: max(t.glob("checkpoint_*")).name,
         )
         checkpoint = sorted(victim.glob("checkpoint_*"))[-1]
-        reported = f"] {victim.name.rsplit('_', 2)[0]}  pass {int(checkpoint.name.split('_')[1]) + 1}/{PASSES_LOST}  "
+        lost = nodes_of(checkpoint)[-1]["node_id"]  # read now: with keep 1 the next pass deletes it
+        reported = f"] {victim.name.rsplit('_', 2)[0]}  pass {int(checkpoint.name.split('_')[1]) + 2}/{PASSES_LOST}  "
         deadline = time.monotonic() + 120
         while reported not in (tmp_path / "driver.log").read_text():  # polled: the log is all there is
             assert driver.poll() is None and time.monotonic() < deadline, f"no line {reported!r} in the log"
             time.sleep(0.01)
-        lost = nodes_of(checkpoint)[-1]["node_id"]
         kill_node(lost)
         passes_before = epochs_in(sorted(victim.glob("checkpoint_*"))[-1])  # the last checkpoint before the kill
         timeline.append(
